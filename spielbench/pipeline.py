@@ -1,0 +1,162 @@
+"""Resolve the Snakemake config into concrete paths and run configs, checking user input up front.
+
+The workflow calls :func:`resolve_pipeline` at parse time (``workflow/rules/common.smk``), so a bad
+config key, a missing local file or an unrecognised data format stops ``snakemake`` before any job
+starts, with the offending key named. The JSON schema (``workflow/schemas/config.schema.yaml``) has
+already checked types, ranges and unknown keys by then; this module checks what a schema cannot:
+files on disk, formats, duplicate run ids, and per-method requirements.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Methods whose budget is a LoRA rank (SpIEL and SHiRA are matched to LoRA's count at that rank).
+RANKED_METHODS = {"spiel-ag", "spiel-ma", "spiel-static", "shira", "lora", "qspiel-ag", "qspiel-ma", "qlora"}
+
+#: Registry-built model sources and the folder (under resources/models) each is built into.
+BUILT_MODELS = {"smollm2": "smollm2-135m-instruct", "tiny-random": "tiny-random"}
+
+TRAINING_KEYS = (
+    "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
+    "warmup_ratio", "weight_decay", "learning_rate", "seed", "gradient_checkpointing", "save_steps",
+    "heldout_examples", "max_train_examples",
+)
+
+
+class PipelineConfigError(ValueError):
+    """A config value that cannot work; the message starts with the config key."""
+
+
+@dataclass
+class Pipeline:
+    """Concrete paths and runs of one workflow configuration (all paths relative to the workdir)."""
+
+    resources_dir: str
+    runs_dir: str
+    results_dir: str
+    model_source: str
+    model_dir: str
+    gguf_file: str | None
+    train_file: str
+    heldout_file: str
+    user_train_file: str | None
+    user_heldout_file: str | None
+    runs: dict[str, dict] = field(default_factory=dict)
+
+
+def run_id_for(entry: dict) -> str:
+    """The default id of a run entry: ``<method>[-r<rank>][-s<seed>]`` (seed only when given per run)."""
+    if entry.get("id"):
+        return entry["id"]
+    rid = entry["method"]
+    if entry.get("rank") is not None:
+        rid += f"-r{entry['rank']}"
+    if entry.get("seed") is not None:
+        rid += f"-s{entry['seed']}"
+    return rid
+
+
+def _check_file(key: str, path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise PipelineConfigError(f"{key}: file {path!r} does not exist")
+    return p
+
+
+def resolve_pipeline(config: dict) -> Pipeline:
+    """Turn a schema-validated config into a :class:`Pipeline`.
+
+    Raises:
+        PipelineConfigError: a local model or data path is missing or has the wrong form, a data file
+            is in none of the accepted instruction formats, two runs share an id, or a method that needs
+            a rank has none. The message names the config key (e.g. ``runs[3].rank``).
+    """
+    resources = config.get("resources_dir", "resources")
+    runs_dir = config.get("runs_dir", "runs")
+    results = config.get("results_dir", "results")
+
+    # --- model -------------------------------------------------------------------------------
+    source = config.get("model", {}).get("source", "smollm2")
+    gguf = None
+    if source in BUILT_MODELS:
+        model_dir = f"{resources}/models/{BUILT_MODELS[source]}"
+    elif source.endswith(".gguf"):
+        gguf = str(_check_file("model.source", source))
+        model_dir = f"{resources}/models/{Path(source).stem}"
+    else:
+        p = Path(source).expanduser()
+        if not p.is_dir():
+            raise PipelineConfigError(
+                f"model.source: {source!r} is neither 'smollm2', 'tiny-random', an existing model folder "
+                "nor a .gguf file")
+        if not (p / "config.json").exists():
+            raise PipelineConfigError(
+                f"model.source: folder {source!r} has no config.json (expected a transformers model folder)")
+        model_dir = str(p)
+
+    # --- data --------------------------------------------------------------------------------
+    from spielbench.errors import InputError
+    from spielbench.formats import validate_instruction_file
+
+    data = config.get("data", {})
+    train = data.get("train", "mixture")
+    heldout = data.get("heldout")
+    user_train = user_heldout = None
+    if train == "mixture":
+        train_file = f"{resources}/data/mixture/train.jsonl"
+        heldout_file = f"{resources}/data/mixture/heldout.jsonl"
+    else:
+        _check_file("data.train", train)
+        try:
+            validate_instruction_file(train)
+        except InputError as err:
+            raise PipelineConfigError(f"data.train: {err}") from None
+        user_train = str(Path(train).expanduser())
+        train_file = f"{resources}/data/user/train.jsonl"
+        heldout_file = f"{resources}/data/user/heldout.jsonl"
+    if heldout is not None:
+        _check_file("data.heldout", heldout)
+        try:
+            validate_instruction_file(heldout)
+        except InputError as err:
+            raise PipelineConfigError(f"data.heldout: {err}") from None
+        user_heldout = str(Path(heldout).expanduser())
+        heldout_file = user_heldout
+        if user_train is not None:
+            train_file = user_train
+
+    ev = config.get("evaluation", {})
+    for key in ("bbh_path", "tydiqa_path"):
+        if ev.get(key) is not None:
+            _check_file(f"evaluation.{key}", ev[key])
+
+    # --- runs --------------------------------------------------------------------------------
+    defaults = copy.deepcopy(config.get("training", {}))
+    spiel_defaults = defaults.pop("spiel", {})
+    runs: dict[str, dict] = {}
+    for i, entry in enumerate(config.get("runs", [])):
+        method = entry["method"]
+        if method in RANKED_METHODS and entry.get("rank") is None:
+            raise PipelineConfigError(f"runs[{i}].rank: method {method!r} needs a rank (its parameter budget)")
+        if method not in RANKED_METHODS and entry.get("rank") is not None:
+            raise PipelineConfigError(f"runs[{i}].rank: method {method!r} takes no rank")
+        rid = run_id_for(entry)
+        if rid == "base" or not re.fullmatch(r"[A-Za-z0-9_.-]+", rid):
+            raise PipelineConfigError(f"runs[{i}].id: {rid!r} is reserved or not a plain name")
+        if rid in runs:
+            raise PipelineConfigError(f"runs[{i}]: a second run with id {rid!r}; give one an `id`")
+        run = {k: defaults[k] for k in TRAINING_KEYS if k in defaults}
+        run.update({k: v for k, v in entry.items() if k not in ("id", "spiel")})
+        run["spiel"] = {**spiel_defaults, **entry.get("spiel", {})}
+        if "learning_rate" not in run:
+            raise PipelineConfigError(f"runs[{i}].learning_rate: not set here nor in training.learning_rate")
+        run.update(run_id=rid, model=model_dir, train_data=train_file, heldout_data=heldout_file)
+        runs[rid] = run
+    return Pipeline(
+        resources_dir=resources, runs_dir=runs_dir, results_dir=results, model_source=source,
+        model_dir=model_dir, gguf_file=gguf, train_file=train_file, heldout_file=heldout_file,
+        user_train_file=user_train, user_heldout_file=user_heldout, runs=runs,
+    )
