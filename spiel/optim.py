@@ -1,0 +1,432 @@
+"""Optimizers for sparse deltas: AdamW with per-entry state and SM3 with row/column accumulators.
+
+Both optimizers keep state only for the *active* entries of each sparse delta (the ``values`` of a
+:class:`spiel.layer.SparseDeltaLinear`), never for the dense weight matrix:
+
+- :class:`SparseAdamW` (SpIEL-AG, SPIEL_SPEC.md §3.3): per-entry ``age`` (bias-correction counter),
+  ``exp_avg`` and ``exp_avg_sq``, all fp32 tensors of shape ``[k]``. Because every entry carries its
+  own age, entries grown by a reselection can be given a fresh (or seeded, §4.3) state while the
+  rest keep theirs.
+- :class:`SM3` (SpIEL-MA, SPIEL_SPEC.md §5.1): one fp32 accumulator per row ``[out_features]`` and
+  one per column ``[in_features]`` of the weight matrix; the MA growth rule scores inactive positions
+  by ``row[i] * col[j]`` (§5.2).
+
+:func:`build_optimizer` picks the optimizer from the model's ``SpielConfig.selection_algorithm``.
+All arithmetic is vectorised over the entries of a tensor; Python loops run over tensors only.
+Parameters stored in bf16 (``delta_dtype="bfloat16"``) are updated in fp32 and written back.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["SparseAdamW", "SM3", "build_optimizer", "reset_optimizer_entries", "SparseDeltaLike"]
+
+_AG_NAMES = ("ag", "rigl")
+_MA_NAMES = ("ma", "sm3")
+
+
+class SparseDeltaLike(Protocol):
+    """What :class:`SM3` needs from a sparse-delta layer (``spiel.layer.SparseDeltaLinear`` has it).
+
+    ``values``: Parameter ``[k]``; ``indices``: int32/int64 tensor ``[k]`` of flat row-major positions
+    ``row * in_features + col`` in the ``[out_features, in_features]`` weight.
+    """
+
+    values: torch.nn.Parameter
+    indices: torch.Tensor
+    in_features: int
+    out_features: int
+
+
+def _check_hyper(lr: float, eps: float, weight_decay: float) -> None:
+    if not (isinstance(lr, (int, float)) and lr >= 0.0 and math.isfinite(lr)):
+        raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0.0):
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0.0):
+        raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
+
+
+def _dense_grad(p: torch.Tensor, name: str) -> torch.Tensor:
+    grad = p.grad
+    if grad.is_sparse:
+        raise ValueError(f"{name}: sparse gradients are not supported (parameter shape {tuple(p.shape)})")
+    return grad
+
+
+class _FP32StateMixin:
+    """Keeps the optimizer state tensors in the dtype they were saved with across ``load_state_dict``.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
+    dtype; for bf16 deltas that would silently round the fp32 moments and ages. After the base
+    class has loaded, each state tensor is replaced by a copy of the saved tensor in its saved dtype.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102 (documented on the class)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if not saved:
+                continue
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.detach().to(device=p.device).clone()  # type: ignore[attr-defined]
+
+
+class SparseAdamW(_FP32StateMixin, Optimizer):
+    """AdamW with per-entry bias correction and decoupled weight decay (SPIEL_SPEC.md §3.3).
+
+    State per parameter ``p`` of shape ``[k]`` (any shape works; state has the shape of ``p``), all
+    fp32: ``age`` (initialised to 1), ``exp_avg`` (0), ``exp_avg_sq`` (0). One step, per entry:
+
+    1. ``m = β1·m + (1−β1)·g``
+    2. ``v = β2·v + (1−β2)·g²``
+    3. ``denom = (sqrt(v) + eps) · (1 − β1^age) / sqrt(1 − β2^age)``
+    4. ``Δ -= lr · m / denom``
+    5. ``Δ += −lr·wd·Δ`` (decoupled weight decay, after the Adam step)
+    6. ``age += 1``
+
+    Args:
+        params: parameters or parameter groups (as for any ``torch.optim.Optimizer``).
+        lr: learning rate (default 1e-3, the reference default).
+        betas: (β1, β2), each in [0, 1).
+        eps: added to sqrt(v) (reference default 1e-6; ``build_optimizer`` defaults to 1e-8 as the
+            HF Trainer path of the reference does).
+        weight_decay: decoupled weight decay coefficient (pulls Δ toward 0, i.e. toward W0).
+
+    Raises:
+        ValueError: a hyper-parameter out of range (named in the message); a sparse gradient.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        _check_hyper(lr, eps, weight_decay)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    # -- state helpers -------------------------------------------------------------------------
+    def state_for(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state dict of ``p`` (``age``, ``exp_avg``, ``exp_avg_sq``; fp32, shape of ``p``),
+        created with age 1 and zero moments if ``p`` has none yet."""
+        state = self.state[p]
+        if not state:
+            state["age"] = torch.ones_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        return state
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError(f"parameter of shape {tuple(p.shape)} is not managed by this optimizer")
+
+    @torch.no_grad()
+    def reset_entries(self, p: torch.Tensor, slots: torch.Tensor) -> None:
+        """Give the entries ``p[slots]`` a fresh state: age 1, zero moments.
+
+        Args:
+            p: a parameter of this optimizer.
+            slots: int64 ``[n]`` positions into ``p`` (flat positions for a 1-D ``p``).
+        Raises:
+            ValueError: ``p`` is not managed by this optimizer.
+        """
+        self._group_of(p)
+        state = self.state_for(p)
+        state["age"][slots] = 1.0
+        state["exp_avg"][slots] = 0.0
+        state["exp_avg_sq"][slots] = 0.0
+
+    @torch.no_grad()
+    def seed_entries(
+        self,
+        p: torch.Tensor,
+        slots: torch.Tensor,
+        grad_mean: torch.Tensor,
+        grad_sq_mean: torch.Tensor,
+        age: torch.Tensor | float,
+    ) -> None:
+        """Seed the state of grown entries from accumulated gradients (SPIEL_SPEC.md §4.3).
+
+        ``exp_avg = grad_mean·(1−β1^age)``, ``exp_avg_sq = grad_sq_mean·(1−β2^age)``, ``age = age``, so
+        that this optimizer's per-entry bias correction turns them back into the observed means.
+
+        Args:
+            p: a parameter of this optimizer.
+            slots: int64 ``[n]`` positions into ``p``.
+            grad_mean, grad_sq_mean: fp32 ``[n]`` mean gradient and mean squared gradient per entry.
+            age: scalar or fp32 ``[n]``: number of update steps the means cover (samples / GA).
+        Raises:
+            ValueError: ``p`` is not managed by this optimizer, or the lengths disagree.
+        """
+        group = self._group_of(p)
+        n = slots.numel()
+        if grad_mean.numel() != n or grad_sq_mean.numel() != n:
+            raise ValueError(
+                f"seed_entries: slots has {n} entries but grad_mean has {grad_mean.numel()} "
+                f"and grad_sq_mean {grad_sq_mean.numel()}"
+            )
+        beta1, beta2 = group["betas"]
+        state = self.state_for(p)
+        age_t = torch.as_tensor(age, dtype=torch.float32, device=p.device).expand(n)
+        state["age"][slots] = age_t
+        state["exp_avg"][slots] = grad_mean.float() * (1.0 - torch.pow(beta1, age_t))
+        state["exp_avg_sq"][slots] = grad_sq_mean.float() * (1.0 - torch.pow(beta2, age_t))
+
+    # -- update --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 (documented on the class)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = _dense_grad(p, "SparseAdamW").float()
+                state = self.state_for(p)
+                age, m, v = state["age"], state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                bias1 = 1.0 - torch.pow(beta1, age)
+                bias2_sqrt = (1.0 - torch.pow(beta2, age)).sqrt_()
+                denom = v.sqrt().add_(eps).mul_(bias1).div_(bias2_sqrt)
+                p32 = p if p.dtype == torch.float32 else p.float()
+                p32.addcdiv_(m, denom, value=-lr)
+                if wd != 0.0:
+                    p32.add_(p32, alpha=-lr * wd)
+                if p32 is not p:
+                    p.copy_(p32)
+                age.add_(1.0)
+        return loss
+
+
+class SM3(_FP32StateMixin, Optimizer):
+    """SM3 for sparse deltas with a row and a column accumulator (SPIEL_SPEC.md §5.1).
+
+    For each values parameter ``Δ`` (shape ``[k]``) of a sparse-delta layer with weight shape
+    ``[out_features, in_features]`` and active positions ``(i, j)`` (from ``layer.indices``), state:
+    ``row_accumulator`` fp32 ``[out_features]`` (the reference's ``accumulator_0``),
+    ``col_accumulator`` fp32 ``[in_features]`` (``accumulator_1``), both zero-initialised; ``step``
+    (update count); ``momentum_buffer`` fp32 ``[k]`` only when ``momentum > 0``. One step:
+
+    1. ``ν = min(row[i], col[j]) + g²`` per active entry (``row[i] + g²`` with ``row_cover_only``)
+    2. ``row[i] = max(row[i], max of ν over the active entries of row i)`` and likewise ``col[j]``
+       (scatter "amax", including the old value)
+    3. ``u = g / sqrt(ν + eps)``; with momentum μ > 0: ``u = (1−μ)·u + μ·u_prev`` (kept as the buffer)
+    4. ``Δ -= lr · u``, then decoupled weight decay ``Δ += −lr·wd·Δ``
+
+    The accumulators never decay (no β / EMA), as in the reference.
+
+    Args:
+        params: parameters or parameter groups; every parameter must be the ``values`` of one of
+            ``sparse_layers``.
+        sparse_layers: the layers that own the parameters (objects with ``values``, ``indices``,
+            ``in_features``, ``out_features``; see :class:`SparseDeltaLike`). The layer's current
+            ``indices`` are read at every step, so reselections need no notification.
+        lr: learning rate (reference default 0.1).
+        momentum: μ in [0, 1) (default 0, as in the reference runs).
+        eps: inside the square root (default 1e-8).
+        weight_decay: decoupled weight decay.
+        row_cover_only: use the row accumulator only.
+
+    Raises:
+        ValueError: a parameter without a layer in ``sparse_layers``; a hyper-parameter out of range.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        sparse_layers: Iterable[SparseDeltaLike] | Mapping[torch.Tensor, SparseDeltaLike],
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        row_cover_only: bool = False,
+    ) -> None:
+        _check_hyper(lr, eps, weight_decay)
+        if not (0.0 <= momentum < 1.0):
+            raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, row_cover_only=row_cover_only)
+        )
+        layers = list(sparse_layers.values()) if isinstance(sparse_layers, Mapping) else list(sparse_layers)
+        self._layer_of: dict[int, SparseDeltaLike] = {id(layer.values): layer for layer in layers}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._layer_of:
+                    raise ValueError(
+                        f"sparse_layers: SM3 parameter of shape {tuple(p.shape)} is not the values of any "
+                        "given sparse-delta layer (SM3 here supports sparse deltas only)"
+                    )
+
+    def layer_of(self, p: torch.Tensor) -> SparseDeltaLike:
+        """The sparse-delta layer whose ``values`` is ``p``. Raises ValueError if there is none."""
+        try:
+            return self._layer_of[id(p)]
+        except KeyError:
+            raise ValueError(f"parameter of shape {tuple(p.shape)} is not managed by this SM3") from None
+
+    def state_for(self, p: torch.Tensor) -> dict[str, Any]:
+        """The state of ``p`` (``row_accumulator`` [out], ``col_accumulator`` [in], fp32; ``step``;
+        ``momentum_buffer`` [k] when momentum > 0), created zero-initialised if absent."""
+        state = self.state[p]
+        if not state:
+            layer = self.layer_of(p)
+            state["step"] = 0
+            state["row_accumulator"] = torch.zeros(layer.out_features, dtype=torch.float32, device=p.device)
+            state["col_accumulator"] = torch.zeros(layer.in_features, dtype=torch.float32, device=p.device)
+        return state
+
+    def accumulators(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row_accumulator [out_features], col_accumulator [in_features])`` of ``p``, fp32."""
+        state = self.state_for(p)
+        return state["row_accumulator"], state["col_accumulator"]
+
+    @torch.no_grad()
+    def reset_entries(self, p: torch.Tensor, slots: torch.Tensor) -> None:
+        """Zero the momentum buffer at ``slots`` (int64 ``[n]``) after a reselection.
+
+        The row/column accumulators are per row/column, not per entry, and stay untouched
+        (SPIEL_SPEC.md §3.2, §5.2). The reference has no momentum in its runs; a stale per-slot
+        momentum would belong to the position that was dropped, so it is cleared here.
+        """
+        self.layer_of(p)
+        buf = self.state[p].get("momentum_buffer")
+        if buf is not None:
+            buf[slots] = 0.0
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 (documented on the class)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, wd, mu = group["lr"], group["eps"], group["weight_decay"], group["momentum"]
+            row_only = group["row_cover_only"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = _dense_grad(p, "SM3").float()
+                layer = self.layer_of(p)
+                state = self.state_for(p)
+                idx = layer.indices.to(torch.int64)
+                rows = torch.div(idx, layer.in_features, rounding_mode="floor")
+                row_acc, col_acc = state["row_accumulator"], state["col_accumulator"]
+                if row_only:
+                    nu = row_acc[rows].addcmul_(g, g)
+                else:
+                    cols = idx - rows * layer.in_features
+                    nu = torch.minimum(row_acc[rows], col_acc[cols]).addcmul_(g, g)
+                    col_acc.scatter_reduce_(0, cols, nu, reduce="amax", include_self=True)
+                row_acc.scatter_reduce_(0, rows, nu, reduce="amax", include_self=True)
+                update = g / nu.add_(eps).sqrt_()
+                if mu > 0.0:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = torch.zeros_like(update)
+                    update.mul_(1.0 - mu).add_(buf, alpha=mu)
+                    buf.copy_(update)
+                p32 = p if p.dtype == torch.float32 else p.float()
+                p32.add_(update, alpha=-lr)
+                if wd != 0.0:
+                    p32.add_(p32, alpha=-lr * wd)
+                if p32 is not p:
+                    p.copy_(p32)
+                state["step"] += 1
+        return loss
+
+
+@torch.no_grad()
+def reset_optimizer_entries(optimizer: Optimizer, p: torch.Tensor, slots: torch.Tensor) -> None:
+    """Clear the per-entry optimizer state of ``p[slots]`` after a reselection, for any optimizer.
+
+    Uses ``optimizer.reset_entries`` when it exists (:class:`SparseAdamW`, :class:`SM3`); otherwise
+    zeroes every state tensor with the shape of ``p`` at ``slots`` (e.g. ``torch.optim.AdamW``'s
+    moments; its shared ``step`` counter cannot be reset per entry). ``slots``: int64 ``[n]``.
+    """
+    reset = getattr(optimizer, "reset_entries", None)
+    if callable(reset):
+        reset(p, slots)
+        return
+    for value in optimizer.state.get(p, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == p.shape:
+            value[slots] = 0
+
+
+def _algorithm_of(model: Any) -> str:
+    cfg = getattr(model, "spiel_config", None)
+    if cfg is None:
+        cfg = getattr(model, "config", None)
+    algo = getattr(cfg, "selection_algorithm", None)
+    if algo is None:
+        raise ValueError("model: expected a SpielModel with a SpielConfig (selection_algorithm not found)")
+    return str(algo).lower()
+
+
+def build_optimizer(
+    model: Any,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    momentum: float = 0.0,
+    row_cover_only: bool = False,
+    algorithm: str | None = None,
+) -> Optimizer:
+    """The optimizer SpIEL uses for ``model``: :class:`SparseAdamW` for SpIEL-AG, :class:`SM3` for MA.
+
+    The choice follows ``model.spiel_config.selection_algorithm`` ("ag"/"rigl" → SparseAdamW,
+    "ma"/"sm3" → SM3; SPIEL_SPEC.md §8.3) unless ``algorithm`` overrides it. All trainable ``values``
+    of ``model.sparse_layers()`` are optimised; under SparseAdamW any other trainable parameter
+    (for instance a classifier head) joins with the same settings.
+
+    Args:
+        model: a ``spiel.SpielModel`` (needs ``sparse_layers()`` and ``spiel_config``).
+        lr: learning rate. weight_decay: decoupled weight decay (on Δ, i.e. toward W0).
+        betas: AdamW betas (ignored by SM3). eps: AdamW/SM3 epsilon (default 1e-8).
+        momentum, row_cover_only: SM3 options (ignored by AdamW).
+        algorithm: "ag"/"rigl"/"ma"/"sm3" to override the config.
+
+    Raises:
+        ValueError: unknown algorithm; no trainable sparse deltas; SM3 asked to optimise a
+            parameter that is not a sparse delta.
+    """
+    algo = (algorithm or _algorithm_of(model)).lower()
+    layers = [layer for _, layer in model.sparse_layers()]
+    values = [layer.values for layer in layers if layer.values.requires_grad]
+    if not values:
+        raise ValueError("model: no trainable sparse deltas (every SparseDeltaLinear.values is frozen)")
+    value_ids = {id(v) for v in values}
+    others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in value_ids]
+    if algo in _AG_NAMES:
+        return SparseAdamW(values + [p for _, p in others], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if algo in _MA_NAMES:
+        if others:
+            raise ValueError(
+                f"model: SM3 (selection_algorithm={algo!r}) supports sparse deltas only, but "
+                f"{others[0][0]!r} is also trainable"
+            )
+        return SM3(
+            values, sparse_layers=layers, lr=lr, momentum=momentum, eps=eps,
+            weight_decay=weight_decay, row_cover_only=row_cover_only,
+        )
+    raise ValueError(f"selection_algorithm: expected one of 'ag', 'rigl', 'ma', 'sm3', got {algo!r}")

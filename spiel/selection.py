@@ -1,0 +1,547 @@
+"""SpIEL reselection: the drop/grow schedule and the SpIEL-AG and SpIEL-MA growth rules.
+
+Schedule (SPIEL_SPEC.md §3), with S = ``reselection_steps``, γ = ``selection_accumulation_steps``,
+ζ = ``initial_reselection_rate`` and T = ``total_steps``; ``t`` counts completed optimizer updates and
+:meth:`SpielSelector.step` is called after each one::
+
+    construction (t = 0): begin a selection phase (SpIEL-AG: install gradient hooks)
+    step(): t += 1
+            if (t + 1) % S == 0: begin a selection phase
+            if t % S == γ:       end the phase; if t <= T, reselect with rate p(t)
+    p(t) = 1 if t == γ else ζ·(1 − t/T)       ("linear": the first reselection replaces every index)
+    p(t) = ζ·(1 + cos(π·t/T)) / 2             ("cosine")
+    policy "none": never reselect (a static random mask, the spiel-static ablation)
+
+So reselections happen at t = γ, γ+S, γ+2S, … ≤ T; SpIEL-AG's first gradient window covers γ updates
+and later ones γ+1 (the reference's off-by-one, kept). Differences from the reference, all on purpose:
+
+- §10.9: ending a phase always removes the hooks, also past T (the reference leaks them there); a
+  phase whose reselection step would fall after T is not opened at all (its gradients would never be
+  used, and collecting them costs a dense ``dW`` per layer per micro-batch).
+- §10.10: on resume the selector restores the exact phase state from :meth:`SpielSelector.state_dict`
+  (open/closed, accumulated candidate gradients). Given only ``completed_steps`` it opens a phase only
+  if the schedule has one open at that step; it never starts an extra one.
+- §10.1: SpIEL-AG accumulates candidate gradients, squared gradients and the sample count in fp32.
+- §5.2 caveat: SpIEL-MA finds the top ``row[i]·col[j]`` scores over inactive positions blockwise (row
+  blocks of at most ``block_elements`` scores), never forming dense int64/bool tensors of a matrix.
+
+Drop (both algorithms, §3.1): per matrix, the ``n = int(k·p)`` entries with the smallest ``|Δ|``.
+Grow, SpIEL-AG (§4): candidates are the top-k ``|dW|`` positions of the first micro-batch of the phase;
+later micro-batches add ``dW`` and ``dW²`` at them. Incoming = top ``|Σ dW|`` candidates not in the
+kept set; positions both outgoing and incoming stay as they are; outgoing is truncated to the number of
+incoming. Grown entries get Δ = 0 and a seeded Adam state (§4.3). Grow, SpIEL-MA (§5.2): incoming = top
+``row[i]·col[j]`` over positions that are inactive before the drop; Δ = 0; SM3 accumulators untouched.
+
+Under ``torch.distributed`` (initialised when the selector is built) every rank makes the same choice:
+the first ``dW`` of a phase is summed over ranks before choosing candidates, and the accumulated sums,
+squares and sample counts are summed before selecting (on a process group of the selector's own).
+SpIEL-MA needs no communication because its SM3 accumulators see the data-parallel (all-reduced)
+gradients. Plain-loop usage is shown in :mod:`spiel.trainer`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .optim import reset_optimizer_entries
+
+__all__ = [
+    "SpielSelector",
+    "reselection_rate",
+    "reselection_steps",
+    "phase_open_after",
+    "drop_slots",
+    "choose_ag_growth",
+    "top_inactive_scores",
+]
+
+_AG_NAMES = ("ag", "rigl")
+_MA_NAMES = ("ma", "sm3")
+_POLICIES = ("linear", "cosine", "none")
+_STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------- schedule
+def reselection_rate(step: int, total_steps: int, initial_rate: float, policy: str,
+                     accumulation_steps: int) -> float:
+    """The fraction p(t) of each matrix's entries replaced at reselection step ``step`` (§3).
+
+    ``"linear"``: 1.0 at ``step == accumulation_steps`` (γ), else ``ζ·(1 − t/T)``;
+    ``"cosine"``: ``ζ·(1 + cos(π·t/T))/2`` (no p = 1 step); ``"none"``: 0.0.
+    Raises ValueError for an unknown policy.
+    """
+    if policy == "linear":
+        return 1.0 if step == accumulation_steps else initial_rate * (1.0 - step / total_steps)
+    if policy == "cosine":
+        return initial_rate * (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
+    if policy == "none":
+        return 0.0
+    raise ValueError(f"reselection_rate_policy: expected one of {_POLICIES}, got {policy!r}")
+
+
+def reselection_steps(total_steps: int, reselection_steps: int, accumulation_steps: int) -> list[int]:
+    """The update steps t ≤ T at which a reselection happens: every t ≥ 1 with ``t % S == γ`` (§3)."""
+    first = accumulation_steps if accumulation_steps >= 1 else reselection_steps
+    return list(range(first, total_steps + 1, reselection_steps))
+
+
+def _next_end(after_step: int, period: int, accumulation_steps: int) -> int:
+    """The first step t > ``after_step`` with ``t % period == accumulation_steps``."""
+    t = after_step + 1
+    return t + (accumulation_steps - t) % period
+
+
+def phase_open_after(step: int, total_steps: int, period: int, accumulation_steps: int) -> bool:
+    """Whether the schedule has a selection phase open after ``step`` completed updates.
+
+    Mirrors :meth:`SpielSelector.step`: a phase opens at construction (step 0) and after every step
+    with ``(t+1) % S == 0``, unless its closing step (the next ``t % S == γ``) would exceed T; it closes
+    after every step with ``t % S == γ``. O(step) integer arithmetic.
+    """
+    is_open = _next_end(0, period, accumulation_steps) <= total_steps
+    for t in range(1, step + 1):
+        if (t + 1) % period == 0 and _next_end(t, period, accumulation_steps) <= total_steps:
+            is_open = True
+        if t % period == accumulation_steps:
+            is_open = False
+    return is_open
+
+
+# -------------------------------------------------------------------------------------- drop and grow
+def drop_slots(values: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` slots of ``values`` ``[k]`` with the smallest ``|Δ|``, ascending by ``|Δ|`` (§3.1).
+
+    Returns int64 ``[n]``. Raises ValueError if ``n`` is not in ``[0, k]``.
+    """
+    k = values.numel()
+    if not 0 <= n <= k:
+        raise ValueError(f"drop: n must be in [0, {k}], got {n}")
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=values.device)
+    return torch.topk(values.detach().abs().float(), n, largest=False, sorted=True).indices
+
+
+def choose_ag_growth(indices: torch.Tensor, outgoing: torch.Tensor, candidates: torch.Tensor,
+                     scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpIEL-AG's swap decision for one matrix (SPIEL_SPEC.md §4.2, steps 2–5).
+
+    Args:
+        indices: current η ``[k]`` (int32/int64).
+        outgoing: int64 ``[n]`` slots to drop, ordered by ascending ``|Δ|`` (from :func:`drop_slots`).
+        candidates: ``[c]`` distinct flat positions (int32/int64).
+        scores: ``[c]`` growth scores (``|Σ dW|``), higher is better.
+    Returns:
+        ``(slots, chosen)``: int64 ``[m]`` slots to overwrite and int64 ``[m]`` positions into
+        ``candidates`` giving their new indices. Candidates already in the kept set are discarded;
+        positions both outgoing and incoming keep their slot; the outgoing list (smallest ``|Δ|``
+        first) is truncated to the number of incoming.
+    """
+    active = indices.long()
+    cand = candidates.long()
+    n = outgoing.numel()
+    if n == 0 or cand.numel() == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=indices.device)
+        return empty, empty
+    keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
+    keep[outgoing] = False
+    valid = (~torch.isin(cand, active[keep])).nonzero().squeeze(1)
+    m = min(n, valid.numel())
+    chosen = valid[torch.topk(scores[valid].float(), m, sorted=True).indices]
+    incoming = cand[chosen]
+    out_positions = active[outgoing]
+    slots = outgoing[~torch.isin(out_positions, incoming)]
+    chosen = chosen[~torch.isin(incoming, out_positions)]
+    return slots[: chosen.numel()], chosen
+
+
+def top_inactive_scores(row: torch.Tensor, col: torch.Tensor, active: torch.Tensor, n: int,
+                        block_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` highest ``row[i]·col[j]`` scores over positions NOT in ``active`` (SpIEL-MA, §5.2).
+
+    Scores are computed for blocks of whole rows (at most ``block_elements`` fp32 scores at a time,
+    default 4 Mi = 16 MiB); active positions in the block are masked with −inf through the sorted
+    active list, and a running top-n is kept, so memory is O(block + n + k), never O(out·in) in
+    int64/bool.
+
+    Args:
+        row: fp32 ``[out]``; col: fp32 ``[in]``; active: ``[k]`` flat positions (any integer dtype).
+        n: how many to return (fewer if fewer positions are inactive).
+    Returns:
+        ``(positions, scores)``: int64 ``[m]`` flat positions, fp32 ``[m]``, descending score, m ≤ n.
+    """
+    out_f, in_f = row.numel(), col.numel()
+    device = row.device
+    if n <= 0:
+        return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
+    active_sorted = torch.sort(active.reshape(-1).long()).values
+    rows_per_block = max(1, block_elements // max(1, in_f))
+    best_scores = torch.empty(0, dtype=torch.float32, device=device)
+    best_pos = torch.empty(0, dtype=torch.int64, device=device)
+    row32, col32 = row.float(), col.float()
+    for r0 in range(0, out_f, rows_per_block):
+        r1 = min(out_f, r0 + rows_per_block)
+        block = torch.outer(row32[r0:r1], col32).view(-1)
+        base = r0 * in_f
+        bounds = torch.searchsorted(active_sorted, torch.tensor([base, r1 * in_f], device=device))
+        lo, hi = int(bounds[0]), int(bounds[1])
+        if hi > lo:
+            block[active_sorted[lo:hi] - base] = float("-inf")
+        m = min(n, block.numel())
+        vals, pos = torch.topk(block, m, sorted=False)
+        pos += base
+        if best_scores.numel():
+            vals = torch.cat([best_scores, vals])
+            pos = torch.cat([best_pos, pos])
+            vals, keep = torch.topk(vals, min(n, vals.numel()), sorted=False)
+            pos = pos[keep]
+        best_scores, best_pos = vals, pos
+        del block
+    order = torch.argsort(best_scores, descending=True, stable=True)
+    best_scores, best_pos = best_scores[order], best_pos[order]
+    finite = best_scores > float("-inf")
+    return best_pos[finite], best_scores[finite]
+
+
+# ---------------------------------------------------------------------------------------- selector
+@dataclass
+class _Accumulator:
+    """SpIEL-AG candidate statistics of one matrix during a selection phase (all fp32, §4.1)."""
+
+    candidates: torch.Tensor  # [c] flat positions, dtype of the layer's indices
+    grad_sum: torch.Tensor  # [c] Σ dW at the candidates
+    grad_sq_sum: torch.Tensor  # [c] Σ dW²
+    samples: int  # hook calls (micro-batches) accumulated on this rank
+
+
+def _config_of(model: Any) -> Any:
+    for attr in ("spiel_config", "peft_config", "config"):
+        cfg = getattr(model, attr, None)
+        if cfg is not None and hasattr(cfg, "selection_algorithm"):
+            return cfg
+    raise ValueError("model: expected a SpielModel carrying a SpielConfig (no selection_algorithm found)")
+
+
+class SpielSelector:
+    """Runs the SpIEL drop/grow schedule on a wrapped model (SPIEL_SPEC.md §3–§5).
+
+    Call :meth:`step` after every optimizer update (not after every micro-batch). SpIEL-AG installs a
+    ``weight_grad_hook`` on every :class:`~spiel.layer.SparseDeltaLinear` while a selection phase is
+    open; SpIEL-MA reads the SM3 row/column accumulators of the optimizer.
+
+    Args:
+        model: a ``spiel.SpielModel`` (``sparse_layers()`` → ``[(name, SparseDeltaLinear)]`` and its
+            ``SpielConfig``); any object with these two works.
+        optimizer: the optimizer of the deltas (:func:`spiel.optim.build_optimizer`). AG seeds grown
+            entries through ``optimizer.seed_entries`` (:class:`~spiel.optim.SparseAdamW`) and otherwise
+            clears their per-entry state; MA needs ``optimizer.accumulators(values)`` (:class:`~spiel.optim.SM3`).
+        total_steps: T, the number of optimizer updates of the run (≥ 1).
+        grad_accumulation_steps: micro-batches per update (GA ≥ 1); the seeded Adam age is
+            ``samples / (GA · world_size)``.
+        config: overrides the model's SpielConfig (needs ``selection_algorithm``, ``reselection_steps``,
+            ``selection_accumulation_steps``, ``initial_reselection_rate``, ``reselection_rate_policy``).
+        completed_steps: resume point when no selector state is available: the phase state is then
+            the one the schedule has at that step (no extra phase). Prefer :meth:`load_state_dict`.
+        block_elements: SpIEL-MA block size in scores (see :func:`top_inactive_scores`).
+        track_overlap: keep a sorted copy of the initial η (4 bytes per entry for int32 indices) to
+            record the overlap of the current index set with it at every reselection.
+
+    Attributes:
+        completed_steps: t. phase_open: whether a selection phase is open.
+        history: one dict per reselection: ``step``, ``rate`` (p), ``num_requested`` (Σ int(k·p)),
+            ``num_replaced`` (Σ indices actually changed), ``replaced`` ({matrix name: count}),
+            ``num_active`` (Σ k), ``overlap_initial`` (fraction of active indices also in the initial
+            set; None without ``track_overlap``).
+
+    Raises:
+        ValueError: bad ``total_steps``/``grad_accumulation_steps``; unknown algorithm or policy; S < 1;
+            γ outside ``[0, S−2]`` for AG (its gradient window would be empty) or ``[0, S−1]`` for MA;
+            ζ outside [0, 1]; MA without an optimizer exposing SM3 accumulators; a merged layer.
+    """
+
+    def __init__(self, model: Any, optimizer: Optimizer, total_steps: int, grad_accumulation_steps: int = 1, *,
+                 config: Any = None, completed_steps: int = 0, block_elements: int = 1 << 22,
+                 track_overlap: bool = True) -> None:
+        cfg = config if config is not None else _config_of(model)
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps: expected an integer >= 1, got {total_steps!r}")
+        if not isinstance(grad_accumulation_steps, int) or grad_accumulation_steps < 1:
+            raise ValueError(f"grad_accumulation_steps: expected an integer >= 1, got {grad_accumulation_steps!r}")
+        if not isinstance(completed_steps, int) or completed_steps < 0:
+            raise ValueError(f"completed_steps: expected an integer >= 0, got {completed_steps!r}")
+        algo = str(cfg.selection_algorithm).lower()
+        if algo in _AG_NAMES:
+            self.algorithm = "ag"
+        elif algo in _MA_NAMES:
+            self.algorithm = "ma"
+        else:
+            raise ValueError(f"selection_algorithm: expected one of 'ag', 'rigl', 'ma', 'sm3', got {algo!r}")
+        self.policy = str(cfg.reselection_rate_policy).lower()
+        if self.policy not in _POLICIES:
+            raise ValueError(f"reselection_rate_policy: expected one of {_POLICIES}, got {self.policy!r}")
+        self.period = int(cfg.reselection_steps)
+        self.accumulation_steps = int(cfg.selection_accumulation_steps)
+        self.initial_rate = float(cfg.initial_reselection_rate)
+        if self.period < 1:
+            raise ValueError(f"reselection_steps: expected an integer >= 1, got {self.period}")
+        max_gamma = self.period - (2 if self.algorithm == "ag" else 1)
+        if self.policy != "none" and not 0 <= self.accumulation_steps <= max_gamma:
+            raise ValueError(
+                f"selection_accumulation_steps: expected an integer in [0, {max_gamma}] for "
+                f"selection_algorithm={self.algorithm!r} with reselection_steps={self.period}, "
+                f"got {self.accumulation_steps}")
+        if not 0.0 <= self.initial_rate <= 1.0:
+            raise ValueError(f"initial_reselection_rate: expected a number in [0, 1], got {self.initial_rate}")
+        if self.algorithm == "ma" and self.policy != "none" and not callable(getattr(optimizer, "accumulators", None)):
+            raise ValueError("optimizer: SpIEL-MA needs SM3 row/column accumulators (use spiel.optim.SM3 "
+                             "or build_optimizer with selection_algorithm='ma')")
+
+        self.model = model
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.grad_accumulation_steps = grad_accumulation_steps
+        self.block_elements = int(block_elements)
+        self.layers: list[tuple[str, Any]] = list(model.sparse_layers())
+        if not self.layers:
+            raise ValueError("model: no SparseDeltaLinear layers to select for")
+        self.completed_steps = completed_steps
+        self.phase_open = False
+        self.history: list[dict[str, Any]] = []
+        self._acc: dict[str, _Accumulator] = {}
+        self._group = None
+        self._world_size = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # A group of our own, so that collectives issued inside backward hooks never interleave
+            # with the data-parallel wrapper's gradient all-reduces on the default group.
+            self._group = torch.distributed.new_group()
+            self._world_size = torch.distributed.get_world_size()
+        self.initial_step = completed_steps
+        self._initial: dict[str, torch.Tensor] | None = None
+        if track_overlap:
+            self._initial = {name: torch.sort(layer.indices.detach().clone()).values for name, layer in self.layers}
+        if self.policy != "none" and phase_open_after(completed_steps, total_steps, self.period,
+                                                      self.accumulation_steps):
+            self._begin_phase()
+
+    # ------------------------------------------------------------------------------- schedule
+    def step(self) -> None:
+        """Advance by one completed optimizer update; open/close selection phases and reselect (§3)."""
+        self.completed_steps += 1
+        if self.policy == "none":
+            return
+        t = self.completed_steps
+        if (t + 1) % self.period == 0 and _next_end(t, self.period, self.accumulation_steps) <= self.total_steps:
+            self._begin_phase()
+        if t % self.period == self.accumulation_steps:
+            self._end_phase()
+
+    def current_rate(self) -> float:
+        """p(t) at the current ``completed_steps`` (what a reselection now would use)."""
+        return reselection_rate(self.completed_steps, self.total_steps, self.initial_rate, self.policy,
+                                self.accumulation_steps)
+
+    def _begin_phase(self) -> None:
+        self._acc = {}
+        self.phase_open = True
+        if self.algorithm == "ag":
+            for name, layer in self.layers:
+                layer.weight_grad_hook = self._make_hook(name, layer)
+
+    def _remove_hooks(self) -> None:
+        for _, layer in self.layers:
+            if getattr(layer.weight_grad_hook, "_spiel_selector", None) is self:
+                layer.weight_grad_hook = None
+
+    def close(self) -> None:
+        """End any open phase without selecting and remove this selector's gradient hooks."""
+        self._remove_hooks()
+        self._acc = {}
+        self.phase_open = False
+
+    def _end_phase(self) -> None:
+        self._remove_hooks()
+        self.phase_open = False
+        t = self.completed_steps
+        if t <= self.total_steps:
+            self.reselect(self.current_rate())
+        self._acc = {}
+
+    # ------------------------------------------------------------------------------- AG hooks
+    def _make_hook(self, name: str, layer: Any):
+        def hook(dense_grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                self._accumulate(name, layer, dense_grad)
+
+        hook._spiel_selector = self  # type: ignore[attr-defined]
+        return hook
+
+    def _accumulate(self, name: str, layer: Any, dense_grad: torch.Tensor) -> None:
+        flat = dense_grad.detach().reshape(-1)
+        acc = self._acc.get(name)
+        if acc is None:
+            first = flat.float()
+            if self._group is not None:
+                first = first.clone()  # the layer still gathers dΔ from dense_grad after the hook
+                torch.distributed.all_reduce(first, group=self._group)
+            k = min(layer.values.numel(), first.numel())
+            cand = torch.topk(first.abs(), k, sorted=False).indices
+            del first
+            g = flat.index_select(0, cand).float()
+            self._acc[name] = _Accumulator(cand.to(layer.indices.dtype), g.clone(), g * g, 1)
+            return
+        g = flat.index_select(0, acc.candidates).float()
+        acc.grad_sum.add_(g)
+        acc.grad_sq_sum.addcmul_(g, g)
+        acc.samples += 1
+
+    def _reduced_accumulators(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+        """Per layer ``(candidates, grad_sum, grad_sq_sum, samples)`` summed over ranks."""
+        names = [name for name, _ in self.layers]
+        local = torch.tensor([float(self._acc[n].samples) if n in self._acc else 0.0 for n in names],
+                             dtype=torch.float64)
+        if self._group is not None:
+            lowest = local.clone()
+            torch.distributed.all_reduce(local, group=self._group)
+            torch.distributed.all_reduce(lowest, op=torch.distributed.ReduceOp.MIN, group=self._group)
+            missing = [n for n, lo, tot in zip(names, lowest.tolist(), local.tolist()) if lo == 0 < tot]
+            if missing:
+                raise RuntimeError(f"SpIEL-AG selection: ranks disagree on gradient samples for {missing[:3]} "
+                                   "(some rank ran no backward through them in this phase)")
+        out = {}
+        for name, total in zip(names, local.tolist()):
+            if total == 0:
+                continue
+            acc = self._acc[name]
+            sums = torch.stack([acc.grad_sum, acc.grad_sq_sum])
+            if self._group is not None:
+                torch.distributed.all_reduce(sums, group=self._group)
+            out[name] = (acc.candidates, sums[0], sums[1], total)
+        return out
+
+    # ------------------------------------------------------------------------------- selection
+    @torch.no_grad()
+    def reselect(self, rate: float) -> dict[str, Any]:
+        """Drop the ``int(k·rate)`` smallest ``|Δ|`` of every matrix and grow as many new entries by the
+        selector's algorithm (AG: accumulated gradients of the current phase; MA: SM3 scores).
+
+        Returns the history record (also appended to :attr:`history`). Raises RuntimeError if a
+        layer is merged (unmerge before training).
+        """
+        for name, layer in self.layers:
+            if getattr(layer, "merged", False):
+                raise RuntimeError(f"reselection: layer {name!r} is merged; unmerge before training")
+        reduced = self._reduced_accumulators() if self.algorithm == "ag" else {}
+        replaced: dict[str, int] = {}
+        requested = 0
+        for name, layer in self.layers:
+            values = layer.values
+            n = int(values.numel() * rate)
+            requested += n
+            outgoing = drop_slots(values, n)
+            if self.algorithm == "ag":
+                slots, new_indices = self._grow_ag(name, layer, outgoing, reduced.get(name))
+            else:
+                slots, new_indices = self._grow_ma(layer, outgoing)
+            replaced[name] = int(slots.numel())
+            values.grad = None
+        record = {
+            "step": self.completed_steps,
+            "rate": float(rate),
+            "num_requested": requested,
+            "num_replaced": sum(replaced.values()),
+            "num_active": sum(layer.values.numel() for _, layer in self.layers),
+            "replaced": replaced,
+            "overlap_initial": self.overlap_with_initial(),
+        }
+        self.history.append(record)
+        return record
+
+    def _grow_ag(self, name, layer, outgoing, stats):
+        if stats is None or outgoing.numel() == 0:
+            empty = torch.empty(0, dtype=torch.int64, device=outgoing.device)
+            return empty, empty
+        candidates, grad_sum, grad_sq_sum, samples = stats
+        slots, chosen = choose_ag_growth(layer.indices, outgoing, candidates, grad_sum.abs())
+        if slots.numel() == 0:
+            return slots, chosen
+        new_indices = candidates.index_select(0, chosen)
+        layer.replace_entries(slots, new_indices)
+        seed = getattr(self.optimizer, "seed_entries", None)
+        if callable(seed):
+            age = samples / (self.grad_accumulation_steps * self._world_size)
+            seed(layer.values, slots, grad_sum.index_select(0, chosen) / samples,
+                 grad_sq_sum.index_select(0, chosen) / samples, age)
+        else:
+            reset_optimizer_entries(self.optimizer, layer.values, slots)
+        return slots, new_indices
+
+    def _grow_ma(self, layer, outgoing):
+        if outgoing.numel() == 0:
+            return outgoing, outgoing
+        row, col = self.optimizer.accumulators(layer.values)
+        incoming, _ = top_inactive_scores(row, col, layer.indices, outgoing.numel(), self.block_elements)
+        slots = outgoing[: incoming.numel()]
+        layer.replace_entries(slots, incoming)
+        reset_optimizer_entries(self.optimizer, layer.values, slots)
+        return slots, incoming
+
+    def overlap_with_initial(self) -> float | None:
+        """Fraction of all active indices that were also in the initial index set (None if untracked)."""
+        if self._initial is None:
+            return None
+        same = sum(int(torch.isin(layer.indices, self._initial[name]).sum()) for name, layer in self.layers)
+        return same / sum(layer.values.numel() for _, layer in self.layers)
+
+    # ------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: ``completed_steps``, ``phase_open``, the AG accumulators
+        of an open phase (``{name: {candidates, grad_sum, grad_sq_sum, samples}}``), ``history``, the
+        initial index sets (sorted) and the schedule settings (informational). Tensors are copies;
+        the dict is loadable with ``torch.load(..., weights_only=True)``."""
+        return {
+            "version": _STATE_VERSION,
+            "completed_steps": self.completed_steps,
+            "phase_open": self.phase_open,
+            "initial_step": self.initial_step,
+            "accumulators": {
+                name: {"candidates": a.candidates.clone(), "grad_sum": a.grad_sum.clone(),
+                       "grad_sq_sum": a.grad_sq_sum.clone(), "samples": a.samples}
+                for name, a in self._acc.items()
+            },
+            "history": [dict(r, replaced=dict(r["replaced"])) for r in self.history],
+            "initial_indices": None if self._initial is None else {n: t.clone() for n, t in self._initial.items()},
+            "schedule": {"algorithm": self.algorithm, "policy": self.policy, "reselection_steps": self.period,
+                         "selection_accumulation_steps": self.accumulation_steps,
+                         "initial_reselection_rate": self.initial_rate, "total_steps": self.total_steps,
+                         "grad_accumulation_steps": self.grad_accumulation_steps},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output: the step counter, the exact phase state (hooks installed
+        iff the phase was open, accumulators restored) and the history. No extra phase is started.
+
+        Raises ValueError if the state is not a selector state or names matrices this model lacks.
+        """
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(f"selector state: expected a dict with version {_STATE_VERSION}")
+        names = {name for name, _ in self.layers}
+        unknown = set(state["accumulators"]) - names
+        if state.get("initial_indices") is not None:
+            unknown |= set(state["initial_indices"]) - names
+        if unknown:
+            raise ValueError(f"selector state: matrices not in this model: {sorted(unknown)[:5]}")
+        self.close()
+        self.completed_steps = int(state["completed_steps"])
+        self.initial_step = int(state.get("initial_step", 0))
+        self.history = [dict(r, replaced=dict(r["replaced"])) for r in state["history"]]
+        if state.get("initial_indices") is not None:
+            self._initial = {n: t.clone() for n, t in state["initial_indices"].items()}
+        if state["phase_open"]:
+            self._begin_phase()
+            dtypes = dict((name, layer.indices.dtype) for name, layer in self.layers)
+            for name, a in state["accumulators"].items():
+                self._acc[name] = _Accumulator(a["candidates"].to(dtypes[name]).clone(), a["grad_sum"].float().clone(),
+                                               a["grad_sq_sum"].float().clone(), int(a["samples"]))
