@@ -6,8 +6,8 @@ Schedule (SPIEL_SPEC.md §3), with S = ``reselection_steps``, γ = ``selection_a
 
     construction (t = 0): begin a selection phase (SpIEL-AG: install gradient hooks)
     step(): t += 1
-            if (t + 1) % S == 0: begin a selection phase
             if t % S == γ:       end the phase; if t <= T, reselect with rate p(t)
+            if (t + 1) % S == 0: begin a selection phase
     p(t) = 1 if t == γ else ζ·(1 − t/T)       ("linear": the first reselection replaces every index)
     p(t) = ζ·(1 + cos(π·t/T)) / 2             ("cosine")
     policy "none": never reselect (a static random mask, the spiel-static ablation)
@@ -17,7 +17,12 @@ and later ones γ+1 (the reference's off-by-one, kept). Differences from the ref
 
 - §10.9: ending a phase always removes the hooks, also past T (the reference leaks them there); a
   phase whose reselection step would fall after T is not opened at all (its gradients would never be
-  used, and collecting them costs a dense ``dW`` per layer per micro-batch).
+  used, and collecting them costs a dense ``dW`` per layer per micro-batch). Likewise the phase opened
+  at construction is skipped when γ = 0, because the reference's next opening (after step S−1)
+  restarts it before it is used.
+- Within one ``step()`` the phase is ended before the next one begins (the reference begins first).
+  The two coincide only for γ = S−1, where the reference's order would discard the whole window;
+  for every other γ the order makes no difference.
 - §10.10: on resume the selector restores the exact phase state from :meth:`SpielSelector.state_dict`
   (open/closed, accumulated candidate gradients). Given only ``completed_steps`` it opens a phase only
   if the schedule has one open at that step; it never starts an extra one.
@@ -98,17 +103,24 @@ def _next_end(after_step: int, period: int, accumulation_steps: int) -> int:
 def phase_open_after(step: int, total_steps: int, period: int, accumulation_steps: int) -> bool:
     """Whether the schedule has a selection phase open after ``step`` completed updates.
 
-    Mirrors :meth:`SpielSelector.step`: a phase opens at construction (step 0) and after every step
-    with ``(t+1) % S == 0``, unless its closing step (the next ``t % S == γ``) would exceed T; it closes
-    after every step with ``t % S == γ``. O(step) integer arithmetic.
+    Mirrors :meth:`SpielSelector.step`: a phase closes after every step with ``t % S == γ`` and opens
+    after every step with ``(t+1) % S == 0`` (in that order), unless its closing step (the next
+    ``t % S == γ``) would exceed T. The phase opened at construction (step 0) is skipped when another
+    opening would restart it before it closes (γ = 0). O(step) integer arithmetic.
     """
-    is_open = _next_end(0, period, accumulation_steps) <= total_steps
+    is_open = _opens_at_construction(total_steps, period, accumulation_steps)
     for t in range(1, step + 1):
-        if (t + 1) % period == 0 and _next_end(t, period, accumulation_steps) <= total_steps:
-            is_open = True
         if t % period == accumulation_steps:
             is_open = False
+        if (t + 1) % period == 0 and _next_end(t, period, accumulation_steps) <= total_steps:
+            is_open = True
     return is_open
+
+
+def _opens_at_construction(total_steps: int, period: int, accumulation_steps: int) -> bool:
+    end = _next_end(0, period, accumulation_steps)
+    first_restart = period - 1 if period >= 2 else 1
+    return end <= total_steps and end <= first_restart
 
 
 # -------------------------------------------------------------------------------------- drop and grow
@@ -257,9 +269,9 @@ class SpielSelector:
             set; None without ``track_overlap``).
 
     Raises:
-        ValueError: bad ``total_steps``/``grad_accumulation_steps``; unknown algorithm or policy; S < 1;
-            γ outside ``[0, S−2]`` for AG (its gradient window would be empty) or ``[0, S−1]`` for MA;
-            ζ outside [0, 1]; MA without an optimizer exposing SM3 accumulators; a merged layer.
+        ValueError: bad ``total_steps``/``grad_accumulation_steps``/``completed_steps``; unknown
+            algorithm or policy; S < 1; γ outside ``[0, S)``; ζ outside [0, 1]; MA without an
+            optimizer exposing SM3 accumulators.
     """
 
     def __init__(self, model: Any, optimizer: Optimizer, total_steps: int, grad_accumulation_steps: int = 1, *,
@@ -287,12 +299,9 @@ class SpielSelector:
         self.initial_rate = float(cfg.initial_reselection_rate)
         if self.period < 1:
             raise ValueError(f"reselection_steps: expected an integer >= 1, got {self.period}")
-        max_gamma = self.period - (2 if self.algorithm == "ag" else 1)
-        if self.policy != "none" and not 0 <= self.accumulation_steps <= max_gamma:
-            raise ValueError(
-                f"selection_accumulation_steps: expected an integer in [0, {max_gamma}] for "
-                f"selection_algorithm={self.algorithm!r} with reselection_steps={self.period}, "
-                f"got {self.accumulation_steps}")
+        if not 0 <= self.accumulation_steps < self.period:
+            raise ValueError(f"selection_accumulation_steps: expected an integer in [0, reselection_steps="
+                             f"{self.period}), got {self.accumulation_steps}")
         if not 0.0 <= self.initial_rate <= 1.0:
             raise ValueError(f"initial_reselection_rate: expected a number in [0, 1], got {self.initial_rate}")
         if self.algorithm == "ma" and self.policy != "none" and not callable(getattr(optimizer, "accumulators", None)):
@@ -333,10 +342,10 @@ class SpielSelector:
         if self.policy == "none":
             return
         t = self.completed_steps
-        if (t + 1) % self.period == 0 and _next_end(t, self.period, self.accumulation_steps) <= self.total_steps:
-            self._begin_phase()
         if t % self.period == self.accumulation_steps:
             self._end_phase()
+        if (t + 1) % self.period == 0 and _next_end(t, self.period, self.accumulation_steps) <= self.total_steps:
+            self._begin_phase()
 
     def current_rate(self) -> float:
         """p(t) at the current ``completed_steps`` (what a reselection now would use)."""

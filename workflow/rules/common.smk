@@ -1,23 +1,39 @@
 # Shared helpers for the rules: the resolved paths of the model and data, and the table of runs.
-import re
 # Input problems (missing local files, unrecognised data formats, duplicate run ids) stop the
 # workflow here, at parse time, before any job starts, with the config key named.
-import json
-from pathlib import Path
+import os
+import re
+import shlex
+import sys
+import tempfile
 
-from spielbench.pipeline import resolve_pipeline, PipelineConfigError
+import yaml
+
+from spielbench.pipeline import PipelineConfigError, resolve_pipeline
 
 try:
     PIPE = resolve_pipeline(config)
 except PipelineConfigError as err:
     raise WorkflowError(f"config error: {err}") from None
 
+PYTHON = sys.executable              # the interpreter snakemake runs in (the project's .venv)
 RESOURCES = PIPE.resources_dir
 RUNS_DIR = PIPE.runs_dir
 RESULTS = PIPE.results_dir
 MODEL_DIR = PIPE.model_dir
 TRAIN_FILE = PIPE.train_file
 HELDOUT_FILE = PIPE.heldout_file
-RUNS = PIPE.runs                  # run id -> run config (dict, fully resolved)
+RUNS = PIPE.runs                     # run id -> run config (dict, fully resolved)
 RUN_IDS = list(RUNS)
 EVAL_TARGETS = ["base"] + RUN_IDS
+RUN_PATTERN = "|".join(re.escape(r) for r in RUN_IDS)
+EVAL_PATTERN = "|".join(re.escape(r) for r in EVAL_TARGETS)
+
+
+def write_yaml_atomic(path, data):
+    """Write ``data`` as YAML to ``path`` through a temp file in the same folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=True)
+    os.replace(tmp, path)

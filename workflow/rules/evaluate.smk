@@ -1,12 +1,31 @@
-# Evaluation with lm-eval (offline) of the base model and of every trained run.
+# Evaluation with lm-eval (offline) of the base model and of every trained run: one JSON per target
+# with per-task scores (metric, value, stderr, n) and the held-out loss.
+
+EVAL = config["evaluation"]
 
 
 def _eval_inputs(wc):
-    ins = {"model": MODEL_DIR, "eval_data": f"{RESOURCES}/eval/manifest.json", "heldout": HELDOUT_FILE}
+    ins = {"model": MODEL_DIR, "manifest": f"{RESOURCES}/eval/manifest.json", "heldout": HELDOUT_FILE}
     if wc.target != "base":
         ins["adapter"] = f"{RUNS_DIR}/{wc.target}/adapter"
         ins["metrics"] = f"{RUNS_DIR}/{wc.target}/metrics.json"
     return ins
+
+
+def _eval_args(wc):
+    args = ["--base", MODEL_DIR] if wc.target == "base" else ["--run", f"{RUNS_DIR}/{wc.target}"]
+    args += ["--tasks", ",".join(EVAL["tasks"]), "--eval-dir", f"{RESOURCES}/eval",
+             "--heldout", HELDOUT_FILE, "--prompt-format", EVAL["prompt_format"], "--seed", str(EVAL["seed"]),
+             "--heldout-examples", str(config["training"].get("heldout_examples", 96)),
+             "--max-seq-length", str(config["training"].get("max_seq_length", 512))]
+    if EVAL["limit"] is not None:
+        args += ["--limit", str(EVAL["limit"])]
+    if EVAL["allow_code_execution"]:
+        args += ["--allow-code-execution"]
+    for key, flag in (("bbh_path", "--bbh-path"), ("tydiqa_path", "--tydiqa-path")):
+        if EVAL[key] is not None:
+            args += [flag, EVAL[key]]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 rule evaluate:
@@ -15,19 +34,15 @@ rule evaluate:
     output:
         f"{RUNS_DIR}/{{target}}/eval.json",
     params:
-        evaluation=config["evaluation"],
-        target=lambda wc: wc.target,
-        run_dir=lambda wc: f"{RUNS_DIR}/{wc.target}",
-        heldout_examples=config["training"].get("heldout_examples", 96),
-        max_seq_length=config["training"].get("max_seq_length", 512),
+        args=_eval_args,
     wildcard_constraints:
-        target="|".join(re.escape(r) for r in EVAL_TARGETS),
+        target=EVAL_PATTERN,
     log:
-        f"logs/evaluate/{{target}}.log",
+        "logs/evaluate/{target}.log",
     benchmark:
-        f"logs/evaluate/{{target}}.benchmark.tsv"
+        "logs/evaluate/{target}.benchmark.tsv"
     threads: workflow.cores
     resources:
         gpu=1,
-    script:
-        "../scripts/evaluate.py"
+    shell:
+        "OMP_NUM_THREADS={threads} {PYTHON} -m spielbench.evaluate {params.args} --output {output} > {log} 2>&1"

@@ -1,9 +1,29 @@
-# Training: one job per configured run. Outputs the adapter and the metrics JSON; checkpoints stay in
-# runs/<id>/checkpoints (not a declared output), so a killed job resumes when the workflow is rerun.
+# Training: one job per configured run. `run_config` writes the run's config file from the workflow
+# config (so a changed setting reruns that run only); `train` calls the training entry point.
+# Checkpoints stay in runs/<id>/checkpoints (not a declared output), so a job killed mid-training
+# resumes from its last checkpoint when the workflow is rerun.
+
+
+localrules:
+    run_config,
+
+
+rule run_config:
+    output:
+        f"{RUNS_DIR}/{{run}}/run.yaml",
+    params:
+        run=lambda wc: RUNS[wc.run],
+    wildcard_constraints:
+        run=RUN_PATTERN,
+    log:
+        f"logs/run_config/{{run}}.log",
+    run:
+        write_yaml_atomic(output[0], params.run)
 
 
 rule train:
     input:
+        run_config=f"{RUNS_DIR}/{{run}}/run.yaml",
         model=MODEL_DIR,
         train=TRAIN_FILE,
         heldout=HELDOUT_FILE,
@@ -11,17 +31,17 @@ rule train:
         adapter=directory(f"{RUNS_DIR}/{{run}}/adapter"),
         metrics=f"{RUNS_DIR}/{{run}}/metrics.json",
     params:
-        run=lambda wc: RUNS[wc.run],
         outdir=lambda wc: f"{RUNS_DIR}/{wc.run}",
     wildcard_constraints:
-        run="|".join(re.escape(r) for r in RUN_IDS) if RUN_IDS else "^$",
+        run=RUN_PATTERN,
     log:
-        f"logs/train/{{run}}.log",
+        "logs/train/{run}.log",
     benchmark:
-        f"logs/train/{{run}}.benchmark.tsv"
+        "logs/train/{run}.benchmark.tsv"
     threads: workflow.cores
     resources:
         gpu=1,
         mem_mb=8000,
-    script:
-        "../scripts/train.py"
+    shell:
+        "OMP_NUM_THREADS={threads} {PYTHON} -m spielbench.train {input.run_config} "
+        "--output-dir {params.outdir} > {log} 2>&1"

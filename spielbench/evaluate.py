@@ -1,0 +1,805 @@
+"""Evaluate a base model or a trained run with lm-eval, offline, and write one result JSON per run.
+
+The benchmarks are the paper's where they can be had offline (SPIEL_SPEC.md §8.5) plus the
+multiple-choice tasks whose data the asset rules ship; each is an lm-eval task in
+``spielbench/lm_eval_tasks/`` reading ``<eval_dir>/<file>.jsonl``:
+
+=============  =========================  ==========================================  ===========
+name           lm-eval task               prompt / decoding                            metric
+=============  =========================  ==========================================  ===========
+mmlu           spiel_mmlu                 5-shot, the subject's dev exemplars          acc
+mmlu_0shot     spiel_mmlu_0shot           0-shot                                       acc
+gsm8k          spiel_gsm8k                8-shot CoT (lm-eval's exemplars), greedy     exact_match
+arc_challenge  spiel_arc_challenge        0-shot, answer-text log-likelihood           acc
+arc_easy       spiel_arc_easy             0-shot, answer-text log-likelihood           acc
+hellaswag      spiel_hellaswag            0-shot                                       acc_norm
+boolq          spiel_boolq                0-shot, " no" / " yes"                       acc
+piqa           spiel_piqa                 0-shot                                       acc
+winogrande     spiel_winogrande           0-shot, partial scoring                      acc
+humaneval      spiel_humaneval            0-shot, greedy; executes code (opt-in)       pass@1
+bbh            spiel_bbh (group)          3-shot CoT, user files; mean over tasks      exact_match
+tydiqa         spiel_tydiqa (group)       1-shot GoldP, user file; mean over languages f1
+=============  =========================  ==========================================  ===========
+
+``bbh`` and ``tydiqa`` read user-supplied files (``bbh_path``, ``tydiqa_path``); without them they
+are skipped with a note in the result. ``humaneval`` runs only with ``allow_code_execution=True``,
+which sets lm-eval's ``confirm_run_unsafe_code`` and ``HF_ALLOW_CODE_EVAL=1`` for the duration of
+the evaluation and nothing else. ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1`` are set when
+this module is imported. The task YAMLs are rendered into a temporary include folder with absolute
+data paths (:func:`render_tasks`), and every data file is checked line by line before any model is
+loaded: a bad row raises :class:`~spielbench.errors.InputError` naming the file and line.
+
+Result JSON (``format: "spielbench-eval/1"``), written atomically::
+
+    {"format", "run_id", "method", "base_model", "adapter", "adapter_application"
+       ("none" | "merged" | "unmerged" | "full-model"), "quantized", "dtype",
+     "prompt_format" ("plain" | "chat"), "seed", "limit", "batch_size",
+     "lm_eval_version", "transformers_version", "torch_version",
+     "tasks": {name: {"lm_eval_task", "metric", "value", "stderr", "n", "n_available", "shots",
+                      "metrics": {metric: {"value", "stderr"}}, "subtasks": {...} (groups only)}
+               | {"skipped": true, "note": str}},
+     "notes": [str], "heldout": {"loss", "n_examples", "n_tokens", "file", "max_seq_length"} | null,
+     "seconds": {"load", "evaluate", "heldout"}}
+
+``value`` is a fraction in [0, 1]; ``stderr`` is lm-eval's standard error of the mean (null when
+lm-eval reports none); ``n`` is the number of items scored (after ``limit``; per subtask for groups,
+summed).
+
+Command line::
+
+    python -m spielbench.evaluate (--run DIR | --base MODEL [--adapter DIR]) --tasks a,b \\
+        [--limit N] --output FILE [--heldout FILE] [--eval-dir DIR] [--prompt-format plain|chat] ...
+    python -m spielbench.evaluate --render-tasks DIR [--eval-dir DIR] [--bbh-path P] [--tydiqa-path P]
+
+The second form writes an lm-eval include folder for ``lm_eval --include_path DIR`` (see
+:mod:`spielbench.lm_eval_model` for the ``spiel`` model of the lm-eval command line).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+from spielbench.errors import InputError  # noqa: E402
+
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+FORMAT = "spielbench-eval/1"
+PROMPT_FORMATS = ("plain", "chat")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One benchmark of the suite.
+
+    Attributes:
+        name: the name in configs and result JSONs.
+        lm_eval_task: the lm-eval task (or group) name in the rendered include folder.
+        files: ``(file name under eval_dir, row format)`` pairs the task reads.
+        metric: the headline metric.
+        shots: few-shot exemplars per prompt (recorded in the result).
+        source: ``"bbh"``/``"tydiqa"`` for user-supplied data, else None (asset files).
+        executes_code: scoring runs model-written code (needs ``allow_code_execution``).
+    """
+
+    name: str
+    lm_eval_task: str
+    files: tuple[tuple[str, str], ...]
+    metric: str
+    shots: int
+    source: str | None = None
+    executes_code: bool = False
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("mmlu", "spiel_mmlu", (("mmlu_test.jsonl", "mmlu"), ("mmlu_dev.jsonl", "mmlu")), "acc", 5),
+        TaskSpec("mmlu_0shot", "spiel_mmlu_0shot", (("mmlu_test.jsonl", "mmlu"),), "acc", 0),
+        TaskSpec("gsm8k", "spiel_gsm8k", (("gsm8k_test.jsonl", "gsm8k"),), "exact_match", 8),
+        TaskSpec("arc_challenge", "spiel_arc_challenge", (("arc_challenge_test.jsonl", "arc"),), "acc", 0),
+        TaskSpec("arc_easy", "spiel_arc_easy", (("arc_easy_test.jsonl", "arc"),), "acc", 0),
+        TaskSpec("hellaswag", "spiel_hellaswag", (("hellaswag_val.jsonl", "hellaswag"),), "acc_norm", 0),
+        TaskSpec("boolq", "spiel_boolq", (("boolq_val.jsonl", "boolq"),), "acc", 0),
+        TaskSpec("piqa", "spiel_piqa", (("piqa_val.jsonl", "piqa"),), "acc", 0),
+        TaskSpec("winogrande", "spiel_winogrande", (("winogrande_val.jsonl", "winogrande"),), "acc", 0),
+        TaskSpec("humaneval", "spiel_humaneval", (("humaneval_test.jsonl", "humaneval"),), "pass@1", 0,
+                 executes_code=True),
+        TaskSpec("bbh", "spiel_bbh", (), "exact_match", 3, source="bbh"),
+        TaskSpec("tydiqa", "spiel_tydiqa", (), "f1", 1, source="tydiqa"),
+    )
+}
+
+#: Where BBH / TyDiQA come from when the user gives them (for skip notes).
+_SOURCE_HELP = {
+    "bbh": "no BBH data given (set evaluation.bbh_path / --bbh-path to a folder of BBH task files "
+           "<task>.json, optionally with the official cot-prompts/<task>.txt)",
+    "tydiqa": "no TyDiQA GoldP data given (set evaluation.tydiqa_path / --tydiqa-path to the GoldP dev "
+              "file, SQuAD JSON or JSONL, or a folder with *dev* and *train* files)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _environment(allow_code_execution: bool) -> Iterator[None]:
+    """Offline flags always; ``HF_ALLOW_CODE_EVAL=1`` only when code execution is allowed (restored after)."""
+    from spielbench.lm_eval_tasks.utils import CODE_EVAL_ENV
+
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", CODE_EVAL_ENV)}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if allow_code_execution:
+        os.environ[CODE_EVAL_ENV] = "1"
+    else:
+        os.environ.pop(CODE_EVAL_ENV, None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Task rendering and data checks
+# --------------------------------------------------------------------------------------------
+
+def _yaml_quoted(text: str) -> str:
+    """``text`` escaped for the inside of a YAML double-quoted scalar (JSON escapes are valid there)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def _safe_task_suffix(name: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_") or "task"
+
+
+def render_tasks(out_dir: str | os.PathLike, eval_dir: str | os.PathLike,
+                 bbh_path: str | os.PathLike | None = None,
+                 tydiqa_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Write an lm-eval include folder: the suite's task YAMLs with absolute data paths.
+
+    Every ``*.yaml`` / ``_*_yaml`` file of ``spielbench/lm_eval_tasks`` is copied with
+    ``@EVAL_DIR@`` replaced by the absolute ``eval_dir``. With ``bbh_path``, one task per BBH task
+    file (``spiel_bbh_<task>``) and the group ``spiel_bbh`` (unweighted mean over tasks) are
+    generated; with ``tydiqa_path``, one task per language (``spiel_tydiqa_<language>``) and the
+    group ``spiel_tydiqa`` (unweighted mean over languages).
+
+    Args:
+        out_dir: the include folder (created; existing files of the same names are overwritten).
+        eval_dir: folder of the asset JSONL files (need not exist for rendering).
+        bbh_path: optional BBH folder (see :func:`spielbench.lm_eval_tasks.utils.discover_bbh`).
+        tydiqa_path: optional TyDiQA GoldP file or folder (see ``utils.discover_tydiqa``).
+
+    Returns:
+        ``{"include_path": str, "bbh_tasks": [names], "tydiqa_languages": [names]}``.
+
+    Raises:
+        InputError: unusable BBH / TyDiQA paths.
+    """
+    import yaml
+
+    from spielbench.lm_eval_tasks import utils
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_abs = _yaml_quoted(str(Path(eval_dir).expanduser().resolve()))
+    for src in sorted(TASKS_DIR.iterdir()):
+        if src.suffix == ".yaml" or src.name.endswith("_yaml"):
+            text = src.read_text(encoding="utf-8").replace(utils.EVAL_DIR_MARKER, eval_abs)
+            (out / src.name).write_text(text, encoding="utf-8")
+    info: dict[str, Any] = {"include_path": str(out.resolve()), "bbh_tasks": [], "tydiqa_languages": []}
+
+    def write_group(group: str, subtasks: list[str], metrics: list[str]) -> None:
+        cfg = {"group": group, "task": subtasks,
+               "aggregate_metric_list": [{"metric": m, "aggregation": "mean", "weight_by_size": False}
+                                         for m in metrics],
+               "metadata": {"version": 1.0}}
+        (out / f"{group}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+
+    if bbh_path:
+        names = []
+        for task, files in utils.discover_bbh(bbh_path).items():
+            name = f"spiel_bbh_{_safe_task_suffix(task)}"
+            cfg = {"include": "_spiel_bbh_template_yaml", "task": name,
+                   "dataset_kwargs": {"data_file": files["data_file"], "task": task,
+                                      "prompt_file": files["prompt_file"], "shuffle_seed": 42}}
+            (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+            names.append(name)
+        write_group("spiel_bbh", names, ["exact_match"])
+        info["bbh_tasks"] = names
+    if tydiqa_path:
+        found = utils.discover_tydiqa(tydiqa_path)
+        names = []
+        for lang in found["languages"]:
+            name = f"spiel_tydiqa_{_safe_task_suffix(lang)}"
+            cfg = {"include": "_spiel_tydiqa_template_yaml", "task": name,
+                   "dataset_kwargs": {"dev_file": found["dev_file"], "train_file": found["train_file"],
+                                      "language": lang, "max_passage_words": 1024, "shuffle_seed": 42}}
+            (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+            names.append(name)
+        write_group("spiel_tydiqa", names, ["exact_match", "f1"])
+        info["tydiqa_languages"] = found["languages"]
+    return info
+
+
+def check_tasks(tasks: list[str] | tuple[str, ...] | str, eval_dir: str | os.PathLike, *,
+                allow_code_execution: bool = False, bbh_path: str | os.PathLike | None = None,
+                tydiqa_path: str | os.PathLike | None = None) -> tuple[list[str], dict[str, str]]:
+    """Check the requested tasks and every line of their data, before any model is loaded.
+
+    Args:
+        tasks: task names (a list, or a comma-separated string).
+        eval_dir: folder of the asset JSONL files.
+        allow_code_execution: whether tasks that execute model-written code may run.
+        bbh_path, tydiqa_path: optional user data for ``bbh`` / ``tydiqa``.
+
+    Returns:
+        ``(runnable task names in request order, {skipped task: note})``.
+
+    Raises:
+        InputError: unknown or repeated task, ``humaneval`` without ``allow_code_execution``, a
+            missing data file, or a malformed row (the message names the file and line).
+    """
+    from spielbench.lm_eval_tasks import utils
+
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    names = [t for t in names if t]
+    if not names:
+        raise InputError("tasks: no task given; known tasks: " + ", ".join(TASKS))
+    runnable, skipped = [], {}
+    for name in names:
+        if name not in TASKS:
+            raise InputError(f"tasks: unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        if name in runnable or name in skipped:
+            raise InputError(f"tasks: {name!r} is listed twice")
+        spec = TASKS[name]
+        if spec.executes_code and not allow_code_execution:
+            raise InputError(
+                f"tasks: {name!r} executes model-written code to score it; enable it explicitly with "
+                "evaluation.allow_code_execution: true (command line: --allow-code-execution)"
+            )
+        if spec.source == "bbh":
+            if not bbh_path:
+                skipped[name] = _SOURCE_HELP["bbh"]
+                continue
+            for task, files in utils.discover_bbh(bbh_path).items():
+                utils.bbh_cot_prompt(task, files["prompt_file"])
+                utils._read_bbh_examples(Path(files["data_file"]))
+        elif spec.source == "tydiqa":
+            if not tydiqa_path:
+                skipped[name] = _SOURCE_HELP["tydiqa"]
+                continue
+            found = utils.discover_tydiqa(tydiqa_path)
+            if found["train_file"]:
+                utils.read_tydiqa(found["train_file"])
+        for file_name, row_format in spec.files:
+            utils.load_docs(Path(eval_dir) / file_name, row_format)
+        runnable.append(name)
+    return runnable, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Model loading
+# --------------------------------------------------------------------------------------------
+
+def adapter_kind(adapter_dir: str | os.PathLike) -> str:
+    """What a saved adapter folder holds: ``"spiel"``, ``"peft"`` or ``"full"`` (a whole model folder).
+
+    Raises:
+        InputError: the folder is missing, or holds neither ``adapter_config.json`` nor ``config.json``,
+            or its ``adapter_config.json`` is not a JSON object with ``peft_type``.
+    """
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise InputError(f"adapter: {d} is not a folder (expected a saved adapter or model folder)")
+    cfg = d / "adapter_config.json"
+    if cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{cfg}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or "peft_type" not in data:
+            raise InputError(f"{cfg}: expected a JSON object with 'peft_type' (a peft or SpIEL adapter config)")
+        return "spiel" if str(data["peft_type"]).upper() == "SPIEL" else "peft"
+    if (d / "config.json").is_file():
+        return "full"
+    raise InputError(f"adapter: {d} holds neither adapter_config.json (an adapter) nor config.json (a model)")
+
+
+def _method_of(adapter_dir: Path, method: str | None) -> str | None:
+    if method:
+        return method
+    marker = adapter_dir / "method.json"
+    if marker.is_file():
+        with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
+            return json.loads(marker.read_text(encoding="utf-8")).get("method")
+    return None
+
+
+def load_for_eval(base: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
+                  method: str | None = None, quantized: bool | None = None,
+                  device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
+    """Load a model ready for evaluation: the base, with the run's adapter applied.
+
+    SpIEL adapters (SPIEL_SPEC.md §7) and peft adapters are merged into a float32 base
+    (``SpielModel.from_pretrained(...).merge_and_unload()`` / ``PeftModel.from_pretrained(...)
+    .merge_and_unload()``); for 4-bit methods (``qspiel-*``, ``qlora``) the base is loaded in NF4
+    (``baselines.quant.load_nf4_model``) and the adapter stays unmerged, as merging into 4-bit weights
+    is lossy (the reference passes ``--no_merge_peft`` in 4-bit mode, §8.5). A ``full`` folder is
+    loaded as the model itself.
+
+    Args:
+        base: local base model folder (``save_pretrained`` layout with a tokenizer).
+        adapter: saved adapter folder, or None for the base model.
+        method: method name (``spielbench.methods.METHODS``); read from ``<adapter>/method.json`` when
+            None. Decides whether the base is 4-bit.
+        quantized: force (True/False) the 4-bit decision instead of taking it from the method.
+        device: "cpu" or "cuda[:i]".
+
+    Returns:
+        ``(model, tokenizer, info)``: a transformers ``PreTrainedModel`` in eval mode (for unmerged
+        adapters, the base model holding the adapter layers), its tokenizer, and ``{"method",
+        "adapter", "adapter_kind", "adapter_application", "quantized", "dtype"}``.
+
+    Raises:
+        InputError: missing base folder, unusable adapter folder, or unknown method.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = Path(base)
+    if not (base_dir / "config.json").is_file():
+        raise InputError(f"model: {base_dir} is not a model folder (no config.json)")
+    kind = adapter_kind(adapter) if adapter is not None else None
+    method = _method_of(Path(adapter), method) if adapter is not None else method
+    if quantized is None:
+        quantized = False
+        if method:
+            from spielbench.methods import get_method
+
+            quantized = get_method(method).quantized
+    info: dict[str, Any] = {"method": method, "adapter": str(adapter) if adapter is not None else None,
+                            "adapter_kind": kind, "quantized": bool(quantized)}
+    tok_dir = Path(adapter) if kind == "full" and (Path(adapter) / "tokenizer_config.json").is_file() else base_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+
+    if kind == "full":
+        model = AutoModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).to(device)
+        info.update(adapter_application="full-model", dtype="float32")
+    else:
+        if quantized:
+            from baselines.quant import load_nf4_model, nf4_compute_dtype
+
+            model = load_nf4_model(base_dir, device)
+            info["dtype"] = f"nf4/{str(nf4_compute_dtype(device)).replace('torch.', '')}"
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device)
+            info["dtype"] = "float32"
+        if kind is None:
+            info["adapter_application"] = "none"
+        elif kind == "spiel":
+            from spiel import SpielModel
+
+            try:
+                wrapped = SpielModel.from_pretrained(model, adapter)
+            except (FileNotFoundError, ValueError) as exc:
+                raise InputError(f"adapter: {exc}") from None
+            if quantized:
+                model = wrapped.get_base_model()
+                info["adapter_application"] = "unmerged"
+            else:
+                model = wrapped.merge_and_unload()
+                info["adapter_application"] = "merged"
+        else:
+            from peft import PeftModel
+
+            wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+            if quantized:
+                model = wrapped.get_base_model()
+                info["adapter_application"] = "unmerged"
+            else:
+                model = wrapped.merge_and_unload()
+                info["adapter_application"] = "merged"
+    model.eval()
+    return model, tokenizer, info
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+def _metric_entries(row: dict) -> dict[str, dict[str, float | None]]:
+    """lm-eval's ``{"acc,none": v, "acc_stderr,none": s, ...}`` -> ``{"acc": {"value", "stderr"}}``."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key, value in row.items():
+        if "," not in key or "_stderr," in key:
+            continue
+        metric, _filter = key.split(",", 1)
+        stderr = row.get(f"{metric}_stderr,{_filter}")
+        out[metric] = {
+            "value": float(value) if isinstance(value, (int, float)) else None,
+            "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+        }
+    return out
+
+
+def _n_items(results: dict, task: str) -> tuple[int, int]:
+    n = results.get("n-samples", {}).get(task, {})
+    return int(n.get("effective", 0)), int(n.get("original", 0))
+
+
+def summarise_results(results: dict, runnable: list[str]) -> dict[str, dict]:
+    """Per suite task: headline metric, value, stderr, n, and all metrics, from lm-eval's results dict."""
+    out = {}
+    subtasks_of = results.get("group_subtasks", {})
+    for name in runnable:
+        spec = TASKS[name]
+        row = results["results"][spec.lm_eval_task]
+        metrics = _metric_entries(row)
+        entry: dict[str, Any] = {"lm_eval_task": spec.lm_eval_task, "metric": spec.metric,
+                                 "shots": spec.shots}
+        head = metrics.get(spec.metric, {"value": None, "stderr": None})
+        entry.update(value=head["value"], stderr=head["stderr"])
+        subtasks = subtasks_of.get(spec.lm_eval_task)
+        if subtasks:
+            subs = {}
+            for sub in subtasks:
+                n, n_all = _n_items(results, sub)
+                sub_metrics = _metric_entries(results["results"][sub])
+                sub_head = sub_metrics.get(spec.metric, {"value": None, "stderr": None})
+                subs[sub] = {"value": sub_head["value"], "stderr": sub_head["stderr"], "n": n,
+                             "n_available": n_all, "metrics": sub_metrics}
+            entry["n"] = sum(s["n"] for s in subs.values())
+            entry["n_available"] = sum(s["n_available"] for s in subs.values())
+            entry["subtasks"] = subs
+        else:
+            entry["n"], entry["n_available"] = _n_items(results, spec.lm_eval_task)
+        entry["metrics"] = metrics
+        out[name] = entry
+    return out
+
+
+def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | os.PathLike,
+                   limit: int | None = None, prompt_format: str = "plain", seed: int = 1234,
+                   batch_size: int = 4, allow_code_execution: bool = False,
+                   bbh_path: str | os.PathLike | None = None, tydiqa_path: str | os.PathLike | None = None,
+                   max_length: int | None = None) -> dict[str, Any]:
+    """Evaluate an in-memory model on suite tasks with lm-eval (``HFLM(pretrained=model)`` + ``simple_evaluate``).
+
+    Args:
+        model: a transformers causal LM (``PreTrainedModel``, or a model holding adapter layers).
+        tokenizer: its tokenizer.
+        tasks: suite task names (:data:`TASKS`), a list or comma-separated string.
+        eval_dir: folder of the asset JSONL files.
+        limit: items per task (per subtask for the ``bbh``/``tydiqa`` groups); None = all.
+        prompt_format: "plain" (the paper's prompts) or "chat" (lm-eval applies the tokenizer's chat
+            template, the whole prompt as one user turn).
+        seed: lm-eval's Python/numpy/torch/few-shot seeds.
+        batch_size: lm-eval batch size (requests per forward pass).
+        allow_code_execution: allow tasks that execute model-written code (``humaneval``).
+        bbh_path, tydiqa_path: optional user data; tasks without their data are skipped with a note.
+        max_length: context length for lm-eval (None: from the model config).
+
+    Returns:
+        ``{"tasks": {name: entry}, "notes": [str], "lm_eval_version": str, "raw_versions": {...}}``
+        with entries as in the module docstring (skipped tasks: ``{"skipped": True, "note": str}``).
+
+    Raises:
+        InputError: bad task list, data file or option (before any evaluation work).
+    """
+    if prompt_format not in PROMPT_FORMATS:
+        raise InputError(f"prompt_format: expected one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise InputError(f"limit: expected a positive integer or null, got {limit!r}")
+    runnable, skipped = check_tasks(tasks, eval_dir, allow_code_execution=allow_code_execution,
+                                    bbh_path=bbh_path, tydiqa_path=tydiqa_path)
+    from importlib.metadata import version
+
+    report: dict[str, Any] = {"tasks": {}, "notes": [], "lm_eval_version": version("lm_eval")}
+    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise InputError("prompt_format: 'chat' needs a tokenizer with a chat template; this one has none")
+    if runnable:
+        with _environment(allow_code_execution), tempfile.TemporaryDirectory(prefix="spiel-lm-eval-") as tmp:
+            render_tasks(tmp, eval_dir, bbh_path=bbh_path if "bbh" in runnable else None,
+                         tydiqa_path=tydiqa_path if "tydiqa" in runnable else None)
+            from lm_eval import simple_evaluate
+            from lm_eval.models.huggingface import HFLM
+            from lm_eval.tasks import TaskManager
+
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            manager = TaskManager(include_path=tmp, include_defaults=False)
+            results = simple_evaluate(
+                model=lm, tasks=[TASKS[t].lm_eval_task for t in runnable], limit=limit,
+                task_manager=manager, apply_chat_template=prompt_format == "chat",
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                confirm_run_unsafe_code=allow_code_execution, log_samples=False,
+            )
+        report["tasks"].update(summarise_results(results, runnable))
+    for name, note in skipped.items():
+        report["tasks"][name] = {"skipped": True, "note": note}
+        report["notes"].append(f"{name}: skipped: {note}")
+    report["tasks"] = {t: report["tasks"][t] for t in
+                       [n for n in ([s.strip() for s in tasks.split(",")] if isinstance(tasks, str) else tasks)
+                        if n in report["tasks"]]}
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out loss
+# --------------------------------------------------------------------------------------------
+
+def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: int = 512,
+                 max_examples: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Token-mean cross-entropy on the response tokens of a held-out instruction file.
+
+    Examples are encoded exactly as for training (``spielbench.data.load_instruction_dataset``: the
+    chat template, labels on assistant tokens only, truncation to ``max_seq_length``); the loss is
+    the sum of the negative log-likelihoods (nats) of all label tokens divided by their number (one
+    mean over the whole file, not a mean of per-batch means).
+
+    Args:
+        model: causal LM; tokenizer: its fast tokenizer with a chat template.
+        path: Alpaca JSON / Tülu JSONL / Flan JSONL file.
+        max_seq_length: truncation length in tokens.
+        max_examples: use only the first this many examples.
+        batch_size: examples per forward pass.
+
+    Returns:
+        ``{"loss": float (nats/token), "n_examples": int, "n_tokens": int (label tokens), "file": str,
+        "max_seq_length": int}``.
+
+    Raises:
+        InputError: missing or malformed file, or no example with a response token.
+    """
+    import torch
+
+    from spielbench.data import PaddingCollator, load_instruction_dataset, pad_token_id_of
+
+    data = load_instruction_dataset(path, tokenizer, max_seq_length, max_examples=max_examples,
+                                    field_name="heldout_data")
+    collate = PaddingCollator(pad_token_id=pad_token_id_of(tokenizer))
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            labels = batch["labels"][:, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=-100, reduction="sum")
+            total += float(nll)
+            count += int((labels != -100).sum())
+    model.train(was_training)
+    return {"loss": total / count if count else float("nan"), "n_examples": len(data), "n_tokens": count,
+            "file": str(path), "max_seq_length": max_seq_length}
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------
+
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``<run_dir>/run_config.json`` as a dict, checked for ``method`` and ``model``.
+
+    Raises:
+        InputError: missing/unreadable file, or ``method``/``model`` missing or not strings.
+    """
+    path = Path(run_dir) / "run_config.json"
+    if not path.is_file():
+        raise InputError(f"run: {path} not found (expected a training output folder with run_config.json)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    for key in ("method", "model"):
+        if not isinstance(cfg.get(key), str) or not cfg[key]:
+            raise InputError(f"{path}: field '{key}' missing or not a string")
+    return cfg
+
+
+def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.PathLike | None = None,
+                 adapter: str | os.PathLike | None = None, method: str | None = None,
+                 tasks: list[str] | str, output: str | os.PathLike, eval_dir: str | os.PathLike = "resources/eval",
+                 limit: int | None = None, heldout: str | os.PathLike | None = None,
+                 heldout_examples: int | None = None, max_seq_length: int | None = None,
+                 prompt_format: str = "plain", seed: int = 1234, batch_size: int = 4,
+                 allow_code_execution: bool = False, bbh_path: str | os.PathLike | None = None,
+                 tydiqa_path: str | os.PathLike | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate one trained run (or a base model) and write its result JSON atomically.
+
+    With ``run_dir``: the base model and method come from ``<run_dir>/run_config.json`` (``model``,
+    ``method``; ``base`` overrides the model path), the adapter is ``<run_dir>/adapter``, and
+    ``max_seq_length``/``heldout_examples`` default to the run's. Without it: ``base`` (and
+    optionally ``adapter``) are evaluated directly. Everything the user gave is checked (run config,
+    tasks, every data line, held-out file) before the model is loaded.
+
+    Args:
+        run_dir: training output folder, or None.
+        base: base model folder (required without ``run_dir``).
+        adapter: adapter folder (without ``run_dir`` only).
+        method: the adapter's method (without ``run_dir``; default ``<adapter>/method.json``).
+        tasks: suite task names; output: the result JSON path.
+        eval_dir, limit, prompt_format, seed, batch_size, allow_code_execution, bbh_path, tydiqa_path:
+            as :func:`evaluate_model`.
+        heldout: optional held-out instruction file for :func:`heldout_loss`.
+        heldout_examples, max_seq_length: held-out loss settings (default: the run's, else all / 512).
+        device: "cpu" or "cuda[:i]".
+
+    Returns:
+        The result dict that was written (module docstring).
+
+    Raises:
+        InputError: any bad input, before loading the model.
+    """
+    t0 = time.perf_counter()
+    run_cfg: dict[str, Any] = {}
+    if run_dir is not None:
+        if adapter is not None:
+            raise InputError("adapter: give either a run folder (its adapter is <run>/adapter) or --adapter, not both")
+        run_cfg = read_run_config(run_dir)
+        base = base or run_cfg["model"]
+        adapter = Path(run_dir) / "adapter"
+        if not adapter.is_dir():
+            raise InputError(f"run: {adapter} not found (the training run saved no adapter)")
+    if base is None:
+        raise InputError("model: give a run folder (--run) or a base model folder (--base)")
+    if not (Path(base) / "config.json").is_file():
+        raise InputError(f"model: {base} is not a model folder (no config.json)")
+    if adapter is not None:
+        adapter_kind(adapter)
+    check_tasks(tasks, eval_dir, allow_code_execution=allow_code_execution, bbh_path=bbh_path,
+                tydiqa_path=tydiqa_path)
+    if prompt_format not in PROMPT_FORMATS:
+        raise InputError(f"prompt_format: expected one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if heldout is not None:
+        from spielbench.formats import load_instruction_examples
+
+        load_instruction_examples(heldout)
+    msl = int(max_seq_length or run_cfg.get("max_seq_length") or 512)
+    hx = heldout_examples if heldout_examples is not None else run_cfg.get("heldout_examples")
+
+    model, tokenizer, info = load_for_eval(base, adapter, method=run_cfg.get("method") or method, device=device)
+    t1 = time.perf_counter()
+    report = evaluate_model(model, tokenizer, tasks, eval_dir=eval_dir, limit=limit, prompt_format=prompt_format,
+                            seed=seed, batch_size=batch_size, allow_code_execution=allow_code_execution,
+                            bbh_path=bbh_path, tydiqa_path=tydiqa_path)
+    t2 = time.perf_counter()
+    held = heldout_loss(model, tokenizer, heldout, max_seq_length=msl, max_examples=hx) if heldout else None
+    t3 = time.perf_counter()
+
+    import torch
+    import transformers
+
+    result = {
+        "format": FORMAT,
+        "run_id": run_cfg.get("run_id") or (Path(run_dir).name if run_dir is not None else "base"),
+        "method": info["method"] or ("base" if adapter is None else None),
+        "base_model": str(base),
+        "adapter": info["adapter"],
+        "adapter_application": info["adapter_application"],
+        "quantized": info["quantized"],
+        "dtype": info["dtype"],
+        "prompt_format": prompt_format,
+        "seed": seed,
+        "limit": limit,
+        "batch_size": batch_size,
+        "lm_eval_version": report["lm_eval_version"],
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "tasks": report["tasks"],
+        "notes": report["notes"],
+        "heldout": held,
+        "seconds": {"load": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "heldout": round(t3 - t2, 3)},
+    }
+    _atomic_write_text(Path(output), json.dumps(result, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def _build_parser():
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m spielbench.evaluate",
+        description="Evaluate a trained run or a base model with lm-eval, offline, and write one result JSON.")
+    ap.add_argument("--run", help="training output folder (run_config.json + adapter/)")
+    ap.add_argument("--base", help="base model folder (with --run: overrides the run's model path)")
+    ap.add_argument("--adapter", help="without --run: adapter folder (SpIEL, peft, or a full model folder)")
+    ap.add_argument("--method", help="without --run: the adapter's method name (decides a 4-bit base); "
+                                     "default: <adapter>/method.json")
+    ap.add_argument("--render-tasks", metavar="DIR",
+                    help="only write an lm-eval include folder with absolute data paths, then exit")
+    ap.add_argument("--tasks", default="arc_easy", help=f"comma-separated, from: {', '.join(TASKS)}")
+    ap.add_argument("--limit", type=int, default=None, help="items per task (per subtask for bbh/tydiqa)")
+    ap.add_argument("--output", help="result JSON path")
+    ap.add_argument("--eval-dir", default="resources/eval", help="folder of the evaluation JSONL files")
+    ap.add_argument("--heldout", help="held-out instruction file for the held-out loss")
+    ap.add_argument("--heldout-examples", type=int, default=None)
+    ap.add_argument("--max-seq-length", type=int, default=None)
+    ap.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="plain")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--allow-code-execution", action="store_true",
+                    help="allow humaneval, which executes model-written code in a subprocess")
+    ap.add_argument("--bbh-path")
+    ap.add_argument("--tydiqa-path")
+    ap.add_argument("--device", default="cpu")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; ``InputError`` -> ``error: <message>`` on stderr, exit status 2."""
+    import sys
+
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.render_tasks:
+            info = render_tasks(args.render_tasks, args.eval_dir, args.bbh_path, args.tydiqa_path)
+            print(json.dumps(info, indent=2))
+            return 0
+        if not args.run and not args.base:
+            raise InputError("--run / --base: give a training output folder or a base model folder")
+        if not args.output:
+            raise InputError("--output: the result JSON path is required")
+        if args.run and (args.adapter or args.method):
+            raise InputError("--adapter/--method: with --run they come from the run (<run>/adapter, run_config.json)")
+        result = evaluate_run(
+            args.run, base=args.base, adapter=args.adapter, method=args.method, tasks=args.tasks,
+            output=args.output, eval_dir=args.eval_dir, limit=args.limit, heldout=args.heldout,
+            heldout_examples=args.heldout_examples, max_seq_length=args.max_seq_length,
+            prompt_format=args.prompt_format, seed=args.seed, batch_size=args.batch_size,
+            allow_code_execution=args.allow_code_execution, bbh_path=args.bbh_path,
+            tydiqa_path=args.tydiqa_path, device=args.device,
+        )
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, entry in result["tasks"].items():
+        if entry.get("skipped"):
+            print(f"{name}: skipped ({entry['note']})")
+        else:
+            se = f" ± {entry['stderr']:.3f}" if entry.get("stderr") is not None else ""
+            print(f"{name}: {entry['metric']} = {entry['value']:.4f}{se} (n={entry['n']})")
+    if result["heldout"]:
+        print(f"held-out loss: {result['heldout']['loss']:.4f} over {result['heldout']['n_tokens']} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""The method registry: every fine-tuning method the suite compares, selectable by name.
+
+Each :class:`MethodSpec` knows how to
+* check a run config's budget against the model's layer shapes *before* any weight is loaded
+  (:meth:`MethodSpec.check_budget`, on a model built on the ``meta`` device);
+* load the base model (float, or NF4 for the 4-bit variants; :meth:`MethodSpec.load_base`);
+* turn it into the trainable model (:meth:`MethodSpec.build`);
+* build its optimizer (:meth:`MethodSpec.build_optimizer`): ``spiel.build_optimizer`` for SpIEL
+  (SparseAdamW for AG, SM3 for MA; SPIEL_SPEC.md §8.3), ``torch.optim.AdamW`` otherwise;
+* whether it needs a ``spiel.SpielSelector`` (dynamic SpIEL only).
+
+Budgets are matched (SPIEL_SPEC.md §2.2): at rank r, LoRA has ``r * (in + out)`` parameters per
+targeted layer, SHiRA exactly the same per layer, SpIEL ``N = r * Σ(in + out)`` in total, allocated
+across layers in proportion to their size.
+
+| name | family | base | selection |
+|---|---|---|---|
+| spiel-ag / qspiel-ag | SpIEL, accumulated-gradient growth | float / NF4 | linear reselection rate |
+| spiel-ma / qspiel-ma | SpIEL, momentum-approximation growth (SM3) | float / NF4 | linear reselection rate |
+| spiel-static | SpIEL without reselection (fixed random indices; ablation) | float | none |
+| lora / qlora | peft LoRA (alpha 16, dropout 0.1) | float / NF4 | — |
+| ia3 | peft (IA)3 | float | — |
+| shira | peft SHiRA, static random sparse at LoRA's budget (ablation) | float | — |
+| full | full fine-tuning | float | — |
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spielbench.errors import InputError
+
+#: Methods whose budget is a LoRA rank (SpIEL also accepts a density instead).
+FAMILIES_WITH_RANK = ("spiel", "lora", "shira")
+#: ``spiel:`` keys of a run config that the method and budget decide, not the user.
+SPIEL_RESERVED_KEYS = ("density", "num_tunable_weights", "lora_rank_equivalent", "selection_algorithm",
+                       "num_deltas", "base_model_name_or_path", "seed")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One fine-tuning method of the comparison.
+
+    Attributes:
+        name: registry name, as the paper writes it (``spiel-ag``, ``qlora``, ...).
+        family: "spiel", "lora", "ia3", "shira" or "full".
+        quantized: base model loaded in NF4 with double quantization (``baselines.quant``).
+        selection_algorithm: SpIEL growth rule, "ag" or "ma" (None for other families).
+        reselection_rate_policy: SpIEL policy; "none" for the static ablation (None for other families).
+        default_learning_rate: used when the run config leaves ``learning_rate`` unset; chosen for the
+            CPU-scale default model (SmolLM2-135M), not the paper's 7B/13B grids.
+        description: one line for tables and help text.
+    """
+
+    name: str
+    family: str
+    quantized: bool
+    default_learning_rate: float
+    description: str
+    selection_algorithm: str | None = None
+    reselection_rate_policy: str | None = None
+
+    @property
+    def takes_rank(self) -> bool:
+        """Whether the budget is a LoRA rank (SpIEL, LoRA, SHiRA); (IA)3 and full FT have none."""
+        return self.family in FAMILIES_WITH_RANK
+
+    @property
+    def needs_selector(self) -> bool:
+        """Whether training must call a ``spiel.SpielSelector`` after each update (dynamic SpIEL)."""
+        return self.family == "spiel" and self.reselection_rate_policy != "none"
+
+    # ------------------------------------------------------------------------------ config checks
+
+    def spiel_config(self, cfg, *, validate_only: bool = False):
+        """The ``spiel.SpielConfig`` of a run: budget from ``rank``/``density``, rule from the method.
+
+        Raises:
+            InputError: a reserved or unknown ``spiel.*`` key, or a value ``SpielConfig`` rejects
+                (the message names ``spiel.<field>``).
+        """
+        import spiel
+
+        known = {f.name for f in dataclasses.fields(spiel.SpielConfig)}
+        for key in cfg.spiel:
+            if key in SPIEL_RESERVED_KEYS:
+                where = "rank/density" if key in ("density", "num_tunable_weights", "lora_rank_equivalent") \
+                    else ("seed" if key == "seed" else "method")
+                raise InputError(f"spiel.{key}: set by the run's {where}, not under spiel")
+            if key not in known:
+                allowed = sorted(known - set(SPIEL_RESERVED_KEYS))
+                raise InputError(f"spiel.{key}: unknown SpIEL option; known: {', '.join(allowed)}")
+        if (self.reselection_rate_policy == "none" and "reselection_rate_policy" in cfg.spiel
+                and cfg.spiel["reselection_rate_policy"] != "none"):
+            raise InputError(f"spiel.reselection_rate_policy: method {self.name!r} is static (policy 'none'), "
+                             f"got {cfg.spiel['reselection_rate_policy']!r}")
+        kwargs: dict[str, Any] = {
+            "selection_algorithm": self.selection_algorithm,
+            "reselection_rate_policy": self.reselection_rate_policy,
+            "seed": cfg.seed,
+        }
+        if self.quantized:
+            kwargs["delta_dtype"] = "bfloat16" if str(cfg.device).startswith("cuda") else "float32"
+        kwargs.update(cfg.spiel)
+        if cfg.density is not None:
+            kwargs["density"] = cfg.density
+        else:
+            kwargs["lora_rank_equivalent"] = cfg.rank
+        try:
+            return spiel.SpielConfig(**kwargs)
+        except ValueError as exc:
+            msg = str(exc)
+            field_name = msg.split(":", 1)[0]
+            if field_name in ("density", "lora_rank_equivalent"):
+                raise InputError(f"{'density' if field_name == 'density' else 'rank'}: {msg.split(':', 1)[1].strip()}") from None
+            raise InputError(f"spiel.{msg}") from None
+
+    def check_config(self, cfg) -> None:
+        """Check the method-specific fields of a run config (no model needed).
+
+        Raises:
+            InputError: rank missing for a ranked method, rank given to (IA)3/full, density given to a
+                non-SpIEL method, both rank and density for SpIEL, ``spiel:`` options for a non-SpIEL
+                method, or a bad ``spiel.*`` value.
+        """
+        if self.family == "spiel":
+            if cfg.rank is not None and cfg.density is not None:
+                raise InputError(f"rank/density: method {self.name!r} takes one budget, got rank={cfg.rank} "
+                                 f"and density={cfg.density}")
+            if cfg.rank is None and cfg.density is None:
+                raise InputError(f"rank: method {self.name!r} needs a rank (LoRA-equivalent budget) or a density")
+            self.spiel_config(cfg)
+            return
+        if cfg.density is not None:
+            raise InputError(f"density: only SpIEL methods take a density; method {self.name!r} does not")
+        if cfg.spiel:
+            raise InputError(f"spiel: SpIEL options given to method {self.name!r}, which is not a SpIEL method")
+        if self.takes_rank and cfg.rank is None:
+            raise InputError(f"rank: method {self.name!r} needs a rank (its parameter budget)")
+        if not self.takes_rank and cfg.rank is not None:
+            raise InputError(f"rank: method {self.name!r} takes no rank (its budget is fixed), got {cfg.rank}")
+
+    def check_budget(self, cfg, meta_model: torch.nn.Module) -> dict[str, Any]:
+        """Check that the budget fits the model's targeted layers and compute the expected budget.
+
+        Args:
+            cfg: the run config (``check_config`` already passed).
+            meta_model: the model built from its config on the ``meta`` device (shapes only).
+
+        Returns:
+            ``{"rank", "density", "trainable_params", "total_params"}``: the trainable count this method
+            will have, and ``density`` = trainable / total parameters of the base model.
+
+        Raises:
+            InputError: the rank (or density) is larger than a targeted layer allows: for LoRA
+                ``rank <= min(in, out)`` per layer; for SHiRA ``rank * (in + out) <= in * out`` per layer;
+                for SpIEL ``N <= Σ in * out`` over the targeted layers. Also: no targeted layer found.
+        """
+        from baselines.lora import TARGET_MODULES, targeted_linears
+        from baselines.shira import max_shira_rank
+        from spielbench.measure import count_parameters
+
+        total = count_parameters(meta_model)
+        layers = targeted_linears(meta_model, TARGET_MODULES)
+        if self.family != "full" and not layers:
+            raise InputError(f"model: no layer named {', '.join(TARGET_MODULES)} to adapt (LLaMA-style model expected)")
+        r = cfg.rank
+        if self.family == "lora":
+            for name, fin, fout in layers:
+                if r > min(fin, fout):
+                    raise InputError(f"rank: {r} is larger than the layer allows: {name} ({fin} -> {fout}) admits "
+                                     f"at most rank {min(fin, fout)} for {self.name}")
+            trainable = sum(r * (fin + fout) for _, fin, fout in layers)
+        elif self.family == "shira":
+            for name, fin, fout in layers:
+                if r * (fin + fout) > fin * fout:
+                    raise InputError(f"rank: {r} is larger than the layer allows: {name} ({fin} -> {fout}) admits "
+                                     f"at most rank {max_shira_rank(fin, fout)} for shira (rank*(in+out) <= in*out)")
+            trainable = sum(r * (fin + fout) for _, fin, fout in layers)
+        elif self.family == "spiel":
+            capacity = sum(fin * fout for _, fin, fout in layers)
+            per_rank = sum(fin + fout for _, fin, fout in layers)
+            if cfg.density is not None:
+                n = int(total * cfg.density)
+                if n > capacity:
+                    raise InputError(f"density: {cfg.density} asks for {n} tunable entries but the targeted layers "
+                                     f"hold {capacity} (at most density {capacity / total:.6g})")
+                if n < 1:
+                    raise InputError(f"density: {cfg.density} gives no tunable entry for {total} parameters")
+            else:
+                n = r * per_rank
+                if n > capacity:
+                    raise InputError(f"rank: {r} is larger than the layers allow: {self.name} at rank {r} needs {n} "
+                                     f"entries but the targeted layers hold {capacity} (at most rank "
+                                     f"{capacity // per_rank})")
+            trainable = n
+        elif self.family == "ia3":
+            from baselines.ia3 import FEEDFORWARD_MODULES
+
+            trainable = sum(fin if name.rsplit(".", 1)[-1] in FEEDFORWARD_MODULES else fout
+                            for name, fin, fout in layers)
+        else:  # full
+            trainable = total
+        return {"rank": r if self.takes_rank else None, "density": trainable / total if total else None,
+                "trainable_params": trainable, "total_params": total,
+                "requested_density": cfg.density}
+
+    # ------------------------------------------------------------------------------- build / train
+
+    def load_base(self, model_path: str | Path, device: str):
+        """Load the base model for this method: NF4 for the 4-bit variants, else float.
+
+        Float models are float32 on CPU; on CUDA the base weights of adapter methods are bfloat16 (as in
+        the reference), full fine-tuning keeps float32 master weights (bf16 autocast is used instead).
+        """
+        if self.quantized:
+            from baselines.quant import load_nf4_model
+
+            return load_nf4_model(model_path, device)
+        from transformers import AutoModelForCausalLM
+
+        on_cuda = str(device).startswith("cuda")
+        dtype = torch.bfloat16 if on_cuda and self.family != "full" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+        return model.to(device)
+
+    def build(self, base_model: torch.nn.Module, cfg) -> torch.nn.Module:
+        """Wrap (or unfreeze) ``base_model`` into the trainable model of this method.
+
+        Returns:
+            ``spiel.SpielModel`` (SpIEL), ``peft.PeftModel`` (LoRA, (IA)3, SHiRA) or the model itself
+            with every parameter trainable (full).
+        """
+        base_model.config.use_cache = False
+        if self.family == "spiel":
+            import spiel
+
+            if self.quantized:
+                from peft import prepare_model_for_kbit_training
+
+                base_model = prepare_model_for_kbit_training(
+                    base_model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+            return spiel.get_spiel_model(base_model, self.spiel_config(cfg))
+        if self.family == "lora":
+            from baselines.lora import build_lora_model
+
+            return build_lora_model(base_model, cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+        if self.family == "ia3":
+            from baselines.ia3 import build_ia3_model
+
+            return build_ia3_model(base_model)
+        if self.family == "shira":
+            from baselines.shira import build_shira_model
+
+            return build_shira_model(base_model, cfg.rank, seed=cfg.seed)
+        if self.family == "full":
+            from baselines.full import build_full_model
+
+            return build_full_model(base_model)
+        raise AssertionError(self.family)
+
+    def build_optimizer(self, model: torch.nn.Module, cfg, learning_rate: float) -> torch.optim.Optimizer:
+        """The optimizer of this method for ``model`` (built by :meth:`build`).
+
+        SpIEL: ``spiel.build_optimizer`` (SparseAdamW for AG, SM3 for MA), eps 1e-8 as under HF Trainer
+        in the reference. Full FT: AdamW with decay on matrices only. Other methods: AdamW over the
+        trainable parameters.
+        """
+        if self.family == "spiel":
+            import spiel
+
+            return spiel.build_optimizer(model, lr=learning_rate, weight_decay=cfg.weight_decay,
+                                         betas=(0.9, 0.999), eps=1e-8)
+        if self.family == "full":
+            from baselines.full import decay_parameter_groups
+
+            groups = decay_parameter_groups(model, cfg.weight_decay)
+        else:
+            groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+    def save(self, model: torch.nn.Module, directory: str | Path, tokenizer=None) -> None:
+        """Save the trained adapter in the method's own format (the whole model folder for full FT).
+
+        SpIEL: ``SpielModel.save_pretrained`` (values + indices + config); peft methods:
+        ``adapter_model.safetensors`` + ``adapter_config.json``; full: ``save_pretrained`` of the model
+        plus the tokenizer, so the folder is a complete model.
+        """
+        directory = Path(directory)
+        model.save_pretrained(str(directory))
+        if self.family == "full" and tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        (directory / "method.json").write_text(json.dumps({"method": self.name, "family": self.family}) + "\n")
+
+
+def _spec(name, family, lr, description, quantized=False, algorithm=None, policy=None) -> MethodSpec:
+    return MethodSpec(name=name, family=family, quantized=quantized, default_learning_rate=lr,
+                      description=description, selection_algorithm=algorithm, reselection_rate_policy=policy)
+
+
+#: Every method the suite compares, by name.
+METHODS: dict[str, MethodSpec] = {
+    s.name: s
+    for s in (
+        _spec("spiel-ag", "spiel", 1e-3, "SpIEL, accumulated-gradient growth", algorithm="ag", policy="linear"),
+        _spec("spiel-ma", "spiel", 2e-3, "SpIEL, momentum-approximation growth (SM3)", algorithm="ma", policy="linear"),
+        _spec("spiel-static", "spiel", 1e-3, "SpIEL without reselection (fixed random indices)",
+              algorithm="ag", policy="none"),
+        _spec("qspiel-ag", "spiel", 1e-3, "SpIEL-AG on an NF4 base", quantized=True, algorithm="ag", policy="linear"),
+        _spec("qspiel-ma", "spiel", 2e-3, "SpIEL-MA on an NF4 base", quantized=True, algorithm="ma", policy="linear"),
+        _spec("lora", "lora", 1e-3, "LoRA (peft), all seven projections"),
+        _spec("qlora", "lora", 1e-3, "LoRA on an NF4 base (qLoRA)", quantized=True),
+        _spec("ia3", "ia3", 3e-3, "(IA)3 (peft)"),
+        _spec("shira", "shira", 1e-3, "SHiRA (peft): static random sparse at LoRA's budget"),
+        _spec("full", "full", 2e-5, "full fine-tuning"),
+    )
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` called ``name``.
+
+    Raises:
+        InputError: unknown name (the message lists the known ones).
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise InputError(f"method: unknown method {name!r}; known methods: {', '.join(METHODS)}") from None

@@ -1,0 +1,552 @@
+"""One training harness for every method: ``python -m spielbench.train RUN.yaml --output-dir DIR [--set k=v ...]``.
+
+All methods go through the same Hugging Face ``Trainer`` loop, data, schedule and measurement, and differ
+only in the adapter (``spielbench.methods``). SpIEL methods use ``spiel.trainer`` (the Trainer
+integration that runs the ``SpielSelector`` after each update and checkpoints its state).
+
+Order of work (SPIEL_SPEC.md §8.2 for the training settings):
+1. :func:`prepare_run` checks everything that can be checked without the weights: config fields, method,
+   budget against the layer shapes (a model built on the ``meta`` device), data files, tokenization and
+   filtering. Bad input raises :class:`spielbench.errors.InputError` here, and nothing has been written.
+2. :func:`run_training` writes ``DIR/run_config.json``, loads the model, builds the method, and trains
+   with a linear schedule after ``warmup_ratio`` of warm-up, checkpointing to ``DIR/checkpoints/`` every
+   ``save_steps`` updates (adapter or model, optimizer, scheduler, RNG states, SpIEL selector, and the
+   step records of :class:`spielbench.measure.StepMeter`). Rerunning the same command after a kill
+   resumes from the last complete checkpoint and ends with the same adapter as an uninterrupted run.
+3. At the end it writes ``DIR/adapter/`` (the method's save format; the whole model for full FT) and
+   ``DIR/metrics.json`` (atomically, last).
+
+A non-finite training loss stops the run with :class:`NonFiniteLossError` before the optimizer applies
+it; the checkpoints written so far are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spielbench.errors import InputError
+from spielbench.runconfig import RunConfig, load_run_config
+
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "run_config.json"
+#: Written into each checkpoint folder after the Trainer's own files; its presence marks the checkpoint complete.
+HARNESS_STATE_FILE = "harness_state.json"
+#: The held-out loss before training, kept for a resumed run's metrics.
+HELDOUT_BEFORE_FILE = "heldout_before.json"
+#: Keys of ``run_config.json`` that may change between a killed run and its resumption.
+RESUMABLE_CHANGES = ("run_id",)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message gives the step and the last checkpoint kept."""
+
+
+@dataclass
+class PreparedRun:
+    """Everything checked and loaded before the model weights: see :func:`prepare_run`."""
+
+    cfg: RunConfig
+    spec: Any  # spielbench.methods.MethodSpec
+    output_dir: Path
+    device: str
+    learning_rate: float
+    tokenizer: Any
+    train_dataset: Any  # spielbench.data.InstructionDataset
+    heldout_dataset: Any | None
+    budget: dict[str, Any]
+    resume_from: Path | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ preparation
+
+
+def resolve_device(requested: str) -> str:
+    """``"auto"`` → ``"cuda"`` when available else ``"cpu"``; an explicit CUDA request needs CUDA.
+
+    Raises:
+        InputError: ``device`` asks for CUDA on a machine without it.
+    """
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device: {requested!r} requested but CUDA is not available (use 'cpu' or 'auto')")
+    return requested
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Checkpoint folders ``checkpoint-N`` holding both ``trainer_state.json`` and the harness state,
+    sorted by N (a folder left half-written by a kill is ignored)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for p in checkpoints_dir.iterdir():
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[len("checkpoint-"):].isdigit():
+            if (p / "trainer_state.json").is_file() and (p / HARNESS_STATE_FILE).is_file():
+                found.append(p)
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _check_resume(cfg: RunConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from, after checking that it belongs to the same run config."""
+    checkpoints = complete_checkpoints(output_dir / CHECKPOINTS_DIR)
+    if not checkpoints:
+        return None
+    saved_file = output_dir / RUN_CONFIG_FILE
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text()).get("config", {})
+        current = cfg.to_dict()
+        for key in sorted(set(saved) | set(current)):
+            if key in RESUMABLE_CHANGES:
+                continue
+            if saved.get(key) != current.get(key):
+                raise InputError(
+                    f"{key}: {output_dir} holds checkpoints of a run with {key}={saved.get(key)!r}, this config "
+                    f"has {current.get(key)!r}; use another --output-dir or delete {output_dir / CHECKPOINTS_DIR}")
+    return checkpoints[-1]
+
+
+def _meta_model(model_dir: Path):
+    """The model built from its config on the ``meta`` device: layer shapes without weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def prepare_run(cfg: RunConfig, output_dir: str | Path) -> PreparedRun:
+    """Check a run and load what it needs except the model weights. Writes nothing.
+
+    Raises:
+        InputError: unknown method; rank/density missing, misplaced or larger than the layers allow;
+            missing model folder or data file; unreadable data; no example left after filtering;
+            CUDA requested without CUDA; checkpoints in ``output_dir`` from a different config.
+    """
+    from spielbench.methods import get_method
+
+    t0 = time.perf_counter()
+    output_dir = Path(output_dir)
+    spec = get_method(cfg.method)
+    spec.check_config(cfg)
+    model_dir = Path(cfg.model)
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"model: {model_dir} is not a model folder (config.json expected)")
+    train_path = Path(cfg.train_data)
+    if not train_path.is_file():
+        raise InputError(f"train_data: file {train_path} does not exist")
+    if cfg.heldout_data is not None and not Path(cfg.heldout_data).is_file():
+        raise InputError(f"heldout_data: file {cfg.heldout_data} does not exist")
+    device = resolve_device(cfg.device)
+    if spec.quantized:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise InputError(f"method: {cfg.method!r} needs bitsandbytes, which is not installed") from None
+    resume_from = _check_resume(cfg, output_dir)
+
+    from transformers import AutoTokenizer
+
+    from spielbench.data import load_instruction_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    train_dataset = load_instruction_dataset(train_path, tokenizer, cfg.max_seq_length,
+                                             max_examples=cfg.max_train_examples, field_name="train_data")
+    heldout_dataset = None
+    if cfg.heldout_data is not None:
+        heldout_dataset = load_instruction_dataset(cfg.heldout_data, tokenizer, cfg.max_seq_length,
+                                                   max_examples=cfg.heldout_examples, field_name="heldout_data")
+    budget = spec.check_budget(cfg, _meta_model(model_dir))
+    lr = cfg.learning_rate if cfg.learning_rate is not None else spec.default_learning_rate
+    return PreparedRun(cfg=cfg, spec=spec, output_dir=output_dir, device=device, learning_rate=lr,
+                       tokenizer=tokenizer, train_dataset=train_dataset, heldout_dataset=heldout_dataset,
+                       budget=budget, resume_from=resume_from,
+                       timings_s={"prepare_s": time.perf_counter() - t0})
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+def _harness_trainer_class(base_cls):
+    """A subclass of ``base_cls`` (``transformers.Trainer`` or ``spiel.trainer.SpielTrainer``) that counts
+    tokens and losses per update step and stops on a non-finite loss before the optimizer step."""
+    import torch
+
+    class HarnessTrainer(base_cls):
+        """``base_cls`` plus per-step token/loss records and the non-finite loss check."""
+
+        harness_meter = None  # set after construction: spielbench.train._StepRecorder
+
+        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
+            rec = self.harness_meter
+            if rec is not None:
+                rec.add_micro_batch(inputs)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not bool(torch.isfinite(loss)):
+                ckpts = complete_checkpoints(Path(self.args.output_dir))
+                kept = f"the last checkpoint kept is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"training loss is {float(loss)} at update step {self.state.global_step + 1}; stopping before "
+                    f"the optimizer applies it ({kept}). Lower learning_rate or check the data.")
+            if rec is not None:
+                rec.add_loss(float(loss))
+            return loss
+
+    return HarnessTrainer
+
+
+class _StepRecorder:
+    """Feeds a :class:`spielbench.measure.StepMeter` from the trainer (micro-batches) and callbacks (steps)."""
+
+    def __init__(self, meter):
+        self.meter = meter
+        self._t0 = None
+        self._tokens = 0
+        self._label_tokens = 0
+        self._loss = 0.0
+        self.segment_start = time.perf_counter()
+        self.time_before_segment = 0.0
+
+    def begin_step(self):
+        self._t0 = time.perf_counter()
+        self._tokens = self._label_tokens = 0
+        self._loss = 0.0
+
+    def add_micro_batch(self, inputs):
+        self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+        if "labels" in inputs:
+            self._label_tokens += int((inputs["labels"][:, 1:] != -100).sum())
+
+    def add_loss(self, loss: float):
+        self._loss += loss  # micro-batch losses are already normalised by the step's label-token count
+
+    def end_step(self, step: int):
+        m = self.meter
+        m.step_times_s.append(time.perf_counter() - (self._t0 if self._t0 is not None else time.perf_counter()))
+        m.step_tokens.append(self._tokens)
+        m.step_label_tokens.append(self._label_tokens)
+        m.losses.append((step, self._loss))
+        self._t0 = None
+
+    def train_time(self) -> float:
+        return self.time_before_segment + (time.perf_counter() - self.segment_start)
+
+
+def _callbacks(recorder: _StepRecorder, total_steps: int, progress: bool):
+    """The harness callbacks: step timing/records with checkpointed state, and the progress bar."""
+    from transformers import TrainerCallback
+
+    from spielbench.measure import StepMeter, write_json_atomic
+
+    class StepMeterCallback(TrainerCallback):
+        """Times each update step and saves the step records into every checkpoint."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step > 0:  # resumed: restore the records of the steps already done
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}" / HARNESS_STATE_FILE
+                if ckpt.is_file():
+                    saved = json.loads(ckpt.read_text())
+                    recorder.meter.load_state_dict(saved["meter"], upto_step=state.global_step)
+                    recorder.time_before_segment = recorder.meter.train_time_s
+            recorder.segment_start = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            recorder.begin_step()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            recorder.end_step(state.global_step)
+
+        def on_save(self, args, state, control, **kwargs):
+            recorder.meter.train_time_s = recorder.train_time()
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                write_json_atomic(ckpt / HARNESS_STATE_FILE, {"global_step": state.global_step,
+                                                              "meter": recorder.meter.state_dict()})
+
+        def on_train_end(self, args, state, control, **kwargs):
+            recorder.meter.train_time_s = recorder.train_time()
+
+    class ProgressBarCallback(TrainerCallback):
+        """A tqdm bar over update steps showing the step, its loss and tokens/s."""
+
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step",
+                                dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is None:
+                return
+            m = recorder.meter
+            tps = m.step_tokens[-1] / m.step_times_s[-1] if m.step_times_s and m.step_times_s[-1] > 0 else 0.0
+            self.bar.set_postfix(step=state.global_step, loss=f"{m.losses[-1][1]:.4f}", tok_s=f"{tps:.0f}",
+                                 refresh=False)
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return [StepMeterCallback(), ProgressBarCallback()]
+
+
+def _training_arguments(prep: PreparedRun):
+    from transformers import TrainingArguments
+
+    cfg = prep.cfg
+    on_cuda = prep.device.startswith("cuda")
+    return TrainingArguments(
+        output_dir=str(prep.output_dir / CHECKPOINTS_DIR),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=prep.learning_rate,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of max_steps (transformers v5)
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,  # the newest may be half-written when killed; the one before stays complete
+        logging_strategy="steps",
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not on_cuda,
+        bf16=on_cuda,
+    )
+
+
+def _save_adapter_atomically(prep: PreparedRun, model) -> Path:
+    """Save the adapter into a temp folder, then swap it into ``DIR/adapter``."""
+    final = prep.output_dir / ADAPTER_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=prep.output_dir))
+    try:
+        prep.spec.save(model, tmp, tokenizer=prep.tokenizer)
+        old = None
+        if final.exists():
+            old = prep.output_dir / f".adapter.old.{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _selector_history(trainer, model) -> Any:
+    """SpIEL reselection statistics, when the run has a selector that records them."""
+    candidates = [getattr(trainer, "selector", None), getattr(trainer, "spiel_selector", None)]
+    for cb in trainer.callback_handler.callbacks:
+        candidates.append(getattr(cb, "selector", None))
+    for sel in candidates:
+        if sel is None:
+            continue
+        hist = getattr(sel, "history", None)
+        if callable(hist):
+            hist = hist()
+        if hist is not None:
+            return hist
+    return None
+
+
+def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | tuple = ()) -> dict[str, Any]:
+    """Train a prepared run to the end (resuming if a checkpoint exists) and write adapter and metrics.
+
+    Args:
+        prep: from :func:`prepare_run`.
+        progress: show the tqdm progress bar (step, loss, tokens/s) on stderr.
+        callbacks: extra ``transformers.TrainerCallback`` objects (e.g. to stop a run early in tests).
+
+    Returns:
+        The metrics dict written to ``DIR/metrics.json``.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (checkpoints kept, no adapter or metrics written).
+    """
+    import torch
+    from transformers import PrinterCallback, set_seed
+
+    from spielbench import measure
+    from spielbench.data import PaddingCollator, pad_token_id_of
+
+    cfg, spec = prep.cfg, prep.spec
+    t_start = time.perf_counter()
+    prep.output_dir.mkdir(parents=True, exist_ok=True)
+    measure.write_json_atomic(prep.output_dir / RUN_CONFIG_FILE, {
+        "config": cfg.to_dict(),
+        "resolved": {"device": prep.device, "learning_rate": prep.learning_rate, "budget": prep.budget,
+                     "train_examples": prep.train_dataset.stats.as_dict(),
+                     "heldout_examples": prep.heldout_dataset.stats.as_dict() if prep.heldout_dataset else None},
+    })
+
+    set_seed(cfg.seed)
+    t0 = time.perf_counter()
+    base = spec.load_base(cfg.model, prep.device)
+    if cfg.gradient_checkpointing:
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    model = spec.build(base, cfg)
+    load_s = time.perf_counter() - t0
+    trainable = measure.count_parameters(model, trainable_only=True)
+
+    collator = PaddingCollator(pad_token_id_of(prep.tokenizer))
+    eval_bs = max(1, cfg.per_device_train_batch_size)
+    heldout_before = None
+    if prep.heldout_dataset is not None and prep.resume_from is None:
+        heldout_before = measure.heldout_loss(model, prep.heldout_dataset, collator, batch_size=eval_bs)
+        measure.write_json_atomic(prep.output_dir / CHECKPOINTS_DIR / HELDOUT_BEFORE_FILE, heldout_before)
+
+    rss_scope = measure.reset_peak_memory(prep.device)
+    recorder = _StepRecorder(measure.StepMeter())
+    args = _training_arguments(prep)
+    if spec.family == "spiel":
+        from spiel.trainer import SpielTrainer as base_cls
+    else:
+        from transformers import Trainer as base_cls
+    trainer_cls = _harness_trainer_class(base_cls)
+    trainer_kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=prep.train_dataset,
+                                          data_collator=collator)
+    if spec.family != "spiel":
+        trainer_kwargs["optimizers"] = (spec.build_optimizer(model, cfg, prep.learning_rate), None)
+    trainer = trainer_cls(**trainer_kwargs)
+    trainer.harness_meter = recorder
+    trainer.remove_callback(PrinterCallback)
+    for cb in _callbacks(recorder, cfg.max_steps, progress):
+        trainer.add_callback(cb)
+    for cb in callbacks:
+        trainer.add_callback(cb)
+
+    resume = str(prep.resume_from) if prep.resume_from is not None else None
+    trainer.train(resume_from_checkpoint=resume)
+    state_bytes = measure.trainable_state_bytes(model, trainer.optimizer)
+    memory = measure.peak_memory(prep.device, rss_scope)
+
+    heldout_after = None
+    if prep.heldout_dataset is not None:
+        heldout_after = measure.heldout_loss(model, prep.heldout_dataset, collator, batch_size=eval_bs)
+    if heldout_before is None and prep.resume_from is not None:
+        heldout_before = _previous_heldout_before(prep.output_dir)
+
+    adapter_dir = _save_adapter_atomically(prep, model)
+    summary = recorder.meter.summary()
+    metrics = {
+        "run_id": cfg.run_id or prep.output_dir.name,
+        "method": spec.name,
+        "family": spec.family,
+        "quantized": spec.quantized,
+        "model": cfg.model,
+        "budget": {**prep.budget, "trainable_params": trainable,
+                   "density": trainable / prep.budget["total_params"] if prep.budget["total_params"] else None,
+                   "expected_trainable_params": prep.budget["trainable_params"]},
+        "training": {"max_steps": cfg.max_steps, "per_device_train_batch_size": cfg.per_device_train_batch_size,
+                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                     "effective_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+                     "learning_rate": prep.learning_rate, "weight_decay": cfg.weight_decay,
+                     "warmup_ratio": cfg.warmup_ratio, "seed": cfg.seed,
+                     "gradient_checkpointing": cfg.gradient_checkpointing, "max_seq_length": cfg.max_seq_length,
+                     "resumed_from_step": int(prep.resume_from.name.split("-")[1]) if prep.resume_from else None},
+        "data": {"train": prep.train_dataset.stats.as_dict(),
+                 "heldout": prep.heldout_dataset.stats.as_dict() if prep.heldout_dataset else None},
+        **summary,
+        "wall_time_s": time.perf_counter() - t_start,
+        "model_load_s": load_s,
+        "prepare_s": prep.timings_s.get("prepare_s"),
+        "memory": {**memory, **state_bytes},
+        "adapter_bytes": measure.dir_size_bytes(adapter_dir),
+        "loss_curve": [{"step": s, "loss": loss} for s, loss in recorder.meter.losses],
+        "heldout_loss_before": heldout_before["loss"] if heldout_before else None,
+        "heldout_loss": heldout_after["loss"] if heldout_after else None,
+        "heldout_tokens": heldout_after["tokens"] if heldout_after else None,
+        "selector_history": _selector_history(trainer, model),
+        "packages": measure.package_versions(),
+        "git": measure.git_commit(),
+        "device": measure.device_description(prep.device),
+    }
+    measure.write_json_atomic(prep.output_dir / METRICS_FILE, metrics)
+    del trainer
+    if prep.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return metrics
+
+
+def _previous_heldout_before(output_dir: Path) -> dict | None:
+    """The pre-training held-out loss of an interrupted run, saved in its first segment's notes."""
+    note = output_dir / CHECKPOINTS_DIR / HELDOUT_BEFORE_FILE
+    if note.is_file():
+        return json.loads(note.read_text())
+    return None
+
+
+def train(cfg: RunConfig, output_dir: str | Path, *, progress: bool = True, callbacks: list | tuple = ()) -> dict:
+    """Check, then train one run; see :func:`prepare_run` and :func:`run_training`."""
+    return run_training(prepare_run(cfg, output_dir), progress=progress, callbacks=callbacks)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m spielbench.train``."""
+    p = argparse.ArgumentParser(
+        prog="python -m spielbench.train",
+        description="Train one run (SpIEL, LoRA, (IA)3, SHiRA, full FT, 4-bit variants) from a run config.")
+    p.add_argument("config", nargs="?", help="run config file (YAML or JSON); optional when --set gives every field")
+    p.add_argument("--output-dir", required=True, help="run folder: adapter/, metrics.json, checkpoints/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set learning_rate=1e-4 --set spiel.reselection_steps=10")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Returns 0 on success, 2 on bad input (``error: <message>`` on stderr, nothing written),
+    1 when training stops on a non-finite loss."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        prep = prepare_run(cfg, args.output_dir)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        metrics = run_training(prep, progress=not args.no_progress)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    hl = metrics.get("heldout_loss")
+    print(f"{metrics['method']}: {metrics['steps']} steps, {metrics['tokens_seen']} tokens, "
+          f"{metrics['wall_time_s']:.1f} s, held-out loss "
+          f"{'n/a' if hl is None or (isinstance(hl, float) and math.isnan(hl)) else f'{hl:.4f}'}; "
+          f"wrote {Path(args.output_dir) / ADAPTER_DIR} and {Path(args.output_dir) / METRICS_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Fixtures for the training harness tests: a byte-level chat tokenizer and tiny model folders.
+
+The tokenizer is a real ``PreTrainedTokenizerFast`` (byte-level BPE without merges: one token per
+byte, plus ChatML special tokens) with a ChatML chat template, so rendering, offsets and label masking
+run exactly as with SmolLM2's tokenizer, without needing the real model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+#: Size of the byte-level chat tokenizer's vocabulary (3 special tokens + 256 bytes).
+CHAT_VOCAB_SIZE = 259
+
+
+def make_chat_tokenizer():
+    """A byte-level ChatML tokenizer: ids 0 ``<pad>``, 1 ``<|im_start|>``, 2 ``<|im_end|>`` (eos), 3.. bytes."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for i, ch in enumerate(sorted(ByteLevel.alphabet())):
+        vocab[ch] = 3 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def write_tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random LLaMA (vocab = the chat tokenizer's) plus the chat tokenizer into ``path``."""
+    from conftest import make_tiny_llama
+
+    kwargs = dict(vocab_size=CHAT_VOCAB_SIZE, pad_token_id=0, bos_token_id=None, eos_token_id=2)
+    kwargs.update(overrides)
+    model = make_tiny_llama(seed=seed, **kwargs)
+    model.save_pretrained(path)
+    make_chat_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_flan_jsonl(path: Path, n: int, seed: int = 0) -> Path:
+    """A Flan-format file of ``n`` learnable examples: the answer is the reversed input word."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "table", "green", "light", "sound", "music", "paper"]
+    with open(path, "w") as fh:
+        for _ in range(n):
+            w = rng.choice(words) + rng.choice(words)
+            fh.write(json.dumps({"inputs": f"Reverse: {w}", "targets": w[::-1]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """The byte-level ChatML tokenizer (shared; do not mutate)."""
+    return make_chat_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_run_files(tmp_path_factory):
+    """A tiny model folder and train/held-out Flan files, built once per session.
+
+    Returns:
+        dict with ``model`` (folder), ``train`` and ``heldout`` (files), as strings.
+    """
+    root = tmp_path_factory.mktemp("tiny_run")
+    model_dir = write_tiny_model_dir(root / "model")
+    train = write_flan_jsonl(root / "train.jsonl", 64, seed=1)
+    heldout = write_flan_jsonl(root / "heldout.jsonl", 16, seed=2)
+    return {"model": str(model_dir), "train": str(train), "heldout": str(heldout)}

