@@ -134,14 +134,23 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
         grad_x = grad_values = None
         with _no_autocast(grad_out.device.type):
             g = grad_out.reshape(-1, layer.out_features)
-            if ctx.needs_input_grad[1] or layer.weight_grad_hook is not None:
+            sample_hook = layer.grad_sample_hook
+            sample_at = layer.grad_sample_indices if sample_hook is not None else None
+            if ctx.needs_input_grad[1] or layer.weight_grad_hook is not None or sample_at is not None:
                 x2d = xc.reshape(-1, layer.in_features)
                 acc = _accumulate_dtype(compute_dtype)
                 if layer.weight_grad_hook is not None:
                     dense_grad = g.to(acc).t() @ x2d.to(acc)  # [out, in], fp32 (fp64 in gradchecks)
                     layer.weight_grad_hook(dense_grad)
-                    grad_values = dense_grad.view(-1)[indices]
-                    del dense_grad
+                    flat = dense_grad.view(-1)
+                    grad_values = flat[indices]
+                    if sample_at is not None:
+                        sample_hook(flat[sample_at])
+                    del dense_grad, flat
+                elif sample_at is not None:
+                    both = layer._sampled_grad(g.to(acc), x2d.to(acc), indices, sample_at)
+                    grad_values = both[: indices.numel()]
+                    sample_hook(both[indices.numel():])
                 else:
                     grad_values = layer._sampled_grad(g.to(acc), x2d.to(acc), indices)
                 grad_values = grad_values.to(values.dtype)
@@ -187,7 +196,9 @@ class SparseDeltaLinear(nn.Module):
     Attributes (the contract in docs/DESIGN.md): ``base_layer``, ``in_features``, ``out_features``,
     ``values`` (Parameter ``[k]``, zeros at init), ``indices`` (buffer ``[k]``), ``weight_grad_hook``
     (None or a callable receiving the dense fp32 ``dW [out, in]`` in each backward; used by SpIEL-AG
-    selection), ``merged`` (Δ currently added into the base weight), ``disabled`` (forward = base only).
+    selection), ``grad_sample_indices``/``grad_sample_hook`` (set with :meth:`sample_weight_grad`: the
+    weight gradient at extra positions from the sampled product, no dense dW), ``merged`` (Δ currently
+    added into the base weight), ``disabled`` (forward = base only).
 
     Raises:
         TypeError: ``base_layer`` is neither ``nn.Linear`` nor ``Linear4bit``.
@@ -221,10 +232,12 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("indices", indices.to(device=device, dtype=index_dtype_for(numel)), persistent=True)
         self.values = nn.Parameter(torch.zeros(self.indices.numel(), dtype=delta_dtype, device=device))
         self.weight_grad_hook: Optional[Callable[[torch.Tensor], None]] = None
+        self.grad_sample_indices: Optional[torch.Tensor] = None
+        self.grad_sample_hook: Optional[Callable[[torch.Tensor], None]] = None
         self.merged = False
         self.disabled = False
         self._merge_backup: Optional[torch.Tensor] = None
-        self._csr_cache = None  # (indices version, indices data_ptr, crow, col, perm)
+        self._csr_cache = None  # (key, crow, col, perm); key holds the index tensors themselves and versions
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -292,33 +305,35 @@ class SparseDeltaLinear(nn.Module):
         return weight
 
     # ---------------------------------------------------------------------------- sampled gradient
-    def _csr_pattern(self, indices: torch.Tensor):
-        """The CSR pattern of η: ``(crow [out+1], col [k], perm [k])`` with ``indices[perm]`` sorted.
+    def _csr_pattern(self, *index_sets: torch.Tensor):
+        """The CSR pattern of the concatenated flat index sets (η, then any extra sampled positions):
+        ``(crow [out+1], col [m], perm [m])`` with ``cat(index_sets)[perm]`` sorted (duplicates allowed).
 
-        Cached between steps; rebuilt when η is replaced or written in place (its version changes)."""
-        key = (indices._version, indices.data_ptr(), indices.device)
+        Cached between steps (one pattern); rebuilt when any set is replaced or written in place (its
+        version or storage changes)."""
         cache = self._csr_cache
-        if cache is not None and cache[0] == key:
+        if (cache is not None and len(cache[0]) == len(index_sets)
+                and all(t is ref and t._version == version for t, (ref, version) in zip(index_sets, cache[0]))):
             return cache[1:]
-        flat = indices.long()
+        key = tuple((t, t._version) for t in index_sets)  # strong refs: identity + version, never stale
+        flat = torch.cat([t.reshape(-1).long() for t in index_sets]) if len(index_sets) > 1 else index_sets[0].long()
         perm = torch.argsort(flat)
         ordered = flat[perm]
         rows = torch.div(ordered, self.in_features, rounding_mode="floor")
         cols = ordered - rows * self.in_features
-        crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=indices.device)
+        crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=flat.device)
         crow[1:] = torch.bincount(rows, minlength=self.out_features).cumsum(0)
-        small = self.dense_numel < 2**31
-        idx_dtype = torch.int32 if small else torch.int64
-        crow, cols = crow.to(idx_dtype), cols.to(idx_dtype)
-        perm = perm.to(idx_dtype)
+        idx_dtype = torch.int32 if max(self.dense_numel, flat.numel()) < 2**31 else torch.int64
+        crow, cols, perm = crow.to(idx_dtype), cols.to(idx_dtype), perm.to(idx_dtype)
         self._csr_cache = (key, crow, cols, perm)
         return crow, cols, perm
 
-    def _sampled_grad(self, grad_out: torch.Tensor, x2d: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """``dΔ[n] = Σ_t grad_out[t, row_n] · x2d[t, col_n]`` (``grad_out [T, out]``, ``x2d [T, in]``,
-        fp32/fp64) without a dense ``[out, in]`` temporary: an SDDMM with the cached CSR pattern.
-        Returns ``[k]`` in slot order."""
-        crow, cols, perm = self._csr_pattern(indices)
+    def _sampled_grad(self, grad_out: torch.Tensor, x2d: torch.Tensor, *index_sets: torch.Tensor) -> torch.Tensor:
+        """``dW[p] = Σ_t grad_out[t, row_p] · x2d[t, col_p]`` at every flat position p of the concatenated
+        ``index_sets`` (``grad_out [T, out]``, ``x2d [T, in]``, fp32/fp64) without a dense ``[out, in]``
+        temporary: one SDDMM (``torch.sparse.sampled_addmm``) over the cached CSR pattern.
+        Returns ``[Σ len]`` in the order of ``cat(index_sets)``."""
+        crow, cols, perm = self._csr_pattern(*index_sets)
         with warnings.catch_warnings():  # torch's one-time "CSR support is in beta" notice
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             pattern = torch.sparse_csr_tensor(
@@ -328,6 +343,25 @@ class SparseDeltaLinear(nn.Module):
         out = torch.empty_like(sampled)
         out[perm] = sampled
         return out
+
+    def sample_weight_grad(self, indices: Optional[torch.Tensor], hook: Optional[Callable[[torch.Tensor], None]]
+                           ) -> None:
+        """Ask each following backward for the weight gradient at extra flat positions (e.g. SpIEL-AG's
+        fixed candidates after the first micro-batch of a selection phase, spec §4.1): ``hook`` receives
+        ``dW.flatten()[indices]`` as an fp32 tensor ``[m]``, computed in the same SDDMM as dΔ (no dense dW
+        unless ``weight_grad_hook`` is also set, in which case it is gathered from that). Pass
+        ``(None, None)`` to stop. ``indices`` may overlap η.
+
+        Raises ValueError if exactly one of the two is None or indices are out of range."""
+        if (indices is None) != (hook is None):
+            raise ValueError("sample_weight_grad: pass both indices and hook, or neither")
+        if indices is not None:
+            indices = torch.as_tensor(indices, device=self.indices.device).reshape(-1)
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.dense_numel):
+                raise ValueError(f"sample_weight_grad: indices must lie in [0, {self.dense_numel})")
+            indices = indices.to(self.indices.dtype)
+        self.grad_sample_indices = indices
+        self.grad_sample_hook = hook
 
     # ------------------------------------------------------------------------------------- forward
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:

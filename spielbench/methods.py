@@ -77,16 +77,16 @@ class MethodSpec:
 
     # ------------------------------------------------------------------------------ config checks
 
-    def spiel_config(self, cfg, *, validate_only: bool = False):
+    def spiel_config(self, cfg):
         """The ``spiel.SpielConfig`` of a run: budget from ``rank``/``density``, rule from the method.
 
         Raises:
             InputError: a reserved or unknown ``spiel.*`` key, or a value ``SpielConfig`` rejects
                 (the message names ``spiel.<field>``).
         """
-        import spiel
+        from spiel.config import SpielConfig
 
-        known = {f.name for f in dataclasses.fields(spiel.SpielConfig)}
+        known = {f.name for f in dataclasses.fields(SpielConfig)}
         for key in cfg.spiel:
             if key in SPIEL_RESERVED_KEYS:
                 where = "rank/density" if key in ("density", "num_tunable_weights", "lora_rank_equivalent") \
@@ -99,7 +99,10 @@ class MethodSpec:
                 and cfg.spiel["reselection_rate_policy"] != "none"):
             raise InputError(f"spiel.reselection_rate_policy: method {self.name!r} is static (policy 'none'), "
                              f"got {cfg.spiel['reselection_rate_policy']!r}")
+        from baselines.lora import TARGET_MODULES
+
         kwargs: dict[str, Any] = {
+            "target_modules": list(TARGET_MODULES),
             "selection_algorithm": self.selection_algorithm,
             "reselection_rate_policy": self.reselection_rate_policy,
             "seed": cfg.seed,
@@ -112,7 +115,7 @@ class MethodSpec:
         else:
             kwargs["lora_rank_equivalent"] = cfg.rank
         try:
-            return spiel.SpielConfig(**kwargs)
+            return SpielConfig(**kwargs)
         except ValueError as exc:
             msg = str(exc)
             field_name = msg.split(":", 1)[0]
@@ -159,7 +162,8 @@ class MethodSpec:
         Raises:
             InputError: the rank (or density) is larger than a targeted layer allows: for LoRA
                 ``rank <= min(in, out)`` per layer; for SHiRA ``rank * (in + out) <= in * out`` per layer;
-                for SpIEL ``N <= Σ in * out`` over the targeted layers. Also: no targeted layer found.
+                for SpIEL every layer's proportional share ``k_m = floor(N * numel_m / Σ numel)`` must lie in
+                ``[1, numel_m]`` (i.e. ``N <= Σ in * out``). Also: no targeted layer found.
         """
         from baselines.lora import TARGET_MODULES, targeted_linears
         from baselines.shira import max_shira_rank
@@ -183,22 +187,16 @@ class MethodSpec:
                                      f"at most rank {max_shira_rank(fin, fout)} for shira (rank*(in+out) <= in*out)")
             trainable = sum(r * (fin + fout) for _, fin, fout in layers)
         elif self.family == "spiel":
-            capacity = sum(fin * fout for _, fin, fout in layers)
-            per_rank = sum(fin + fout for _, fin, fout in layers)
-            if cfg.density is not None:
-                n = int(total * cfg.density)
-                if n > capacity:
-                    raise InputError(f"density: {cfg.density} asks for {n} tunable entries but the targeted layers "
-                                     f"hold {capacity} (at most density {capacity / total:.6g})")
-                if n < 1:
-                    raise InputError(f"density: {cfg.density} gives no tunable entry for {total} parameters")
-            else:
-                n = r * per_rank
-                if n > capacity:
-                    raise InputError(f"rank: {r} is larger than the layers allow: {self.name} at rank {r} needs {n} "
-                                     f"entries but the targeted layers hold {capacity} (at most rank "
-                                     f"{capacity // per_rank})")
-            trainable = n
+            from spiel.budget import compute_num_deltas
+
+            spiel_cfg = self.spiel_config(cfg)
+            what = "density" if cfg.density is not None else "rank"
+            value = cfg.density if cfg.density is not None else r
+            try:  # the exact per-matrix allocation (floor of the proportional share; SPIEL_SPEC.md §2.2)
+                trainable = sum(compute_num_deltas(meta_model, spiel_cfg).values())
+            except ValueError as exc:
+                raise InputError(f"{what}: {value} is larger than the layers allow or too small for "
+                                 f"{self.name}: {exc}") from None
         elif self.family == "ia3":
             from baselines.ia3 import FEEDFORWARD_MODULES
 
@@ -238,14 +236,14 @@ class MethodSpec:
         """
         base_model.config.use_cache = False
         if self.family == "spiel":
-            import spiel
+            from spiel.model import get_spiel_model
 
             if self.quantized:
                 from peft import prepare_model_for_kbit_training
 
                 base_model = prepare_model_for_kbit_training(
                     base_model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-            return spiel.get_spiel_model(base_model, self.spiel_config(cfg))
+            return get_spiel_model(base_model, self.spiel_config(cfg))
         if self.family == "lora":
             from baselines.lora import build_lora_model
 
@@ -272,9 +270,9 @@ class MethodSpec:
         trainable parameters.
         """
         if self.family == "spiel":
-            import spiel
+            from spiel.optim import build_optimizer
 
-            return spiel.build_optimizer(model, lr=learning_rate, weight_decay=cfg.weight_decay,
+            return build_optimizer(model, lr=learning_rate, weight_decay=cfg.weight_decay,
                                          betas=(0.9, 0.999), eps=1e-8)
         if self.family == "full":
             from baselines.full import decay_parameter_groups

@@ -129,6 +129,20 @@ def _meta_model(model_dir: Path):
         return AutoModelForCausalLM.from_config(config)
 
 
+#: bitsandbytes' NF4 block size; its CPU kernels reshape each row into blocks of this many weights.
+NF4_BLOCKSIZE = 64
+
+
+def _check_nf4_cpu_shapes(meta_model) -> None:
+    """NF4 on CPU needs every quantized layer's ``in_features`` to be a multiple of the block size."""
+    from baselines.lora import TARGET_MODULES, targeted_linears
+
+    for name, fin, fout in targeted_linears(meta_model, TARGET_MODULES):
+        if fin % NF4_BLOCKSIZE:
+            raise InputError(f"model: 4-bit methods on CPU need in_features divisible by {NF4_BLOCKSIZE} "
+                             f"(bitsandbytes NF4 blocks); {name} has in_features={fin}")
+
+
 def prepare_run(cfg: RunConfig, output_dir: str | Path) -> PreparedRun:
     """Check a run and load what it needs except the model weights. Writes nothing.
 
@@ -170,7 +184,10 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path) -> PreparedRun:
     if cfg.heldout_data is not None:
         heldout_dataset = load_instruction_dataset(cfg.heldout_data, tokenizer, cfg.max_seq_length,
                                                    max_examples=cfg.heldout_examples, field_name="heldout_data")
-    budget = spec.check_budget(cfg, _meta_model(model_dir))
+    meta = _meta_model(model_dir)
+    budget = spec.check_budget(cfg, meta)
+    if spec.quantized and device == "cpu":
+        _check_nf4_cpu_shapes(meta)
     lr = cfg.learning_rate if cfg.learning_rate is not None else spec.default_learning_rate
     return PreparedRun(cfg=cfg, spec=spec, output_dir=output_dir, device=device, learning_rate=lr,
                        tokenizer=tokenizer, train_dataset=train_dataset, heldout_dataset=heldout_dataset,
@@ -207,6 +224,36 @@ def _harness_trainer_class(base_cls):
             return loss
 
     return HarnessTrainer
+
+
+def token_mean_loss(outputs, labels, num_items_in_batch=None):
+    """Causal-LM loss normalised by the label tokens of the whole accumulated batch.
+
+    ``Σ_tokens CE(logits[t], labels[t+1]) / num_items_in_batch`` over this micro-batch, where the
+    Trainer counts ``num_items_in_batch`` over every micro-batch of the update step; summed over the
+    micro-batches this is the token-mean over the step, so gradient accumulation of k micro-batches of
+    size b equals one batch of size k*b. Without ``num_items_in_batch`` it is this micro-batch's mean.
+
+    Args:
+        outputs: model output with ``logits`` ``[batch, seq, vocab]``.
+        labels: ``[batch, seq]`` int64 with -100 on ignored positions.
+        num_items_in_batch: label tokens in the accumulated batch (int or 0-d tensor).
+
+    Returns:
+        0-d float32 tensor.
+    """
+    import torch
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    logits = logits[:, :-1, :].float()
+    target = labels[:, 1:].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (target != -100).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
 class _StepRecorder:
@@ -361,20 +408,16 @@ def _save_adapter_atomically(prep: PreparedRun, model) -> Path:
     return final
 
 
-def _selector_history(trainer, model) -> Any:
-    """SpIEL reselection statistics, when the run has a selector that records them."""
-    candidates = [getattr(trainer, "selector", None), getattr(trainer, "spiel_selector", None)]
-    for cb in trainer.callback_handler.callbacks:
-        candidates.append(getattr(cb, "selector", None))
-    for sel in candidates:
-        if sel is None:
-            continue
-        hist = getattr(sel, "history", None)
-        if callable(hist):
-            hist = hist()
-        if hist is not None:
-            return hist
-    return None
+#: Fields of each SpIEL reselection record copied into the metrics (the per-matrix counts are left out).
+SELECTOR_HISTORY_FIELDS = ("step", "rate", "num_requested", "num_replaced", "num_active", "overlap_initial")
+
+
+def _selector_history(trainer) -> list[dict[str, Any]] | None:
+    """SpIEL reselection records (``spiel.SpielSelector.history``), or None for runs without a selector."""
+    selector = getattr(trainer, "selector", None)
+    if selector is None or getattr(selector, "history", None) is None:
+        return None
+    return [{k: rec.get(k) for k in SELECTOR_HISTORY_FIELDS} for rec in selector.history]
 
 
 def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | tuple = ()) -> dict[str, Any]:
@@ -432,9 +475,8 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
         from transformers import Trainer as base_cls
     trainer_cls = _harness_trainer_class(base_cls)
     trainer_kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=prep.train_dataset,
-                                          data_collator=collator)
-    if spec.family != "spiel":
-        trainer_kwargs["optimizers"] = (spec.build_optimizer(model, cfg, prep.learning_rate), None)
+                                          data_collator=collator, compute_loss_func=token_mean_loss)
+    trainer_kwargs["optimizers"] = (spec.build_optimizer(model, cfg, prep.learning_rate), None)
     trainer = trainer_cls(**trainer_kwargs)
     trainer.harness_meter = recorder
     trainer.remove_callback(PrinterCallback)
@@ -484,7 +526,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
         "heldout_loss_before": heldout_before["loss"] if heldout_before else None,
         "heldout_loss": heldout_after["loss"] if heldout_after else None,
         "heldout_tokens": heldout_after["tokens"] if heldout_after else None,
-        "selector_history": _selector_history(trainer, model),
+        "selector_history": _selector_history(trainer),
         "packages": measure.package_versions(),
         "git": measure.git_commit(),
         "device": measure.device_description(prep.device),

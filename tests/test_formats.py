@@ -86,6 +86,12 @@ def test_flan_jsonl_with_blank_lines_and_max_examples(tmp_path):
     assert ex[1]["messages"] == [{"role": "user", "content": "2+3="}, {"role": "assistant", "content": "5"}]
 
 
+def test_byte_order_mark_is_ignored(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_text("\ufeff" + json.dumps(FLAN[1]) + "\n", encoding="utf-8")
+    assert validate_instruction_file(p) == ("flan", 1)
+
+
 def test_any_format_in_either_container(tmp_path):
     assert detect_format(_jsonl(tmp_path / "a.jsonl", ALPACA)) == "alpaca"
     assert validate_instruction_file(_json(tmp_path / "f.json", FLAN)) == ("flan", 3)

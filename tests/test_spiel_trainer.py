@@ -1,0 +1,124 @@
+"""SpielTrainer (Hugging Face Trainer integration): optimizer choice, selector stepping, adapter-only
+checkpoints, and kill/resume giving the same final adapter as an uninterrupted run."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback, TrainingArguments, default_data_collator
+
+from conftest import make_tiny_llama
+from spiel.config import SpielConfig
+from spiel.model import WEIGHTS_NAME, SpielModel, get_spiel_model
+from spiel.optim import SM3, SparseAdamW
+from spiel.trainer import SELECTOR_STATE_NAME, SpielCallback, SpielTrainer, load_adapter_weights, make_optimizer
+from spiel.selection import SpielSelector
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _dataset(n=16, seq=12):
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 128, (n, seq), generator=gen)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row.clone()} for row in ids]
+
+
+def _model(algo):
+    cfg = SpielConfig(density=0.05, selection_algorithm=algo, reselection_steps=4, selection_accumulation_steps=1,
+                      initial_reselection_rate=0.3)
+    return get_spiel_model(make_tiny_llama(0), cfg)
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), max_steps=10, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="linear", save_strategy="steps",
+                save_steps=4, logging_steps=100, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+class _StopAt(TrainerCallback):
+    """Simulates a killed job: stop right after the checkpoint of step ``step`` is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def _adapter(model):
+    return {k: v.clone() for k, v in model.adapter_state_dict().items()}
+
+
+def test_trainer_kill_and_resume_gives_the_uninterrupted_adapter(tmp_path):
+    data = _dataset()
+    full_model = _model("ag")
+    full = SpielTrainer(model=full_model, args=_args(tmp_path / "full"), train_dataset=data,
+                        data_collator=default_data_collator)
+    full.train()
+    assert isinstance(full.selector.optimizer, SparseAdamW)
+    assert [h["step"] for h in full.selector.history] == [1, 5, 9]
+    assert all(layer.weight_grad_hook is None for _, layer in full_model.sparse_layers())
+    expected = _adapter(full_model)
+
+    killed = SpielTrainer(model=_model("ag"), args=_args(tmp_path / "run"), train_dataset=data,
+                          data_collator=default_data_collator, callbacks=[_StopAt(4)])
+    killed.train()
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    files = set(os.listdir(ckpt))
+    assert {WEIGHTS_NAME, "adapter_config.json", SELECTOR_STATE_NAME, "optimizer.pt"} <= files
+    assert "model.safetensors" not in files  # adapter only, not the base weights
+    saved_sel = torch.load(ckpt / SELECTOR_STATE_NAME, weights_only=True)
+    assert saved_sel["completed_steps"] == 4 and saved_sel["phase_open"]  # mid-phase: accumulators kept
+    assert saved_sel["accumulators"]
+
+    resumed_model = _model("ag")
+    resumed = SpielTrainer(model=resumed_model, args=_args(tmp_path / "run"), train_dataset=data,
+                           data_collator=default_data_collator)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    got = _adapter(resumed_model)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert resumed.selector.history == full.selector.history
+
+    # The final adapter written by save_model reloads onto a fresh base with identical tensors.
+    resumed.save_model(str(tmp_path / "final"))
+    reloaded = SpielModel.from_pretrained(make_tiny_llama(0), tmp_path / "final")
+    for key, value in reloaded.adapter_state_dict().items():
+        assert torch.equal(value, expected[key])
+
+
+def test_trainer_ma_uses_sm3_and_reselects(tmp_path):
+    model = _model("ma")
+    idx0 = {n: l.indices.clone() for n, l in model.sparse_layers()}
+    trainer = SpielTrainer(model=model, args=_args(tmp_path, max_steps=6, save_strategy="no"),
+                           train_dataset=_dataset(), data_collator=default_data_collator)
+    trainer.train()
+    assert isinstance(trainer.selector.optimizer, SM3)
+    assert [h["step"] for h in trainer.selector.history] == [1, 5]
+    assert any(not torch.equal(l.indices, idx0[n]) for n, l in model.sparse_layers())
+
+
+def test_stock_trainer_with_callback_and_errors(tmp_path):
+    from transformers import Trainer
+
+    model = _model("ag")
+    args = _args(tmp_path, max_steps=3, save_steps=2)
+    opt = make_optimizer(model, args)
+    assert isinstance(opt, SparseAdamW) and opt.param_groups[0]["weight_decay"] == 0.1
+    sel = SpielSelector(model, opt, total_steps=3, grad_accumulation_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(), data_collator=default_data_collator,
+                      optimizers=(opt, None), callbacks=[SpielCallback(sel)])
+    trainer.train()
+    assert sel.completed_steps == 3 and [h["step"] for h in sel.history] == [1]
+    assert (tmp_path / "checkpoint-2" / SELECTOR_STATE_NAME).is_file()
+    with pytest.raises(ValueError, match="SpielModel"):
+        SpielTrainer(model=make_tiny_llama(0), args=args)
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+        load_adapter_weights(model, tmp_path)
