@@ -57,5 +57,24 @@ def load_nf4_model(model_path: str | Path, device: str = "cpu"):
         dtype=dtype,
         device_map={"": str(device)},
     )
+    keep_training_layout(model)
     return model
+
+
+def keep_training_layout(model) -> int:
+    """Stop bitsandbytes from repacking NF4 weights for its CPU inference kernel; returns the layers changed.
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` in eval mode without gradients converts its weight,
+    in place and for good, to a packed layout whose block scales (absmax) are rounded to bfloat16, and
+    later forwards (training ones too) go through ``gemv_4bit``, which has no autograd kernel: gradients
+    to earlier layers become silently wrong (torch warns "an autograd kernel was not registered"), and a
+    held-out evaluation before training changes the numbers of the training run. Clearing the layer's
+    ``support_avx512bf16_for_cpu`` flag keeps the standard dequantize-then-matmul path in every mode.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 

@@ -297,7 +297,7 @@ class SparseDeltaLinear(nn.Module):
         """A new dense ``W0 + scatter(η, Δ)`` in ``dtype``; each changed entry is ``(W0[η] + Δ)`` summed in
         fp32 (or ``dtype`` if wider) and rounded once. A per-layer temporary."""
         base = self.base_weight()
-        weight = base.to(dtype, copy=True)
+        weight = base.to(dtype, copy=not self.is_4bit)  # a dequantised base is already a fresh tensor
         flat_base = base.reshape(-1)
         acc = _accumulate_dtype(dtype)
         updated = flat_base[indices].to(acc) + values.detach().to(acc)

@@ -290,14 +290,6 @@ def _dig(d: dict | None, path: str, default=None):
     return cur
 
 
-def _first(d: dict | None, *paths: str, default=None):
-    for p in paths:
-        v = _dig(d, p)
-        if v is not None:
-            return v
-    return default
-
-
 def _num(value, where: str, kind=float):
     """``value`` as ``kind`` (None stays None). Raises InputError naming ``where`` when not a number."""
     if value is None:
@@ -524,22 +516,69 @@ def load_records(runs_dir: str | Path, runs: dict[str, dict], model_name: str, d
     return records
 
 
-def load_benchmarks(paths: Iterable[str | Path]) -> list[dict]:
-    """Read benchmark result files ``<size>__<method>.json``; ``size`` and ``method`` default to the name.
+@dataclass
+class BenchPoint:
+    """One (model size, method) point of the efficiency benchmark (``spielbench.benchmark``).
 
-    Each returned dict carries at least ``size``, ``method``, ``status`` ("ok" unless the file says e.g.
-    "oom") and ``_file``. Raises InputError for a malformed file.
+    Attributes (units in the names): ``status`` is "ok", "oom", "unsupported", "error" or "timeout";
+    timings and peaks are None unless "ok". ``peak_memory_bytes`` is CUDA max allocated on a GPU, else the
+    CPU peak RSS (``peak_memory_kind`` says which); ``state_bytes`` = trainable parameters + gradients +
+    optimizer state + SpIEL index buffers; ``model_params`` = parameters of the base model.
     """
-    out = []
-    for p in sorted(Path(x) for x in paths):
-        d = read_json(p)
-        size, _, method = p.stem.partition("__")
-        d.setdefault("size", size)
-        d.setdefault("method", method or d.get("method"))
-        d.setdefault("status", "ok")
-        d["_file"] = p.name
-        out.append(d)
-    return out
+
+    size: str
+    method: str
+    status: str
+    file: str
+    detail: str | None = None
+    rank: int | None = None
+    trainable_params: int | None = None
+    model_params: int | None = None
+    step_time_mean_s: float | None = None
+    step_time_p50_s: float | None = None
+    tokens_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str | None = None
+    state_bytes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the point completed (timings and peak memory are valid)."""
+        return self.status == "ok"
+
+
+def parse_benchmark(d: dict, name: str) -> BenchPoint:
+    """A :class:`BenchPoint` from one benchmark JSON object (its stable fields; ``name`` = file name).
+
+    Raises:
+        InputError: ``size``/``method``/``status`` missing, or a field of the wrong type.
+    """
+    for key in ("size", "method", "status"):
+        if not isinstance(d.get(key), str):
+            raise InputError(f"{name}: {key}: expected a string, got {d.get(key)!r}")
+    cuda = _num(d.get("cuda_max_allocated_bytes"), f"{name}: cuda_max_allocated_bytes", int)
+    peak = _num(d.get("peak_memory_bytes"), f"{name}: peak_memory_bytes", int)
+    return BenchPoint(
+        size=d["size"], method=d["method"], status=d["status"], file=name, detail=d.get("detail"),
+        rank=_num(d.get("rank"), f"{name}: rank", int),
+        trainable_params=_num(d.get("trainable_params"), f"{name}: trainable_params", int),
+        model_params=_num(d.get("n_params_model"), f"{name}: n_params_model", int),
+        step_time_mean_s=_num(d.get("step_time_mean_s"), f"{name}: step_time_mean_s"),
+        step_time_p50_s=_num(d.get("step_time_p50_s"), f"{name}: step_time_p50_s"),
+        tokens_per_s=_num(d.get("tokens_per_s"), f"{name}: tokens_per_s"),
+        peak_memory_bytes=peak,
+        peak_memory_kind=None if peak is None else ("CUDA max allocated" if cuda is not None else "CPU peak RSS"),
+        state_bytes=_num(d.get("adapter_state_bytes"), f"{name}: adapter_state_bytes", int),
+    )
+
+
+def load_benchmarks(paths: Iterable[str | Path]) -> list[BenchPoint]:
+    """Read benchmark result files ``<size>__<method>.json`` (sorted by file name).
+
+    Raises:
+        InputError: a file is missing, not JSON, or malformed (the message names it).
+    """
+    return [parse_benchmark(read_json(p), Path(p).name) for p in sorted(Path(x) for x in paths)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -762,7 +801,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def efficiency_table(records: list[RunRecord], benchmarks: list[dict] | None = None) -> Table:
+def efficiency_table(records: list[RunRecord], benchmarks: list[BenchPoint] | None = None) -> Table:
     """Training cost per run (from metrics.json) and per benchmark point (from results/benchmark).
 
     Columns: source ("run"/"benchmark"), model/size, method, rank, trainable params, steps, mean and
@@ -798,63 +837,34 @@ def efficiency_table(records: list[RunRecord], benchmarks: list[dict] | None = N
         rows_d.append(d)
     bench = benchmarks or []
 
-    def bench_ref(b, method):
-        for x in bench:
-            if x["size"] == b["size"] and x["method"] == method and x.get("status", "ok") == "ok":
-                return x
-        return None
-
-    def bget(b, *keys):
-        return _first(b, *keys)
+    def bench_ref(b: BenchPoint, method: str) -> BenchPoint | None:
+        return next((x for x in bench if x.size == b.size and x.method == method and x.ok), None)
 
     for b in bench:
-        lref = bench_ref(b, LORA_REFERENCE.get(b["method"], "lora"))
+        lref = bench_ref(b, LORA_REFERENCE.get(b.method, "lora"))
         floor = bench_ref(b, "floor")
-        step = bget(b, "step_time_mean_s", "timing.step_time_mean_s")
-        peak = bget(b, "memory.cuda_max_allocated_bytes", "peak_memory_bytes", "memory.cpu_peak_rss_bytes",
-                    "memory.peak_rss_bytes")
-        kind = ("CUDA max allocated" if bget(b, "memory.cuda_max_allocated_bytes") is not None else
-                "CPU peak RSS" if peak is not None else None)
-        parts = [bget(b, f"memory.{k}", k) for k in ("trainable_bytes", "grad_bytes", "optimizer_state_bytes")]
-        state = sum(parts) if all(p is not None for p in parts) else bget(b, "state_bytes")
-
-        def ref_peak(x):
-            return None if x is None else bget(x, "memory.cuda_max_allocated_bytes", "peak_memory_bytes",
-                                                 "memory.cpu_peak_rss_bytes", "memory.peak_rss_bytes")
-
-        def ref_step(x):
-            return None if x is None else bget(x, "step_time_mean_s", "timing.step_time_mean_s")
-
-        def ref_state(x):
-            if x is None:
-                return None
-            ps = [bget(x, f"memory.{k}", k) for k in ("trainable_bytes", "grad_bytes", "optimizer_state_bytes")]
-            return sum(ps) if all(p is not None for p in ps) else bget(x, "state_bytes")
-
-        ok = b.get("status", "ok") == "ok"
         rows_d.append({
-            "source": "benchmark", "model": b["size"], "method": b["method"], "run": b["_file"],
-            "rank": bget(b, "rank", "budget.rank"), "trainable_params": bget(b, "trainable_params", "budget.trainable_params"),
-            "steps": bget(b, "steps"), "gradient_checkpointing": bool(bget(b, "gradient_checkpointing") or False),
-            "step_time_mean_s": step if ok else None,
-            "step_time_p50_s": bget(b, "step_time_p50_s", "timing.step_time_p50_s") if ok else None,
-            "tokens_per_s": bget(b, "tokens_per_s", "timing.tokens_per_s") if ok else None,
-            "peak_memory_bytes": peak if ok else None, "peak_memory_kind": kind, "state_bytes": state,
-            "step_time_vs_lora": _ratio(step, ref_step(lref)) if ok else None,
-            "peak_memory_vs_lora": _ratio(peak, ref_peak(lref)) if ok else None,
-            "state_bytes_vs_lora": _ratio(state, ref_state(lref)),
-            "step_time_vs_floor": _ratio(step, ref_step(floor)) if ok else None,
-            "peak_memory_vs_floor": _ratio(peak, ref_peak(floor)) if ok else None,
-            "status": str(b.get("status", "ok")),
+            "source": "benchmark", "model": b.size, "method": b.method, "run": b.file, "rank": b.rank,
+            "trainable_params": b.trainable_params, "steps": None, "gradient_checkpointing": False,
+            "step_time_mean_s": b.step_time_mean_s, "step_time_p50_s": b.step_time_p50_s,
+            "tokens_per_s": b.tokens_per_s, "peak_memory_bytes": b.peak_memory_bytes,
+            "peak_memory_kind": b.peak_memory_kind, "state_bytes": b.state_bytes,
+            "step_time_vs_lora": _ratio(b.step_time_mean_s, lref and lref.step_time_mean_s),
+            "peak_memory_vs_lora": _ratio(b.peak_memory_bytes, lref and lref.peak_memory_bytes),
+            "state_bytes_vs_lora": _ratio(b.state_bytes, lref and lref.state_bytes),
+            "step_time_vs_floor": _ratio(b.step_time_mean_s, floor and floor.step_time_mean_s),
+            "peak_memory_vs_floor": _ratio(b.peak_memory_bytes, floor and floor.peak_memory_bytes),
+            "status": b.status,
         })
     for d in rows_d:
         rows_s.append({
-            "Source": "training runs" if d["source"] == "run" else "benchmark", "Model": d["model"], "Method": method_label(d["method"]), "Run": d["run"],
+            "Source": "training runs" if d["source"] == "run" else "benchmark", "Model": d["model"],
+            "Method": method_label(d["method"]), "Run": d["run"],
             "Rank": "—" if d["rank"] is None else str(d["rank"]),
             "Trainable params": fmt_count(d["trainable_params"]),
             "Step time (s)": fmt_float(d["step_time_mean_s"]) if d["status"] == "ok" else d["status"].upper(),
-            "Step p50 (s)": fmt_float(d["step_time_p50_s"]),
             "Tokens/s": fmt_float(d["tokens_per_s"], 1),
+            "Step p50 (s)": fmt_float(d["step_time_p50_s"]),
             "Peak memory (GiB)": fmt_bytes(d["peak_memory_bytes"]),
             "State (MiB)": fmt_bytes(d["state_bytes"], "MiB"),
             "Step ÷ LoRA": fmt_float(d["step_time_vs_lora"]),
@@ -875,8 +885,9 @@ def efficiency_table(records: list[RunRecord], benchmarks: list[dict] | None = N
                                             "Step ÷ floor", "Memory ÷ floor"])
     kinds = sorted({d["peak_memory_kind"] for d in rows_d if d["peak_memory_kind"]})
     notes = [
-        "Step time: mean wall time of one optimizer step (all its micro-batches), in seconds. "
-        "State: bytes of trainable parameters + their gradients + optimizer state.",
+        "Step time: mean wall time of one optimizer step (all its micro-batches), in seconds (benchmark: "
+        "weighted by the natural share of SpIEL's selection steps). State: bytes of trainable parameters + "
+        "their gradients + optimizer state (benchmark: + SpIEL's index buffers).",
         "Peak memory measures: " + (", ".join(kinds) if kinds else "none recorded") +
         ". CPU peak RSS includes the Python process and the frozen model, so ratios are closer to 1 than "
         "ratios of state bytes.",
@@ -887,7 +898,8 @@ def efficiency_table(records: list[RunRecord], benchmarks: list[dict] | None = N
         notes.append("No efficiency benchmark results (results/benchmark/*.json) were found; "
                      "only the training runs are listed.")
     if any(d["status"] != "ok" for d in rows_d):
-        notes.append("OOM / other status: the benchmark point did not complete (no timing or peak memory).")
+        notes.append("OOM / UNSUPPORTED / ERROR / TIMEOUT: the benchmark point did not complete (no timing or "
+                     "peak memory); its JSON file says why (detail).")
     return Table(data=data, display=display, title="Efficiency: step time, throughput and memory",
                  group_cols=["Source", "Model"], notes=notes)
 
@@ -1239,7 +1251,7 @@ def claim_better(key: str, statement: str, source: str, records: list[RunRecord]
     return claim
 
 
-def claim_ma_lighter(records: list[RunRecord], benchmarks: list[dict]) -> Claim:
+def claim_ma_lighter(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Claim:
     """SpIEL-MA needs less memory than SpIEL-AG at the same budget (state bytes; peak memory)."""
     claim = Claim("ma-lighter", "SpIEL-MA is lighter in memory than SpIEL-AG at the same number of trainable "
                   "parameters.", "the paper's method: SpIEL-MA's SM3 optimizer keeps row and column statistics instead of "
@@ -1268,37 +1280,28 @@ def _memory_comparison(label: str, lighter: float, heavier: float, kind: str | N
                       kind="bytes", outcome=outcome, detail="ratio")
 
 
-def _bench_get(b: dict, *keys):
-    return _first(b, *keys)
-
-
-def _bench_peak(b: dict):
-    return _bench_get(b, "memory.cuda_max_allocated_bytes", "peak_memory_bytes", "memory.cpu_peak_rss_bytes",
-                      "memory.peak_rss_bytes")
-
-
-def _bench_step(b: dict):
-    return _bench_get(b, "step_time_mean_s", "timing.step_time_mean_s")
-
-
-def _bench_pairs(benchmarks: list[dict], method_a: str, method_b: str):
-    ok = [b for b in benchmarks if b.get("status", "ok") == "ok"]
+def _bench_pairs(benchmarks: list[BenchPoint], method_a: str, method_b: str):
+    """Completed benchmark points of ``method_a`` and ``method_b`` at the same model size."""
+    ok = [b for b in benchmarks if b.ok]
     for a in ok:
-        if a["method"] != method_a:
+        if a.method != method_a:
             continue
         for b in ok:
-            if b["method"] == method_b and b["size"] == a["size"]:
+            if b.method == method_b and b.size == a.size:
                 yield a, b
 
 
-def _bench_memory(benchmarks: list[dict], lighter: str, heavier: str) -> list[Comparison]:
+def _bench_memory(benchmarks: list[BenchPoint], lighter: str, heavier: str) -> list[Comparison]:
     out = []
     for a, b in _bench_pairs(benchmarks, lighter, heavier):
-        pa, pb = _bench_peak(a), _bench_peak(b)
-        if pa is not None and pb is not None:
-            c = _memory_comparison(f"benchmark {a['size']}: {method_label(lighter)} vs {method_label(heavier)}",
-                                   pa, pb, None)
-            out.append(c)
+        if a.peak_memory_bytes is not None and b.peak_memory_bytes is not None:
+            out.append(_memory_comparison(f"benchmark {a.size}: {method_label(lighter)} vs {method_label(heavier)}",
+                                          a.peak_memory_bytes, b.peak_memory_bytes, a.peak_memory_kind))
+        if a.state_bytes is not None and b.state_bytes is not None:
+            out.append(Comparison(f"benchmark {a.size}: {method_label(lighter)} vs {method_label(heavier)}",
+                                  "state bytes", a.state_bytes, b.state_bytes, _ratio(a.state_bytes, b.state_bytes),
+                                  kind="bytes", outcome="supports" if a.state_bytes < b.state_bytes else "contradicts",
+                                  detail="ratio MA ÷ AG"))
     return out
 
 
@@ -1310,7 +1313,7 @@ def _runtime_outcome(ratio: float) -> str:
     return "undecided"
 
 
-def claim_runtime(records: list[RunRecord], benchmarks: list[dict]) -> Claim:
+def claim_runtime(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Claim:
     """SpIEL's step time is comparable to LoRA's at the same budget (rule 2 of :data:`VERDICT_RULES`)."""
     claim = Claim("runtime", "SpIEL's run time is comparable to LoRA's.",
                   "paper abstract (\"comparable in terms of run time\")",
@@ -1327,17 +1330,17 @@ def claim_runtime(records: list[RunRecord], benchmarks: list[dict]) -> Claim:
                                                 sum(ta) / len(ta), sum(tb) / len(tb), ratio, kind="ratio",
                                                 outcome=_runtime_outcome(ratio), detail="ratio SpIEL ÷ LoRA"))
         for a, b in _bench_pairs(benchmarks, ma, mb):
-            sa, sb = _bench_step(a), _bench_step(b)
-            if sa is None or sb is None:
+            sa, sb = a.step_time_mean_s, b.step_time_mean_s
+            if sa is None or not sb:
                 continue
             claim.comparisons.append(Comparison(
-                f"benchmark {a['size']}: {method_label(ma)} vs {method_label(mb)}", "step time (s)", sa, sb,
+                f"benchmark {a.size}: {method_label(ma)} vs {method_label(mb)}", "step time (s)", sa, sb,
                 sa / sb, kind="ratio", outcome=_runtime_outcome(sa / sb), detail="ratio SpIEL ÷ LoRA"))
     claim.verdict, claim.reason = decide(claim.comparisons)
     return claim
 
 
-def claim_memory_scaling(records: list[RunRecord], benchmarks: list[dict]) -> Claim:
+def claim_memory_scaling(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Claim:
     """SpIEL's memory overhead scales with the number of tuned parameters, not with the model size."""
     claim = Claim("memory-scaling", "SpIEL's memory overhead scales with the number of tuned parameters rather "
                   "than with the model size.", "a third-party summary of the paper (a hint only: \"memory overhead scales with the number of "
@@ -1375,22 +1378,22 @@ def claim_memory_scaling(records: list[RunRecord], benchmarks: list[dict]) -> Cl
     return claim
 
 
-def _bench_scaling(benchmarks: list[dict]) -> list[Comparison]:
+def _bench_scaling(benchmarks: list[BenchPoint]) -> list[Comparison]:
+    """Per method, growth of (peak − floor peak) from the smallest to the largest completed model size."""
     out = []
-    ok = [b for b in benchmarks if b.get("status", "ok") == "ok"]
-    floors = {b["size"]: b for b in ok if b["method"] == "floor"}
+    ok = [b for b in benchmarks if b.ok]
+    floors = {b.size: b for b in ok if b.method == "floor"}
     for method in ("spiel-ag", "spiel-ma", "qspiel-ag", "full"):
         pts = []
         for b in ok:
-            f = floors.get(b["size"])
-            if b["method"] != method or f is None:
+            f = floors.get(b.size)
+            if b.method != method or f is None:
                 continue
-            peak, fpeak = _bench_peak(b), _bench_peak(f)
-            n = _bench_get(b, "trainable_params", "budget.trainable_params")
-            p = _bench_get(b, "model_params", "total_params")
-            if None in (peak, fpeak, n, p) or peak <= fpeak:
+            if None in (b.peak_memory_bytes, f.peak_memory_bytes, b.trainable_params, b.model_params):
                 continue
-            pts.append((p, n, peak - fpeak, b["size"]))
+            if b.peak_memory_bytes <= f.peak_memory_bytes or not b.trainable_params:
+                continue
+            pts.append((b.model_params, b.trainable_params, b.peak_memory_bytes - f.peak_memory_bytes, b.size))
         if len(pts) < 2:
             continue
         pts.sort()
@@ -1477,7 +1480,7 @@ def claim_checkpointing(records: list[RunRecord]) -> Claim:
     return claim
 
 
-def evaluate_claims(records: list[RunRecord], benchmarks: list[dict] | None = None) -> list[Claim]:
+def evaluate_claims(records: list[RunRecord], benchmarks: list[BenchPoint] | None = None) -> list[Claim]:
     """All claims of the paper checked by this suite, in the order of ``results/claims.md``."""
     benchmarks = benchmarks or []
     return [
@@ -1614,7 +1617,7 @@ def results_tasks(results_dir: str | Path) -> list[str]:
     return list(read_json(Path(results_dir) / "runs" / "index.json").get("tasks", []))
 
 
-def load_results_dir(results_dir: str | Path) -> tuple[list[RunRecord], list[dict]]:
+def load_results_dir(results_dir: str | Path) -> tuple[list[RunRecord], list[BenchPoint]]:
     """Read back what :func:`aggregate` wrote: the records (from ``runs/``) and the benchmark points.
 
     This is what ``analysis/figures.ipynb`` uses: nothing outside ``results_dir`` is read.
@@ -1686,7 +1689,7 @@ def write_html_pages(pairs: Iterable[tuple[str | Path, str | Path]]) -> list[Pat
     return out
 
 
-def write_results(records: list[RunRecord], benchmarks: list[dict], results_dir: str | Path,
+def write_results(records: list[RunRecord], benchmarks: list[BenchPoint], results_dir: str | Path,
                   tasks: list[str] | None = None, context: str = "") -> list[Path]:
     """Write the three tables and claims.md for ``records`` into ``results_dir``; returns the paths."""
     results_dir = Path(results_dir)

@@ -20,20 +20,26 @@ default), ``llama2-7b``, ``llama2-13b`` (the paper's models, for GPUs).
 Selection phases in their natural proportion (the *schedule-weighted* estimate)
 -----------------------------------------------------------------------------
 Under the reference schedule (S = ``reselection_steps`` = 20, γ = ``selection_accumulation_steps`` = 5,
-SPIEL_SPEC.md §3) a steady-state period of S update steps holds, for SpIEL-AG, ``S−γ−1`` *plain* steps
-(sampled ``dΔ`` only), γ *phase* steps (gradient hooks on: a dense ``dW`` per layer, accumulated at
-the candidates) and one *select* step (hooks on, then drop/grow); for SpIEL-MA ``S−1`` plain steps and
-one select step (drop/grow by the SM3 scores). A few timed steps cannot cover a period of 20, so:
+SPIEL_SPEC.md §3) a steady-state period of S update steps holds, for SpIEL-AG: one *after-select* step
+(the first after a reselection: the layers rebuild their cached CSR pattern of η), ``S−γ−2`` *plain*
+steps (sampled ``dΔ`` only), γ *phase* steps (gradient hooks on: a dense ``dW`` per layer, accumulated
+at the candidates) and one *select* step (hooks on, then drop/grow); for SpIEL-MA one after-select
+step, ``S−2`` plain steps and one select step (drop/grow by the SM3 scores). A few timed steps cannot
+cover a period of 20, so:
 
-1. the selector is driven on a compressed schedule whose period is the timed window: ``S_b = steps``
-   (or the natural S when ``steps`` is a multiple of it), ``γ_b = clip(round(γ·S_b/S), 1, S_b−2)``
-   (AG; MA: ``[0, S_b−1]``), and it starts at ``completed_steps = c0`` chosen so that the timed window
-   is exactly one period ending with a reselection and the p = 1 first reselection lies in the past.
-   Every step kind is then measured at least once (AG needs ``steps >= 3``, MA ``steps >= 2``);
-2. every timed step is labelled ``plain``/``phase``/``select``; ``step_time_mean_s`` is
-   ``Σ_kind w_kind · mean(kind)`` with the natural weights ``w`` above (``(S−γ−1)/S, γ/S, 1/S`` for AG;
-   ``(S−1)/S, 1/S`` for MA; 1 for every other method), and ``step_time_p50_s`` is the median of the
-   same weighted distribution (each sample of a kind weighs ``w_kind / n_kind``).
+1. ``warmup_steps`` ordinary steps run first, before a selector is attached (they warm the sampled
+   path, the allocator and the optimizer state). Then the selector is attached on a compressed
+   schedule whose period is the timed window, ``S_b = steps`` (the natural S when ``steps`` is a
+   multiple of it), with ``γ_b = clip(round(γ·S_b/S), 1, S_b−3)`` (AG; MA ``[0, S_b−1]``), at
+   ``completed_steps = c0 = S_b + γ_b − 1``, and one untimed *entry* step ends with a reselection. The
+   timed window is then exactly one period, ``[after-select, plain…, phase…, select]``, after the
+   p = 1 first reselection. Every kind must be timed, so ``steps`` is raised to 4 for AG and 3 for MA
+   when smaller (the record's ``steps`` is the number actually timed);
+2. every timed step is labelled with its kind; ``step_time_mean_s`` is ``Σ_kind w_kind · mean(kind)``
+   with the natural weights ``w`` (AG: ``1/S, (S−γ−2)/S, γ/S, 1/S``; MA: ``1/S, (S−2)/S, 1/S``; every
+   other method: plain 1), and ``step_time_p50_s`` is the median of the same weighted distribution
+   (each sample of a kind weighs ``w_kind / n_kind``). With ``steps = S`` the window *is* a natural
+   period and the weighted mean equals the plain mean.
 
 The unweighted figures are kept too (``step_time_raw_mean_s``, ``step_times_s``, ``step_kinds``).
 The one-off first window (γ steps, then p = 1) is not part of the steady state and is not weighted in.
@@ -308,8 +314,8 @@ class BenchmarkOptions:
 def check_pairs(sizes: Sequence[str], methods: Sequence[str], options: BenchmarkOptions) -> None:
     """Validate size and method names and per-method step requirements before any work.
 
-    Raises InputError: an unknown size (listing the known ones), an unknown method, too few timed steps
-    for a dynamic SpIEL method (AG needs >= 3, MA >= 2, to measure every step kind), or the rank too
+    Raises InputError: an unknown size (listing the known ones), an unknown method, a natural schedule
+    too short for a dynamic SpIEL method (AG: S >= γ + 2; MA: S >= 2), or the rank too
     large for a size (LoRA: ``rank <= min(in, out)`` of every projection).
     """
     known_methods = all_methods()
@@ -324,14 +330,11 @@ def check_pairs(sizes: Sequence[str], methods: Sequence[str], options: Benchmark
         if method not in known_methods:
             raise InputError(f"methods: unknown method {method!r}; known methods: {', '.join(known_methods)}")
         algo = _spiel_algorithm(method)
-        if algo == "ag" and options.steps < 3:
-            raise InputError(f"steps: method {method!r} needs at least 3 timed steps (plain, phase and select "
-                             f"steps of the SpIEL-AG schedule), got {options.steps}")
-        if algo == "ma" and options.steps < 2:
-            raise InputError(f"steps: method {method!r} needs at least 2 timed steps (plain and select steps), "
-                             f"got {options.steps}")
-        if algo == "ag" and options.reselection_steps < 2:
-            raise InputError("reselection_steps: SpIEL-AG needs S >= 2")
+        if algo == "ag" and options.reselection_steps < options.selection_accumulation_steps + 2:
+            raise InputError(f"reselection_steps: SpIEL-AG needs S >= γ + 2 = {options.selection_accumulation_steps + 2}, "
+                             f"got {options.reselection_steps}")
+        if algo == "ma" and options.reselection_steps < 2:
+            raise InputError(f"reselection_steps: SpIEL-MA needs S >= 2, got {options.reselection_steps}")
     for size in sizes:
         shape = SIZES.get(size)
         if shape is None:
@@ -387,36 +390,47 @@ class DrivingSchedule:
 def natural_weights(algorithm: Optional[str], period: int, accumulation: int) -> dict[str, float]:
     """Fraction of steady-state steps of each kind under the natural schedule (S, γ) (SPIEL_SPEC.md §3).
 
-    AG: ``plain (S−γ−1)/S``, ``phase γ/S`` (gradient hooks on), ``select 1/S`` (hooks on + drop/grow).
-    MA: ``plain (S−1)/S``, ``select 1/S``. Otherwise ``plain 1``.
+    AG: ``after-select 1/S``, ``plain (S−γ−2)/S``, ``phase γ/S`` (gradient hooks on), ``select 1/S``
+    (hooks on, then drop/grow). MA: ``after-select 1/S``, ``plain (S−2)/S``, ``select 1/S``.
+    Otherwise ``plain 1``. Raises ValueError if S is too short for the algorithm (AG: S >= γ + 2;
+    MA: S >= 2).
     """
     if algorithm == "ag":
-        return {"plain": (period - accumulation - 1) / period, "phase": accumulation / period, "select": 1 / period}
+        if period < accumulation + 2:
+            raise ValueError(f"reselection_steps: SpIEL-AG needs S >= γ + 2, got S={period}, γ={accumulation}")
+        return {"after-select": 1 / period, "plain": (period - accumulation - 2) / period,
+                "phase": accumulation / period, "select": 1 / period}
     if algorithm == "ma":
-        return {"plain": (period - 1) / period, "select": 1 / period}
+        if period < 2:
+            raise ValueError(f"reselection_steps: SpIEL-MA needs S >= 2 for the benchmark, got {period}")
+        return {"after-select": 1 / period, "plain": (period - 2) / period, "select": 1 / period}
     return {"plain": 1.0}
+
+
+def timed_steps(algorithm: Optional[str], steps: int) -> int:
+    """Timed steps actually run: ``steps``, raised to 4 for SpIEL-AG and 3 for SpIEL-MA so that every
+    step kind of the schedule is measured."""
+    return max(steps, {"ag": 4, "ma": 3}.get(algorithm or "", 1))
 
 
 def driving_schedule(algorithm: Optional[str], options: BenchmarkOptions) -> DrivingSchedule:
     """The compressed schedule that makes the timed window exactly one reselection period (docstring §1)."""
-    S, gamma, n, w = options.reselection_steps, options.selection_accumulation_steps, options.steps, options.warmup_steps
+    S, gamma = options.reselection_steps, options.selection_accumulation_steps
+    n = timed_steps(algorithm, options.steps)
     weights = natural_weights(algorithm, S, gamma)
     if algorithm is None:
-        return DrivingSchedule(None, S, gamma, S, gamma, 0, max(1, w + n), weights)
+        return DrivingSchedule(None, S, gamma, S, gamma, 0, options.warmup_steps + n, weights)
     if n % S == 0:
         period, acc = S, gamma
     else:
         period = n
-        lo, hi = (1, n - 2) if algorithm == "ag" else (0, n - 1)
+        lo, hi = (1, n - 3) if algorithm == "ag" else (0, n - 1)
         acc = min(max(int(round(gamma * n / S)), lo), hi)
     if algorithm == "ag" and gamma == 0:
         acc = 0
-    # c0 + w + n ≡ acc (mod period), and c0 + 1 > acc so the first (p = 1) reselection is in the past.
-    c0 = (acc - w) % period
-    while c0 <= acc:
-        c0 += period
-    total = c0 + w + n + 1000
-    return DrivingSchedule(algorithm, S, gamma, period, acc, c0, total, weights)
+    # entry step t = c0 + 1 ≡ γ_b (mod S_b) reselects; the timed window t = c0 + 2 … c0 + 1 + n is one period.
+    c0 = period + acc - 1
+    return DrivingSchedule(algorithm, S, gamma, period, acc, c0, c0 + 1 + n + 1000, weights)
 
 
 def weighted_step_stats(times: Sequence[float], kinds: Sequence[str], weights: dict[str, float]) -> dict[str, Any]:
@@ -717,14 +731,17 @@ def _build(method: str, base, options: BenchmarkOptions, device: str, size_label
     layers = []
     if spec.family == "spiel":
         layers = [layer for _, layer in model.sparse_layers()]
-    if spec.needs_selector:
-        from spiel.selection import SpielSelector
-
-        driving = model.spiel_config.replace(reselection_steps=schedule.driving_period,
-                                             selection_accumulation_steps=schedule.driving_accumulation)
-        selector = SpielSelector(model, optimizer, total_steps=schedule.total_steps, grad_accumulation_steps=1,
-                                 config=driving, completed_steps=schedule.start_step)
     return _Setup(model=model, optimizer=optimizer, selector=selector, sparse_layers=layers)
+
+
+def _attach_selector(setup: _Setup, schedule: DrivingSchedule) -> None:
+    """Attach a ``spiel.SpielSelector`` on the driving schedule at ``completed_steps = c0``."""
+    from spiel.selection import SpielSelector
+
+    driving = setup.model.spiel_config.replace(reselection_steps=schedule.driving_period,
+                                               selection_accumulation_steps=schedule.driving_accumulation)
+    setup.selector = SpielSelector(setup.model, setup.optimizer, total_steps=schedule.total_steps,
+                                   grad_accumulation_steps=1, config=driving, completed_steps=schedule.start_step)
 
 
 def _adapter_state(setup: _Setup) -> dict[str, int]:
@@ -740,8 +757,9 @@ def _adapter_state(setup: _Setup) -> dict[str, int]:
     return out
 
 
-def _step(setup: _Setup, ids, autocast, sync) -> tuple[dict[str, float], str]:
-    """One training step; returns ({phase: seconds}, kind)."""
+def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = None) -> tuple[dict[str, float], str]:
+    """One training step; returns ({phase: seconds}, kind): "select" (ended with a reselection),
+    "phase" (gradient hooks on), "after-select" (the step after a "select"), else "plain"."""
     import torch
     from torch.profiler import record_function
 
@@ -773,7 +791,12 @@ def _step(setup: _Setup, ids, autocast, sync) -> tuple[dict[str, float], str]:
     sync()
     t4 = time.perf_counter()
     selected = setup.selector is not None and len(setup.selector.history) > history
-    kind = "select" if selected else ("phase" if hooks_on else "plain")
+    if selected:
+        kind = "select"
+    elif hooks_on:
+        kind = "phase"
+    else:
+        kind = "after-select" if previous_kind == "select" else "plain"
     return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "selector": t4 - t3, "total": t4 - t0}, kind
 
 
@@ -939,6 +962,12 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
         scope = measure.reset_peak_memory(device)
         for i in range(options.warmup_steps):
             _step(setup, batches[i % 2], autocast, sync)
+        previous = None
+        if schedule.algorithm is not None:
+            _attach_selector(setup, schedule)
+            _, previous = _step(setup, batches[0], autocast, sync)  # the untimed entry step
+            if previous != "select":
+                raise RuntimeError(f"benchmark schedule: the entry step did not reselect ({asdict(schedule)})")
         times, kinds, phases = [], [], []
         profiler = None
         if options.profile_out:
@@ -948,8 +977,9 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
             profiler = profile(activities=acts, record_shapes=True)
             profiler.__enter__()
         try:
-            for i in range(options.steps):
-                phase, kind = _step(setup, batches[i % 2], autocast, sync)
+            for i in range(timed_steps(schedule.algorithm, options.steps)):
+                phase, kind = _step(setup, batches[i % 2], autocast, sync, previous)
+                previous = kind
                 times.append(phase["total"])
                 kinds.append(kind)
                 phases.append(phase)
@@ -960,7 +990,7 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
         state = _adapter_state(setup)
         stats = weighted_step_stats(times, kinds, schedule.weights)
         record.update(
-            status="ok",
+            status="ok", steps=len(times),
             step_time_mean_s=stats["mean"], step_time_p50_s=stats["p50"],
             tokens_per_s=options.batch_size * options.seq_len / stats["mean"],
             step_time_raw_mean_s=statistics.fmean(times), step_times_s=times, step_kinds=kinds,
@@ -976,6 +1006,8 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
         record["peak_memory_bytes"] = (record["cuda_max_allocated_bytes"] if on_cuda else record["peak_rss_bytes"])
         if setup.selector is not None:
             record["reselections_timed"] = kinds.count("select")
+            record["reselection_history"] = [{k: v for k, v in h.items() if k != "replaced"}
+                                             for h in setup.selector.history]
         if profiler is not None:
             _write_profile(profiler, options.profile_out, size, method, record, on_cuda)
     except Exception as exc:  # recorded, never raised: the sweep goes on

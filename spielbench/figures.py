@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from spielbench.aggregate import (  # noqa: E402
-    FIGURE_FILES, HELDOUT, METHOD_ORDER, RunRecord, _first, _pick_setting, _settings, method_label, pool_scores,
+    FIGURE_FILES, HELDOUT, METHOD_ORDER, BenchPoint, RunRecord, _pick_setting, _settings, method_label, pool_scores,
     task_label,
 )
 
@@ -108,8 +108,9 @@ def _metrics_of(records: list[RunRecord], tasks: list[str] | None) -> list[str]:
 def plot_budget_sweep(records: list[RunRecord], path: str | Path, tasks: list[str] | None = None) -> Path:
     """Accuracy per task and held-out loss vs trainable parameters (log x), one line per method.
 
-    Error bars: ± one standard error (pooled over seeds). The base model is a dashed black line. Methods
-    with one budget (full FT, (IA)3) are single points; 4-bit methods are dashed.
+    Error bars: ± one standard error (pooled over seeds). The base model is a dotted black line. Methods
+    with one budget (full FT, (IA)3) are single points; 4-bit methods are dashed. Methods are shifted by a
+    few percent along x so that matched budgets do not hide each other.
     """
     metrics = _metrics_of(records, tasks)
     if not any(r.target != "base" and r.trainable_params for r in records):
@@ -122,8 +123,11 @@ def plot_budget_sweep(records: list[RunRecord], path: str | Path, tasks: list[st
     for ax, metric in zip(axes.flat, metrics):
         pct = metric != HELDOUT
         scale = 100.0 if pct else 1.0
-        for method, pts in sweep_points(records, metric).items():
-            xs = [p[0] for p in pts]
+        sweeps = sweep_points(records, metric)
+        for i, (method, pts) in enumerate(sweeps.items()):
+            # a small multiplicative offset per method keeps equal budgets (matched ranks) readable
+            shift = 10 ** (0.025 * (i - (len(sweeps) - 1) / 2))
+            xs = [p[0] * shift for p in pts]
             ys = [p[1] * scale for p in pts]
             es = [(p[2] or 0.0) * scale for p in pts]
             ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, color=_color(method), ls=_style(method),
@@ -162,7 +166,8 @@ def plot_efficiency_runs(records: list[RunRecord], path: str | Path) -> Path:
     panels = [("mean step time (s)", [r.step_time_mean_s for r in runs]),
               (f"peak memory (GiB, {runs[0].peak_memory_kind or 'n/a'})",
                [(r.peak_memory_bytes or 0) / 2**30 for r in runs]),
-              ("trainable + grad + optimizer state (MiB)", [(r.state_bytes or 0) / 2**20 for r in runs])]
+              ("trainable + grad + optimizer state (MiB, log)",
+               [r.state_bytes / 2**20 if r.state_bytes else float("nan") for r in runs])]
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.35 * len(runs) + 1.8), sharey=True)
     for ax, (title, vals) in zip(axes, panels):
         ax.barh(range(len(runs)), vals, color=colors)
@@ -170,29 +175,25 @@ def plot_efficiency_runs(records: list[RunRecord], path: str | Path) -> Path:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(runs)), names, fontsize=8)
     axes[0].invert_yaxis()
-    axes[2].set_xscale("symlog", linthresh=1.0)
+    axes[2].set_xscale("log")
     fig.suptitle("Training cost per run (this pipeline's runs)")
     fig.tight_layout()
     return _save(fig, path)
 
 
-def _bench_size_x(benchmarks: list[dict]) -> tuple[dict[str, float], bool]:
-    """x position of each model size: its parameter count when every file gives one, else its rank order."""
-    sizes = list(dict.fromkeys(b["size"] for b in benchmarks))
-    params = {}
-    for b in benchmarks:
-        p = _first(b, "model_params", "total_params", "budget.total_params")
-        if p:
-            params[b["size"]] = float(p)
+def _bench_size_x(benchmarks: list[BenchPoint]) -> tuple[dict[str, float], bool]:
+    """x position of each model size: its parameter count when every size has one, else its rank order."""
+    sizes = list(dict.fromkeys(b.size for b in benchmarks))
+    params = {b.size: float(b.model_params) for b in benchmarks if b.model_params}
     if len(params) == len(sizes):
         return params, True
     return {s: float(i) for i, s in enumerate(sizes)}, False
 
 
-def plot_benchmark_scaling(benchmarks: list[dict], path: str | Path) -> Path:
+def plot_benchmark_scaling(benchmarks: list[BenchPoint], path: str | Path) -> Path:
     """Peak memory [GiB] and mean step time [s] vs model size, one line per method (benchmark results).
 
-    Points whose status is not "ok" (e.g. "oom") are marked with a cross at the bottom of the panel.
+    Points that did not complete (status "oom", "unsupported", ...) are marked with a cross on the x axis.
     """
     if not benchmarks:
         return note_figure(path, "Peak memory and step time vs model size",
@@ -200,21 +201,21 @@ def plot_benchmark_scaling(benchmarks: list[dict], path: str | Path) -> Path:
                            "run the pipeline's benchmark rule to fill this figure.")
     xpos, numeric = _bench_size_x(benchmarks)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    methods = sorted({b["method"] for b in benchmarks}, key=_method_sort)
+    methods = sorted({b.method for b in benchmarks}, key=_method_sort)
+    kinds = sorted({b.peak_memory_kind for b in benchmarks if b.peak_memory_kind})
     for method in methods:
-        pts = sorted((xpos[b["size"]], b) for b in benchmarks if b["method"] == method)
-        ok = [(x, b) for x, b in pts if b.get("status", "ok") == "ok"]
-        bad = [x for x, b in pts if b.get("status", "ok") != "ok"]
-        for ax, getter, scale in ((axes[0], lambda b: _first(b, "memory.cuda_max_allocated_bytes",
-                                                             "peak_memory_bytes", "memory.peak_rss_bytes"), 2**30),
-                                  (axes[1], lambda b: _first(b, "step_time_mean_s"), 1.0)):
-            xy = [(x, getter(b) / scale) for x, b in ok if getter(b) is not None]
-            if xy:
-                ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", color=_color(method),
+        pts = sorted(((xpos[b.size], b) for b in benchmarks if b.method == method), key=lambda p: p[0])
+        bad = [x for x, b in pts if not b.ok]
+        for ax, values in ((axes[0], [(x, b.peak_memory_bytes / 2**30) for x, b in pts
+                                      if b.ok and b.peak_memory_bytes is not None]),
+                           (axes[1], [(x, b.step_time_mean_s) for x, b in pts
+                                      if b.ok and b.step_time_mean_s is not None])):
+            if values:
+                ax.plot([v[0] for v in values], [v[1] for v in values], marker="o", color=_color(method),
                         ls=_style(method), label=method_label(method))
             if bad:
-                ax.scatter(bad, [0] * len(bad), marker="x", color=_color(method))
-    for ax, ylabel in zip(axes, ("peak memory (GiB)", "mean step time (s)")):
+                ax.scatter(bad, [0] * len(bad), marker="x", color=_color(method), zorder=3)
+    for ax, ylabel in zip(axes, (f"peak memory (GiB, {', '.join(kinds) or 'n/a'})", "mean step time (s)")):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if numeric:
@@ -295,7 +296,7 @@ def plot_spiel_dynamics(records: list[RunRecord], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def draw_all(records: list[RunRecord], benchmarks: list[dict], out_dir: str | Path,
+def draw_all(records: list[RunRecord], benchmarks: list[BenchPoint], out_dir: str | Path,
              tasks: list[str] | None = None) -> list[Path]:
     """Write every figure of :data:`FIGURE_FILES` (``aggregate.FIGURE_FILES``) into ``out_dir``; returns the paths."""
     out = Path(out_dir)

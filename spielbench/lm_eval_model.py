@@ -40,7 +40,7 @@ class SpielLM(HFLM):
         adapter: adapter folder (SpIEL ``adapter_config.json`` with ``peft_type: SPIEL``, a peft
             adapter, or a full model folder), or None for the base model alone.
         method: method name (``spielbench.methods.METHODS``), default from ``<adapter>/method.json``.
-        device: "cpu" or "cuda[:i]".
+        device: "cpu" or "cuda[:i]" ("cuda" falls back to "cpu" when no GPU is available, as in HFLM).
         **kwargs: passed to ``HFLM`` (``batch_size``, ``max_length``, ...); ``tokenizer`` and
             ``dtype`` are ignored (the base folder's tokenizer is used; weights are float32 or NF4).
 
@@ -57,8 +57,12 @@ class SpielLM(HFLM):
 
         kwargs.pop("tokenizer", None)
         kwargs.pop("dtype", None)
+        import torch
+
         device = device or "cpu"
-        if device == "cuda":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval's command line asks for "cuda" by default; HFLM falls back the same way
+        elif device == "cuda":
             device = "cuda:0"
         model, tokenizer, info = load_for_eval(pretrained, adapter or None, method=method, device=device)
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import random
+import statistics
 import zlib
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def fake_metrics(run_id: str, method: str, rank: int | None, *, steps: int = 40,
     history = [{"step": 2 + 8 * i, "rate": 1.0 if i == 0 else 0.2 * (1 - (2 + 8 * i) / steps),
                 "num_requested": n, "num_replaced": n if i == 0 else int(n * 0.2 * (1 - (2 + 8 * i) / steps)),
                 "replaced": {"model.layers.0.self_attn.q_proj": 1}, "num_active": n,
-                "overlap_initial": 0.0 if i == 0 else 0.1 * i} for i in range(reselections)]
+                "overlap_initial": 0.0 if i == 0 else 0.1 * i} for i in range(reselections) if 2 + 8 * i < steps]
     return {
         "run_id": run_id, "method": method, "family": method, "quantized": method.startswith("q"),
         "model": "resources/models/fake",
@@ -123,6 +124,27 @@ def run_cfg(method: str, rank: int | None = None, **kw) -> dict:
     return cfg
 
 
+def fake_benchmark(size: str, method: str, model_params: int, step_time: float | None, peak_gib: float | None,
+                   trainable: int, status: str = "ok", rank: int | None = 16) -> dict:
+    """A benchmark JSON object as ``spielbench.benchmark`` writes it (its stable fields)."""
+    ok = status == "ok"
+    return {"size": size, "method": method, "status": status, "detail": None if ok else f"{status} (predicted)",
+            "oom_kind": None if ok else "predicted", "step_time_mean_s": step_time if ok else None,
+            "step_time_p50_s": step_time if ok else None, "tokens_per_s": 256 / step_time if ok else None,
+            "peak_memory_bytes": int(peak_gib * 2**30) if ok else None,
+            "peak_rss_bytes": int(peak_gib * 2**30) if ok else None, "cuda_max_allocated_bytes": None,
+            "cuda_max_reserved_bytes": None, "trainable_params": trainable,
+            "adapter_state_bytes": 16 * trainable if ok else None, "n_params_model": model_params, "device": "cpu",
+            "batch_size": 2, "seq_len": 128, "steps": 3, "warmup_steps": 1, "rank": rank}
+
+
+#: (size, model params, method, step time, peak GiB, trainable params) of the fixture's benchmark; "l"/full is OOM.
+DEFAULT_BENCH = [(size, p, m, t * k, mem * k, n * k)
+                 for size, p, k in (("s", 10**8, 1), ("l", 10**9, 3))
+                 for m, t, mem, n in (("floor", 1.0, 2.0, 0), ("lora", 1.2, 2.1, 10**6), ("spiel-ag", 1.3, 2.2, 10**6),
+                                      ("spiel-ma", 1.3, 2.15, 10**6), ("full", 2.0, 4.0, 10**8))]
+
+
 #: (method, rank, accuracy on task_a, held-out loss, step time, peak RSS GiB) of the default fixture.
 DEFAULT_RUNS = [
     ("lora", 4, 0.60, 2.60, 1.00, 3.00), ("lora", 16, 0.62, 2.55, 1.05, 3.05),
@@ -158,8 +180,14 @@ def pipeline_dir(tmp_path_factory):
 def aggregated(pipeline_dir):
     root, runs_dir, runs = pipeline_dir
     results = root / "results"
-    written = agg.aggregate(runs_dir, runs, results, "FakeLM-1M", "fake-mixture",
-                            tasks=["task_a", "task_b", "bbh"], root=root)
+    bench_dir = root / "benchmark"
+    bench_dir.mkdir()
+    for size, p, m, t, mem, n in DEFAULT_BENCH:
+        status = "oom" if (size, m) == ("l", "full") else "ok"
+        rank = 16 if m in ("lora", "spiel-ag", "spiel-ma") else None
+        (bench_dir / f"{size}__{m}.json").write_text(json.dumps(fake_benchmark(size, m, p, t, mem, n, status, rank)))
+    written = agg.aggregate(runs_dir, runs, results, "FakeLM-1M", "fake-mixture", tasks=["task_a", "task_b", "bbh"],
+                            benchmark_files=sorted(bench_dir.glob("*.json")), root=root)
     return results, written, runs
 
 
@@ -225,8 +253,14 @@ def test_quantized_table_pairs_4bit_runs_with_fp32_at_same_rank(aggregated):
 def test_efficiency_table_ratios_to_lora_same_rank(aggregated):
     results, _, runs = aggregated
     with open(results / "tables" / "efficiency.csv", newline="") as fh:
-        rows = {r["run"]: r for r in csv.DictReader(fh)}
+        all_rows = list(csv.DictReader(fh))
+    rows = {r["run"]: r for r in all_rows if r["source"] == "run"}
     assert set(rows) == set(runs)
+    bench = {(r["model"], r["method"]): r for r in all_rows if r["source"] == "benchmark"}
+    assert len(bench) == len(DEFAULT_BENCH)
+    assert float(bench[("s", "spiel-ag")]["step_time_vs_lora"]) == pytest.approx(1.3 / 1.2)
+    assert float(bench[("l", "spiel-ag")]["peak_memory_vs_floor"]) == pytest.approx(2.2 / 2.0)
+    assert bench[("l", "full")]["status"] == "oom" and bench[("l", "full")]["step_time_mean_s"] == ""
     assert float(rows["spiel-ag-r16"]["step_time_vs_lora"]) == pytest.approx(1.15 / 1.05)
     assert float(rows["spiel-ag-r4"]["step_time_vs_lora"]) == pytest.approx(1.10 / 1.00)
     # state bytes: 24 B/param (AG) vs 16 B/param (LoRA)
@@ -234,7 +268,7 @@ def test_efficiency_table_ratios_to_lora_same_rank(aggregated):
     assert float(rows["qspiel-ag-r16"]["step_time_vs_lora"]) == pytest.approx(2.6 / 2.5)  # vs qLoRA
     assert rows["ia3"]["step_time_vs_lora"] == ""  # no rank: no LoRA reference
     md = (results / "tables" / "efficiency.md").read_text()
-    assert "No efficiency benchmark results" in md
+    assert "## benchmark · l" in md and "| OOM " in md
 
 
 def test_raw_copies_and_index_have_no_absolute_paths(aggregated):
@@ -256,7 +290,8 @@ def test_load_results_dir_roundtrip(aggregated):
     r = next(x for x in records if x.target == "spiel-ag-r16")
     assert r.trainable_params == 160_000 and r.rank == 16 and r.scores["task_a"].value == pytest.approx(0.64)
     assert len(r.reselections) == 4 and r.reselections[0].share_replaced == pytest.approx(1.0)
-    assert benchmarks == []
+    assert len(benchmarks) == len(DEFAULT_BENCH)  # copied into results/benchmark/ too
+    assert agg.results_tasks(results) == ["task_a", "task_b", "bbh"]
 
 
 def test_missing_and_malformed_inputs_name_the_file(tmp_path):
@@ -382,22 +417,51 @@ def test_runtime_and_memory_claims_follow_thresholds():
 
 def test_memory_scaling_from_runs_and_benchmark():
     recs = _records([("spiel-ag", 4, 1, 0.6, 0.01, 2.5, 0.01), ("spiel-ag", 16, 1, 0.6, 0.01, 2.5, 0.01)])
-    gib = 2**30
-    bench = [
-        {"size": "s", "method": "floor", "model_params": 1e8, "memory": {"peak_rss_bytes": 2 * gib}},
-        {"size": "s", "method": "spiel-ag", "model_params": 1e8, "trainable_params": 1e6,
-         "memory": {"peak_rss_bytes": 2 * gib + 100 * 2**20}},
-        {"size": "l", "method": "floor", "model_params": 1e9, "memory": {"peak_rss_bytes": 10 * gib}},
-        {"size": "l", "method": "spiel-ag", "model_params": 1e9, "trainable_params": 3e6,
-         "memory": {"peak_rss_bytes": 10 * gib + 330 * 2**20}},
-    ]
-    bench = [dict(b, status="ok", _file=f"{b['size']}__{b['method']}.json") for b in bench]
+    alone = _claim(agg.evaluate_claims(recs), "memory-scaling")
+    run_cmp = next(x for x in alone.comparisons if "budgets" in x.label)
+    assert run_cmp.diff == pytest.approx(1.0) and run_cmp.outcome == "not counted"
+    assert alone.verdict == agg.NOT_MEASURED and "needs the efficiency benchmark" in alone.notes[0]
+    gib = 1.0
+    bench = [agg.parse_benchmark(fake_benchmark(*args), "x.json") for args in (
+        ("s", 10**8, "floor", 1.0, 2 * gib, 0, "ok", None), ("s", 10**8, "spiel-ag", 1.0, 2 * gib + 0.1, 10**6),
+        ("l", 10**9, "floor", 1.0, 10 * gib, 0, "ok", None), ("l", 10**9, "spiel-ag", 1.0, 10 * gib + 0.33, 3 * 10**6))]
     c = _claim(agg.evaluate_claims(recs, bench), "memory-scaling")
-    run_cmp = next(x for x in c.comparisons if "budgets" in x.label)
-    assert run_cmp.diff == pytest.approx(1.0) and run_cmp.outcome == "supports"
+    assert next(x for x in c.comparisons if "budgets" in x.label).outcome == "supports"
     b_cmp = next(x for x in c.comparisons if x.label.startswith("benchmark"))
-    assert b_cmp.diff == pytest.approx(3.3) and b_cmp.outcome == "supports"  # ×3.3 overhead: near ×3 params
+    assert b_cmp.diff == pytest.approx(3.3, rel=1e-6) and b_cmp.outcome == "supports"  # ×3.3: near ×3 params
     assert c.verdict == agg.REPRODUCED
+    # overhead growing like the model (×10) contradicts the claim
+    bench[3] = agg.parse_benchmark(fake_benchmark("l", 10**9, "spiel-ag", 1.0, 11.0, 3 * 10**6), "x.json")
+    c = _claim(agg.evaluate_claims(recs, bench), "memory-scaling")
+    assert next(x for x in c.comparisons if x.label.startswith("benchmark")).outcome == "contradicts"
+    assert c.verdict == agg.MIXED
+
+
+def test_parse_benchmark_rejects_malformed():
+    with pytest.raises(InputError, match=r"s__lora.json: status: expected a string"):
+        agg.parse_benchmark({"size": "s", "method": "lora"}, "s__lora.json")
+    with pytest.raises(InputError, match=r"s__lora.json: step_time_mean_s: expected a number"):
+        agg.parse_benchmark({"size": "s", "method": "lora", "status": "ok", "step_time_mean_s": "1s"}, "s__lora.json")
+
+
+def test_ratio_and_paired_stderr():
+    # ratio estimator: y = (2, 4, 6), t = (1, 2, 2) -> L = 12/5; residuals (-0.4, -0.8, 1.2)
+    expect = math.sqrt(3 / 2 * (0.16 + 0.64 + 1.44)) / 5
+    assert agg.ratio_stderr([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == pytest.approx(expect)
+    assert agg.ratio_stderr([2.0], [1.0]) is None
+    a = agg.Score(0.75, 0.2, 4, items=[1.0, 1.0, 0.0, 1.0], item_ids=[0, 1, 2, 3])
+    b = agg.Score(0.50, 0.2, 4, items=[1.0, 0.0, 0.0, 1.0], item_ids=[0, 1, 2, 3])
+    assert agg.paired_stderr(a, b) == pytest.approx(statistics.stdev([0, 1, 0, 0]) / 2)
+    assert agg.paired_stderr(a, agg.Score(0.5, 0.2, 4, items=[1.0, 0.0, 0.0, 1.0], item_ids=[9, 1, 2, 3])) is None
+    assert agg.paired_stderr(a, agg.Score(0.5, 0.2, 4)) is None
+
+
+def test_heldout_without_noise_estimate_is_shown_not_counted():
+    recs = _records([("spiel-ag", 16, 1, 0.62, 0.03, 2.40, None), ("lora", 16, 1, 0.60, 0.03, 2.60, None)])
+    c = _claim(agg.evaluate_claims(recs), "ag-vs-lora")
+    loss = next(x for x in c.comparisons if x.metric == agg.HELDOUT)
+    assert loss.stderr is None and loss.outcome == "not counted"
+    assert c.verdict == agg.INCONCLUSIVE  # the accuracy comparison alone is within noise
 
 
 def test_quantized_and_checkpointing_claims():
@@ -427,24 +491,21 @@ def test_claims_markdown_lists_every_claim_with_rules(aggregated):
 # ------------------------------------------------------------------------------------------ figures
 
 
-def test_figures_are_written_from_fixture_records(aggregated, tmp_path):
+def test_figure_data_and_note_figures(aggregated, tmp_path):
     from spielbench import figures
 
     results, _, _ = aggregated
     records, benchmarks = agg.load_results_dir(results)
-    bench = [{"size": s, "method": m, "status": "ok" if (s, m) != ("l", "full") else "oom", "_file": "x",
-              "model_params": p, "step_time_mean_s": t, "memory": {"peak_rss_bytes": int(mem * 2**30)}}
-             for s, p in (("s", 1e8), ("l", 1e9)) for m, t, mem in (("floor", 1, 2), ("lora", 1.2, 2.2),
-                                                                     ("spiel-ag", 1.3, 2.3), ("full", 2, 4))]
-    paths = figures.draw_all(records, bench, tmp_path, tasks=["task_a", "task_b"])
-    assert [p.name for p in paths] == list(figures.FIGURE_FILES)
-    for p in paths:
-        assert p.stat().st_size > 5000, p
     pts = figures.sweep_points(records, "task_a")
     assert pts["spiel-ag"] == [(40_000, pytest.approx(0.61), pytest.approx(0.028)),
                                (160_000, pytest.approx(0.64), pytest.approx(0.028))]
-    note = figures.plot_benchmark_scaling([], tmp_path / "none.png")
-    assert note.stat().st_size > 1000
+    assert list(pts)[:3] == ["lora", "ia3", "spiel-ag"]
+    assert figures.sweep_points(records, agg.HELDOUT)["full"] == [(TOTAL, pytest.approx(2.48), pytest.approx(0.01))]
+    xs, numeric = figures._bench_size_x(benchmarks)
+    assert numeric and xs == {"l": 1e9, "s": 1e8}
+    for path in (figures.plot_benchmark_scaling([], tmp_path / "a.png"),
+                 figures.plot_spiel_dynamics([r for r in records if not r.reselections], tmp_path / "b.png")):
+        assert path.stat().st_size > 1000
 
 
 # ------------------------------------------------------------------------------------------ notebook
@@ -471,7 +532,6 @@ def test_notebook_parameters_injection():
 
 def test_figures_notebook_executes_on_fixture_results(aggregated, tmp_path):
     """The real analysis/figures.ipynb, executed in a kernel on the fixture's results folder."""
-    from spielbench import figures
     from spielbench.notebook import execute_notebook
 
     results, _, _ = aggregated
@@ -479,8 +539,8 @@ def test_figures_notebook_executes_on_fixture_results(aggregated, tmp_path):
     fig_dir = tmp_path / "figs"
     execute_notebook(REPO / "analysis" / "figures.ipynb", out,
                      {"results_dir": str(results), "figures_dir": str(fig_dir)}, cwd=REPO, timeout=120)
-    for name in figures.FIGURE_FILES:
-        assert (fig_dir / name).stat().st_size > 1000
+    for name in agg.FIGURE_FILES:  # every figure has data in the fixture (benchmark included): none is a note
+        assert (fig_dir / name).stat().st_size > 20_000, name
     import nbformat
 
     nb = nbformat.read(out, as_version=4)

@@ -153,3 +153,18 @@ def test_compute_num_deltas_follows_spec_formula(budget):
 def test_budget_larger_than_targets_names_module():
     with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj"):
         compute_num_deltas(make_tiny_llama(), SpielConfig(density=1.0))
+
+
+@pytest.mark.slow
+def test_real_smollm2_lora_r16_budget(real_model):
+    """On SmolLM2-135M the LoRA-r16 equivalent is the 4,884,480 trainable parameters peft LoRA r16 has on
+    the 7 projections, and the per-matrix allocation uses all of it (the model is not modified)."""
+    modules = find_target_modules(real_model)
+    assert len(modules) == 7 * real_model.config.num_hidden_layers
+    assert lora_equivalent_budget(modules, 16) == 4_884_480
+    num_deltas = compute_num_deltas(real_model, SpielConfig(lora_rank_equivalent=16))
+    assert sum(num_deltas.values()) == 4_884_480
+    assert num_deltas["model.layers.0.self_attn.q_proj"] == 15_264
+    assert num_deltas["model.layers.29.mlp.down_proj"] == 40_704
+    density = compute_num_deltas(real_model, SpielConfig(density=0.01))
+    assert sum(density.values()) <= int(count_parameters(real_model) * 0.01)
