@@ -52,11 +52,39 @@ def _check_hyper(lr: float, eps: float, weight_decay: float) -> None:
         raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
 
 
+def _log(beta: float) -> float:
+    """ln β, with ln 0 = −inf so that exp(age·ln 0) = 0 for every age > 0."""
+    return math.log(beta) if beta > 0.0 else float("-inf")
+
+
 def _dense_grad(p: torch.Tensor, name: str) -> torch.Tensor:
     grad = p.grad
     if grad.is_sparse:
         raise ValueError(f"{name}: sparse gradients are not supported (parameter shape {tuple(p.shape)})")
     return grad
+
+
+class _Scratch:
+    """Reusable flat work buffers (one set per device and dtype), grown on demand, never in the state.
+
+    The update rules are written with in-place and ``out=`` operations on these buffers: allocating
+    fresh k-sized temporaries for every tensor at every step costs far more than the arithmetic on
+    CPU (page faults), e.g. 0.9 s instead of ~0.05 s per step for 4.9M entries in 210 tensors.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, tag: str, n: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (tag, like.device, dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf[:n]
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 class _FP32StateMixin:
@@ -117,6 +145,7 @@ class SparseAdamW(_FP32StateMixin, Optimizer):
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._scratch = _Scratch()
 
     # -- state helpers -------------------------------------------------------------------------
     def state_for(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -124,9 +153,9 @@ class SparseAdamW(_FP32StateMixin, Optimizer):
         created with age 1 and zero moments if ``p`` has none yet."""
         state = self.state[p]
         if not state:
-            state["age"] = torch.ones_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["age"] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         return state
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
@@ -200,20 +229,26 @@ class SparseAdamW(_FP32StateMixin, Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = _dense_grad(p, "SparseAdamW").float()
+                g = _dense_grad(p, "SparseAdamW").float().reshape(-1)
                 state = self.state_for(p)
-                age, m, v = state["age"], state["exp_avg"], state["exp_avg_sq"]
+                age, m, v = (state[key].view(-1) for key in ("age", "exp_avg", "exp_avg_sq"))
+                n = g.numel()
                 m.mul_(beta1).add_(g, alpha=1.0 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                bias1 = 1.0 - torch.pow(beta1, age)
-                bias2_sqrt = (1.0 - torch.pow(beta2, age)).sqrt_()
-                denom = v.sqrt().add_(eps).mul_(bias1).div_(bias2_sqrt)
-                p32 = p if p.dtype == torch.float32 else p.float()
-                p32.addcdiv_(m, denom, value=-lr)
+                # step = m · sqrt(1 − β2^age) / ((1 − β1^age) · (sqrt(v) + eps)), i.e. m / denom of §3.3
+                # β^age as exp(age·ln β): one vectorised transcendental instead of pow's two
+                step = torch.mul(age, _log(beta2), out=self._scratch.get("a", n, g, torch.float32)).exp_()
+                step.neg_().add_(1.0).sqrt_()
+                bias1 = torch.mul(age, _log(beta1), out=self._scratch.get("b", n, g, torch.float32)).exp_()
+                step.div_(bias1.neg_().add_(1.0)).mul_(m)
+                step.div_(torch.sqrt(v, out=bias1).add_(eps))
+                direct = p.dtype == torch.float32 and p.is_contiguous()
+                p32 = p.view(-1) if direct else p.detach().float().reshape(-1)
+                p32.add_(step, alpha=-lr)
                 if wd != 0.0:
                     p32.add_(p32, alpha=-lr * wd)
-                if p32 is not p:
-                    p.copy_(p32)
+                if not direct:
+                    p.copy_(p32.view(p.shape))
                 age.add_(1.0)
         return loss
 
@@ -267,6 +302,7 @@ class SM3(_FP32StateMixin, Optimizer):
         super().__init__(
             params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, row_cover_only=row_cover_only)
         )
+        self._scratch = _Scratch()
         layers = list(sparse_layers.values()) if isinstance(sparse_layers, Mapping) else list(sparse_layers)
         self._layer_of: dict[int, SparseDeltaLike] = {id(layer.values): layer for layer in layers}
         for group in self.param_groups:
@@ -325,32 +361,38 @@ class SM3(_FP32StateMixin, Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = _dense_grad(p, "SM3").float()
+                g = _dense_grad(p, "SM3").float().reshape(-1)
                 layer = self.layer_of(p)
                 state = self.state_for(p)
-                idx = layer.indices.to(torch.int64)
-                rows = torch.div(idx, layer.in_features, rounding_mode="floor")
+                n = g.numel()
+                scratch = self._scratch
+                idx = scratch.get("idx", n, g, torch.int64).copy_(layer.indices.view(-1))
+                rows = torch.div(idx, layer.in_features, rounding_mode="floor",
+                                 out=scratch.get("rows", n, g, torch.int64))
                 row_acc, col_acc = state["row_accumulator"], state["col_accumulator"]
-                if row_only:
-                    nu = row_acc[rows].addcmul_(g, g)
-                else:
-                    cols = idx - rows * layer.in_features
-                    nu = torch.minimum(row_acc[rows], col_acc[cols]).addcmul_(g, g)
+                nu = torch.index_select(row_acc, 0, rows, out=scratch.get("nu", n, g, torch.float32))
+                if not row_only:
+                    cols = idx.sub_(rows, alpha=layer.in_features)
+                    col_vals = torch.index_select(col_acc, 0, cols, out=scratch.get("tmp", n, g, torch.float32))
+                    torch.minimum(nu, col_vals, out=nu)
+                nu.addcmul_(g, g)
+                if not row_only:
                     col_acc.scatter_reduce_(0, cols, nu, reduce="amax", include_self=True)
                 row_acc.scatter_reduce_(0, rows, nu, reduce="amax", include_self=True)
-                update = g / nu.add_(eps).sqrt_()
+                update = torch.div(g, nu.add_(eps).sqrt_(), out=scratch.get("tmp", n, g, torch.float32))
                 if mu > 0.0:
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        buf = state["momentum_buffer"] = torch.zeros_like(update)
+                        buf = state["momentum_buffer"] = torch.zeros(n, dtype=torch.float32, device=g.device)
                     update.mul_(1.0 - mu).add_(buf, alpha=mu)
                     buf.copy_(update)
-                p32 = p if p.dtype == torch.float32 else p.float()
+                direct = p.dtype == torch.float32 and p.is_contiguous()
+                p32 = p.view(-1) if direct else p.detach().float().reshape(-1)
                 p32.add_(update, alpha=-lr)
                 if wd != 0.0:
                     p32.add_(p32, alpha=-lr * wd)
-                if p32 is not p:
-                    p.copy_(p32)
+                if not direct:
+                    p.copy_(p32.view(p.shape))
                 state["step"] += 1
         return loss
 

@@ -1,9 +1,10 @@
 """Aggregation: the per-run JSON files of a pipeline run -> tables, claims with verdicts, raw copies.
 
 Inputs (docs/DESIGN.md): ``<runs_dir>/<run_id>/metrics.json`` (one per training run, written by
-``spielbench.measure``), ``<runs_dir>/<target>/eval.json`` (one per evaluated model, ``target`` = ``base``
-or a run id, written by ``spielbench.evaluate``), optionally ``results/benchmark/<size>__<method>.json``
-(the efficiency benchmark), and the resolved run table of the config (``spielbench.pipeline``).
+``spielbench.train`` with ``spielbench.measure``), ``<runs_dir>/<target>/eval.json`` (one per evaluated
+model, ``target`` = ``base`` or a run id, written by ``spielbench.evaluate``), optionally
+``results/benchmark/<size>__<method>.json`` (the efficiency benchmark, ``spielbench.benchmark``), and the
+resolved run table of the config (``spielbench.pipeline``).
 
 Outputs (under ``results_dir``):
 
@@ -18,7 +19,7 @@ Outputs (under ``results_dir``):
   that a reader (and ``analysis/figures.ipynb``) needs nothing but ``results/``.
 
 All numbers come from the input files; no paper number appears anywhere (SPIEL_SPEC.md §9: the paper's
-tables are not available; the claims are its qualitative statements).
+tables are not available; the claims are its qualitative statements). Verdict rules: :data:`VERDICT_RULES`.
 
 Command line::
 
@@ -82,7 +83,8 @@ TASK_LABELS = {
 HELDOUT = "heldout_loss"
 
 #: Keys of a run config that do not define the experimental setting (seed groups ignore them).
-_NON_SETTING_KEYS = {"run_id", "id", "seed", "model", "train_data", "heldout_data", "device", "save_steps"}
+_NON_SETTING_KEYS = {"run_id", "id", "seed", "model", "train_data", "heldout_data", "device", "save_steps",
+                     "resumed_from_step"}
 #: Keys of a run config that look like local paths (never copied into results/, see runs/index.json).
 _PATH_KEYS = {"model", "train_data", "heldout_data"}
 
@@ -236,24 +238,18 @@ class RunRecord:
         return self.method in QUANTIZED_COUNTERPART
 
     @property
-    def label(self) -> str:
-        """Display name: method and budget, e.g. ``LoRA r=16`` (the run id tells seeds apart)."""
-        parts = [method_label(self.method)]
-        if self.rank is not None:
-            parts.append(f"r={self.rank}")
-        elif self.density is not None:
-            parts.append(f"d={self.density:.3g}")
-        return " ".join(parts)
-
-    @property
     def setting(self) -> str:
         """Identifies the experimental setting: the run config minus seed, id and paths.
 
         Runs that differ only by seed share a setting and are pooled (mean and seed spread).
         """
         if self.target == "base":
-            return f"base|{self.model_name}"
-        cfg = {k: v for k, v in self.config.items() if k not in _NON_SETTING_KEYS and not k.startswith("_")}
+            return f"base|{self.model_name}|{self.data_name}"
+        source = self.config
+        if not source and self.metrics:  # no run config (e.g. a lone metrics.json): what the run recorded
+            source = {"method": self.method, "rank": self.rank, "density": self.density,
+                      **(self.metrics.get("training") or {})}
+        cfg = {k: v for k, v in source.items() if k not in _NON_SETTING_KEYS and not k.startswith("_")}
         return json.dumps({"model_name": self.model_name, "data_name": self.data_name, **cfg},
                           sort_keys=True, default=str)
 
@@ -310,12 +306,23 @@ def _num_list(value, where: str) -> list[float] | None:
     return [float(x) for x in value]
 
 
+def proportion_stderr_floor(value: float, n: int) -> float:
+    """Standard error of a proportion measured as exactly 0 or 1 on ``n`` items (binomial, p clipped).
+
+    lm-eval reports ``sqrt(p(1-p)/n) = 0`` when every item is right (or wrong), which would make any
+    difference look certain; here p is clipped to ``[0.5/n, 1 − 0.5/n]`` first.
+    """
+    p = min(max(value, 0.5 / n), 1.0 - 0.5 / n)
+    return math.sqrt(p * (1.0 - p) / n)
+
+
 def parse_score(raw, where: str, metric: str = "") -> Score:
     """A :class:`Score` from a number or a task entry of eval.json.
 
     A task entry is ``{"metric", "value", "stderr", "n", ...}`` or ``{"skipped": true, "note": str}``
     (``spielbench.evaluate``); optional ``item_scores`` (per-item values) and ``doc_ids`` enable paired
-    comparisons. NaN counts as missing.
+    comparisons. NaN counts as missing. A stderr of exactly 0 for a score in [0, 1] over ``n`` items is
+    replaced by :func:`proportion_stderr_floor`.
 
     Raises:
         InputError: ``raw`` is neither a number nor an object, or a field has the wrong type (``where``
@@ -329,14 +336,19 @@ def parse_score(raw, where: str, metric: str = "") -> Score:
         raise InputError(f"{where}: expected a number or an object with 'value', got {raw!r}")
     value = _num(raw.get("value"), f"{where}.value")
     stderr = _num(raw.get("stderr"), f"{where}.stderr")
+    n = _num(raw.get("n"), f"{where}.n", int)
     note = None
     if value is None or math.isnan(value):
         value = None
         note = str(raw.get("note") or ("skipped" if raw.get("skipped") else "no value"))
+    if stderr is not None and math.isnan(stderr):
+        stderr = None
+    if stderr == 0.0 and value is not None and n and 0.0 <= value <= 1.0:
+        stderr = proportion_stderr_floor(value, n)
     return Score(
         value=value,
-        stderr=None if stderr is None or math.isnan(stderr) else stderr,
-        n=_num(raw.get("n"), f"{where}.n", int),
+        stderr=stderr,
+        n=n,
         metric=str(raw.get("metric") or metric),
         note=note,
         items=_num_list(raw.get("item_scores"), f"{where}.item_scores"),
@@ -635,6 +647,7 @@ def _write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -826,7 +839,8 @@ def efficiency_table(records: list[RunRecord], benchmarks: list[BenchPoint] | No
     for r in runs:
         ref = lora_of(r)
         d = {"source": "run", "model": r.model_name, "method": r.method, "run": r.target, "rank": r.rank,
-             "trainable_params": r.trainable_params, "steps": r.steps, "gradient_checkpointing": r.gradient_checkpointing,
+             "trainable_params": r.trainable_params, "steps": r.steps,
+             "gradient_checkpointing": r.gradient_checkpointing,
              "step_time_mean_s": r.step_time_mean_s, "step_time_p50_s": r.step_time_p50_s,
              "tokens_per_s": r.tokens_per_s, "peak_memory_bytes": r.peak_memory_bytes,
              "peak_memory_kind": r.peak_memory_kind, "state_bytes": r.state_bytes,
@@ -985,7 +999,9 @@ How the verdicts are computed (spielbench/aggregate.py; every threshold is a con
    the per-item differences (for the token-mean held-out loss, the ratio-estimator standard error).
    Otherwise s = sqrt(s_A² + s_B²), each side's s being the evaluation standard error (lm-eval's stderr
    over items; over held-out examples), combined as sqrt(mean(se²) + seed_sd²/n_seeds) for several seeds;
-   this treats the two evaluations as independent, which is conservative. With m such comparisons in one claim, a comparison is **significant** when |d| > z·s with
+   this treats the two evaluations as independent, which is conservative. (lm-eval's stderr of a score of
+   exactly 0 or 1 is 0; it is replaced by the binomial standard error at p = 0.5/n or 1 − 0.5/n.)
+   With m such comparisons in one claim, a comparison is **significant** when |d| > z·s with
    z = Φ⁻¹(1 − {FAMILY_ALPHA}/(2m)) (Bonferroni: family-wise error {FAMILY_ALPHA:.0%} per claim). The tables
    show d with its plain 95% interval d ± 1.96·s as well. A comparison whose metric has no standard error
    is shown but does not count.
@@ -1102,11 +1118,16 @@ def decide(comparisons: list[Comparison]) -> tuple[str, str]:
     """
     counted = [c for c in comparisons if c.counted and c.outcome != "not counted"]
     if not counted:
-        return NOT_MEASURED, "no comparison with a noise estimate could be made from the configured runs"
+        if comparisons:
+            n = len(comparisons)
+            return NOT_MEASURED, (f"{n} comparison{'s' if n != 1 else ''} shown, none counted: no noise estimate, "
+                                  "or evidence that decides nothing on its own (see the notes)")
+        return NOT_MEASURED, "no configured run pair tests this claim"
     sup = sum(c.outcome == "supports" for c in counted)
     con = sum(c.outcome == "contradicts" for c in counted)
     und = len(counted) - sup - con
-    reason = f"{sup} supporting, {con} contradicting, {und} undecided of {len(counted)} counted comparisons"
+    reason = (f"{sup} supporting, {con} contradicting, {und} undecided of {len(counted)} counted "
+              f"comparison{'s' if len(counted) != 1 else ''}")
     if sup and not con:
         return REPRODUCED, reason
     if con and not sup:
@@ -1253,9 +1274,10 @@ def claim_better(key: str, statement: str, source: str, records: list[RunRecord]
 
 def claim_ma_lighter(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Claim:
     """SpIEL-MA needs less memory than SpIEL-AG at the same budget (state bytes; peak memory)."""
-    claim = Claim("ma-lighter", "SpIEL-MA is lighter in memory than SpIEL-AG at the same number of trainable "
-                  "parameters.", "the paper's method: SpIEL-MA's SM3 optimizer keeps row and column statistics instead of "
-                  "per-entry Adam moments and needs no gradient accumulation for regrowth",
+    claim = Claim("ma-lighter",
+                  statement="SpIEL-MA is lighter in memory than SpIEL-AG at the same number of trainable parameters.",
+                  source="the paper's method: SpIEL-MA's SM3 optimizer keeps row and column statistics instead of "
+                         "per-entry Adam moments and needs no gradient accumulation for regrowth",
                   how="trainable + gradient + optimizer-state bytes (exact) and measured peak memory, "
                       "SpIEL-MA vs SpIEL-AG at the same rank; benchmark points at the same model size.")
     for ma, ag in matched_pairs(records, "spiel-ma", "spiel-ag") + matched_pairs(records, "qspiel-ma", "qspiel-ag"):
@@ -1315,8 +1337,8 @@ def _runtime_outcome(ratio: float) -> str:
 
 def claim_runtime(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Claim:
     """SpIEL's step time is comparable to LoRA's at the same budget (rule 2 of :data:`VERDICT_RULES`)."""
-    claim = Claim("runtime", "SpIEL's run time is comparable to LoRA's.",
-                  "paper abstract (\"comparable in terms of run time\")",
+    claim = Claim("runtime", statement="SpIEL's run time is comparable to LoRA's.",
+                  source="paper abstract (\"comparable in terms of run time\")",
                   how="mean step time of SpIEL-AG and SpIEL-MA ÷ LoRA at the same rank (training runs, and "
                       "benchmark points per model size); 4-bit variants ÷ qLoRA.")
     for ma, mb in (("spiel-ag", "lora"), ("spiel-ma", "lora"), ("qspiel-ag", "qlora"), ("qspiel-ma", "qlora")):
@@ -1342,9 +1364,11 @@ def claim_runtime(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Cla
 
 def claim_memory_scaling(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Claim:
     """SpIEL's memory overhead scales with the number of tuned parameters, not with the model size."""
-    claim = Claim("memory-scaling", "SpIEL's memory overhead scales with the number of tuned parameters rather "
-                  "than with the model size.", "a third-party summary of the paper (a hint only: \"memory overhead scales with the number of "
-                  "tuned params rather than model size\")",
+    claim = Claim("memory-scaling",
+                  statement="SpIEL's memory overhead scales with the number of tuned parameters rather than with "
+                            "the model size.",
+                  source="a third-party summary of the paper (a hint only: \"memory overhead scales with the number "
+                         "of tuned params rather than model size\")",
                   how="(a) training runs: state bytes per trainable parameter across budgets of one method; "
                       "(b) benchmark: growth of peak memory above the floor across model sizes vs growth of "
                       "trainable parameters and of model parameters.")
@@ -1419,8 +1443,8 @@ def _base_for(base: list[RunRecord], run: RunRecord) -> list[RunRecord]:
 def claim_quantized(records: list[RunRecord]) -> Claim:
     """SpIEL trains over a 4-bit (NF4) base: qSpIEL improves over the base model."""
     metrics = _eval_metrics(records)
-    claim = Claim("4bit", "SpIEL works with 4-bit quantized base weights (qSpIEL).",
-                  "paper abstract (\"compatible with both quantization and efficient optimizers\")",
+    claim = Claim("4bit", statement="SpIEL works with 4-bit quantized base weights (qSpIEL).",
+                  source="paper abstract (\"compatible with both quantization and efficient optimizers\")",
                   how="every qSpIEL-AG/-MA setting vs the base model (counted: fine-tuning must improve on the "
                       "base model); vs qLoRA and vs the fp32 SpIEL run at the same rank (shown, not counted).")
     base = [r for r in records if r.target == "base"]
@@ -1448,9 +1472,9 @@ def claim_quantized(records: list[RunRecord]) -> Claim:
 def claim_checkpointing(records: list[RunRecord]) -> Claim:
     """SpIEL trains with activation (gradient) checkpointing: runs with it improve over the base model."""
     metrics = _eval_metrics(records)
-    claim = Claim("checkpointing", "SpIEL works with activation checkpointing.",
-                  "a third-party summary of the paper (a hint only: \"compatible with 4-bit quantized weights and "
-                  "activation checkpointing\")",
+    claim = Claim("checkpointing", statement="SpIEL works with activation checkpointing.",
+                  source="a third-party summary of the paper (a hint only: \"compatible with 4-bit quantized "
+                         "weights and activation checkpointing\")",
                   how="every SpIEL setting trained with gradient_checkpointing: true vs the base model (counted); "
                       "vs the same setting without checkpointing (shown, not counted).")
     base = [r for r in records if r.target == "base"]
@@ -1474,8 +1498,8 @@ def claim_checkpointing(records: list[RunRecord]) -> Claim:
                 c.counted, c.outcome = False, "not counted"
                 claim.comparisons.append(c)
     if not any(r.gradient_checkpointing for r in spiel):
-        claim.notes.append("No SpIEL run has gradient_checkpointing: true; add one to the config to test this "
-                           "claim, e.g. {method: spiel-ag, rank: 16, gradient_checkpointing: true, id: spiel-ag-r16-gc}.")
+        claim.notes.append("No SpIEL run has gradient_checkpointing: true; add one to the config to test this claim, "
+                           "e.g. {method: spiel-ag, rank: 16, gradient_checkpointing: true, id: spiel-ag-r16-gc}.")
     _finish_stats(claim)
     return claim
 
@@ -1484,19 +1508,21 @@ def evaluate_claims(records: list[RunRecord], benchmarks: list[BenchPoint] | Non
     """All claims of the paper checked by this suite, in the order of ``results/claims.md``."""
     benchmarks = benchmarks or []
     return [
-        claim_better("ag-vs-lora", "SpIEL-AG performs at least as well as LoRA at an equal number of trainable "
-                     "parameters.", "paper abstract (\"often superior to popular parameter-efficient fine-tuning methods like LoRA\")", records, "spiel-ag",
-                     ["lora"]),
+        claim_better("ag-vs-lora",
+                     "SpIEL-AG performs at least as well as LoRA at an equal number of trainable parameters.",
+                     "paper abstract (\"often superior to popular parameter-efficient fine-tuning methods like "
+                     "LoRA\")", records, "spiel-ag", ["lora"]),
         claim_better("ag-vs-ma", "SpIEL-AG performs at least as well as SpIEL-MA.",
-                     "the paper's method: SpIEL-MA approximates SpIEL-AG's accumulated gradients to save memory", records, "spiel-ag", ["spiel-ma"]),
+                     "the paper's method: SpIEL-MA approximates SpIEL-AG's accumulated gradients to save memory",
+                     records, "spiel-ag", ["spiel-ma"]),
         claim_ma_lighter(records, benchmarks),
         claim_runtime(records, benchmarks),
         claim_memory_scaling(records, benchmarks),
         claim_quantized(records),
         claim_checkpointing(records),
-        claim_better("regrowth", "Regrowth (dynamic index reselection) beats a static sparse mask of the same "
-                     "size.", "the paper's method: indices are dropped and regrown during training (tested here against "
-                     "fixed masks of the same size)", records, "spiel-ag", ["spiel-static", "shira"]),
+        claim_better("regrowth", "Regrowth (dynamic index reselection) beats a static sparse mask of the same size.",
+                     "the paper's method: indices are dropped and regrown during training (tested here against fixed "
+                     "masks of the same size)", records, "spiel-ag", ["spiel-static", "shira"]),
     ]
 
 
@@ -1525,7 +1551,7 @@ def claims_markdown(claims: list[Claim], context: str = "") -> str:
     lines += ["", VERDICT_RULES]
     for i, c in enumerate(claims, 1):
         lines += [f"## {i}. {c.statement}", "", f"- Source: {c.source}", f"- Test: {c.how}",
-                  f"- **Verdict: {c.verdict}** ({c.reason})", ""]
+                  f"- **Verdict: {c.verdict}**: {c.reason}", ""]
         stats = [x for x in c.comparisons if x.kind == "stat"]
         if stats:
             z = stats[0].z_crit
@@ -1716,7 +1742,7 @@ def aggregate(runs_dir: str | Path, runs: dict[str, dict], results_dir: str | Pa
             ``data.name``).
         tasks: the configured evaluation tasks (column order); None = every task found.
         benchmark_files: benchmark JSONs to include (``<size>__<method>.json``); files already in
-            ``<results_dir>/benchmark/`` are included as well.
+            ``<results_dir>/benchmark/`` are included as well, and the others are copied there.
         root: folder against which absolute paths in the raw copies are made relative (default: cwd).
 
     Returns:
@@ -1735,6 +1761,12 @@ def aggregate(runs_dir: str | Path, runs: dict[str, dict], results_dir: str | Pa
     ctx = (f"Model: {model_name}; training data: {data_name}; {len(records) - 1} training runs "
            f"+ the base model; {len(benchmarks)} benchmark points.")
     written = copy_raw(records, results_dir, root, tasks)
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    for src in bench_paths.values():
+        dst = bench_dir / src.name
+        if src.resolve() != dst.resolve():  # so that results/ alone (and the notebook) holds every input
+            write_json(dst, _relativize(read_json(src), str(Path(root or Path.cwd()).resolve())))
+            written.append(dst)
     written += write_results(records, benchmarks, results_dir, tasks, ctx)
     log.info("aggregate: wrote %d files under %s", len(written), results_dir)
     return written
@@ -1743,8 +1775,13 @@ def aggregate(runs_dir: str | Path, runs: dict[str, dict], results_dir: str | Pa
 def _config_from_file(path: str) -> dict:
     import yaml
 
+    if not Path(path).is_file():
+        raise InputError(f"--config: file {path} does not exist")
     with open(path, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh) or {}
+        try:
+            cfg = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise InputError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: expected a YAML mapping")
     return cfg
@@ -1775,9 +1812,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.out:
                 raise InputError("--out: required with --from-results")
-            records, benchmarks = [], []
+            records, benchmarks, seen = [], [], {}
             for d in args.from_results:
                 r, b = load_results_dir(d)
+                for rec in r:
+                    key = (rec.model_name, rec.data_name, rec.target)
+                    if key in seen:
+                        raise InputError(f"{d}: run {rec.target!r} of {rec.model_name} / {rec.data_name} is also in "
+                                         f"{seen[key]}; combine results of different model/data pairs")
+                    seen[key] = d
                 records += r
                 benchmarks += b
             write_results(records, benchmarks, args.out,

@@ -89,7 +89,9 @@ Stable fields (the aggregation reads these; units in the names):
 ============================== ================================================================
 
 Further fields: ``dtype``, ``rank``, ``step_time_raw_mean_s``, ``step_times_s``, ``step_kinds``,
-``kind_mean_s`` ({kind: mean [s]}), ``phase_mean_s`` ({forward, backward, optimizer, selector: mean
+``kind_mean_s`` ({kind: mean [s]}), ``step_cpu_time_mean_s`` (schedule-weighted process CPU time per
+step [s], all threads: steadier than wall time on a machine shared with other work, but it includes
+OpenMP spin-waiting when threads > 1), ``step_cpu_times_s``, ``phase_mean_s`` ({forward, backward, optimizer, selector: mean
 [s] over timed steps}), ``schedule`` (natural S/γ, weights, driving S_b/γ_b/c0/T), ``adapter_state``
 (byte components), ``adapter_state_bytes_per_trainable_param``, ``memory_estimate`` (the prediction's
 components [bytes]), ``memory_available_bytes``, ``peak_rss_scope``, ``build_time_s``, ``wall_time_s``,
@@ -134,6 +136,7 @@ METHOD_ORDER = ("floor", "lora", "ia3", "shira", "spiel-ag", "spiel-ma", "spiel-
                 "full", "qlora", "qspiel-ag", "qspiel-ma")
 #: Columns of the efficiency_benchmark table (CSV header).
 TABLE_COLUMNS = ("size", "method", "status", "step_time_mean_s", "step_time_p50_s", "tokens_per_s",
+                 "step_cpu_time_mean_s", "step_cpu_time_vs_lora",
                  "peak_memory_bytes", "trainable_params", "adapter_state_bytes",
                  "adapter_state_bytes_per_trainable_param", "step_time_vs_lora", "step_time_vs_floor",
                  "peak_memory_vs_lora", "peak_memory_vs_floor", "peak_memory_over_floor_bytes",
@@ -765,6 +768,7 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
 
     hooks_on = any(layer.weight_grad_hook is not None for layer in setup.sparse_layers)
     history = len(setup.selector.history) if setup.selector is not None else 0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     with record_function("bench/forward"), autocast():
         if setup.floor:
@@ -790,6 +794,7 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
             setup.selector.step()
     sync()
     t4 = time.perf_counter()
+    c4 = time.process_time()
     selected = setup.selector is not None and len(setup.selector.history) > history
     if selected:
         kind = "select"
@@ -797,7 +802,8 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
         kind = "phase"
     else:
         kind = "after-select" if previous_kind == "select" else "plain"
-    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "selector": t4 - t3, "total": t4 - t0}, kind
+    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "selector": t4 - t3, "total": t4 - t0,
+            "cpu": c4 - c0}, kind
 
 
 def _device_name(device: str) -> str:
@@ -968,7 +974,7 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
             _, previous = _step(setup, batches[0], autocast, sync)  # the untimed entry step
             if previous != "select":
                 raise RuntimeError(f"benchmark schedule: the entry step did not reselect ({asdict(schedule)})")
-        times, kinds, phases = [], [], []
+        times, cpu_times, kinds, phases = [], [], [], []
         profiler = None
         if options.profile_out:
             from torch.profiler import ProfilerActivity, profile
@@ -981,6 +987,7 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
                 phase, kind = _step(setup, batches[i % 2], autocast, sync, previous)
                 previous = kind
                 times.append(phase["total"])
+                cpu_times.append(phase["cpu"])
                 kinds.append(kind)
                 phases.append(phase)
         finally:
@@ -989,12 +996,14 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
         peaks = measure.peak_memory(device, scope)
         state = _adapter_state(setup)
         stats = weighted_step_stats(times, kinds, schedule.weights)
+        cpu_stats = weighted_step_stats(cpu_times, kinds, schedule.weights)
         record.update(
             status="ok", steps=len(times),
             step_time_mean_s=stats["mean"], step_time_p50_s=stats["p50"],
             tokens_per_s=options.batch_size * options.seq_len / stats["mean"],
             step_time_raw_mean_s=statistics.fmean(times), step_times_s=times, step_kinds=kinds,
             kind_mean_s=stats["kind_mean"],
+            step_cpu_time_mean_s=cpu_stats["mean"], step_cpu_times_s=cpu_times,
             phase_mean_s={k: statistics.fmean(p[k] for p in phases) for k in ("forward", "backward", "optimizer", "selector")},
             peak_rss_bytes=peaks["peak_rss_bytes"], peak_rss_scope=peaks["peak_rss_scope"],
             cuda_max_allocated_bytes=peaks.get("cuda_max_allocated_bytes"),
@@ -1105,7 +1114,7 @@ def run_one(size: str, method: str, options: BenchmarkOptions, output: str | Pat
         sink.flush()
         tail = ""
         with contextlib.suppress(OSError):
-            with open(sink.name if log is None else log, "rb") as fh:
+            with (open(log, "rb") if log is not None else open(os.dup(sink.fileno()), "rb")) as fh:
                 fh.seek(0, os.SEEK_END)
                 fh.seek(max(0, fh.tell() - 3000))
                 tail = fh.read().decode(errors="replace")
@@ -1201,6 +1210,8 @@ def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row.update(
             step_time_vs_lora=_ratio(step, ok(s, "lora", "step_time_mean_s")),
             step_time_vs_floor=_ratio(step, ok(s, "floor", "step_time_mean_s")),
+            step_cpu_time_vs_lora=_ratio(r.get("step_cpu_time_mean_s") if step is not None else None,
+                                         ok(s, "lora", "step_cpu_time_mean_s")),
             peak_memory_vs_lora=_ratio(mem, ok(s, "lora", "peak_memory_bytes")),
             peak_memory_vs_floor=_ratio(mem, floor_mem),
             peak_memory_over_floor_bytes=(mem - floor_mem) if mem is not None and floor_mem is not None else None,
@@ -1243,18 +1254,21 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
         "",
         f"Device: {first.get('device')} ({first.get('device_name')}), {first.get('threads')} threads; "
         f"batch {first.get('batch_size')} × {first.get('seq_len')} tokens, dtype {first.get('dtype')}, "
-        f"rank {first.get('rank') or (ok and next((r.get('rank') for r in ok if r.get('rank')), None))}; "
-        f"{first.get('warmup_steps')} warm-up + {first.get('steps')} timed steps per run, each run in a fresh process; "
-        f"random-init weights ({first.get('model_source')}).",
+        f"rank {next((r.get('rank') for r in records if r.get('rank')), None)}; "
+        f"{first.get('warmup_steps')} warm-up + {min((r.get('steps') or 0) for r in records)}–"
+        f"{max((r.get('steps') or 0) for r in records)} timed steps per run (SpIEL-AG at least 4, SpIEL-MA at "
+        f"least 3), each run in a fresh process; weights: {first.get('model_source')}.",
         f"1-minute load average during the runs: {min(loads):.2f}–{max(loads):.2f} (other work on the machine "
         "disturbs timings)." if loads else "",
         "Step time: schedule-weighted mean/median (SpIEL selection phases in their natural proportion, "
         "S=20, γ=5; see `spielbench/benchmark.py`). Peak memory: CUDA max allocated, else peak RSS of the worker "
-        "after model build. Adapter state: trainable parameters + gradients + optimizer state + SpIEL indices.",
+        "after model build. Adapter state: trainable parameters + gradients + optimizer state + SpIEL indices. "
+        "CPU-time/LoRA: ratio of process CPU time per step (steadier than wall time when other work shares "
+        "the machine).",
         "",
         "| size | method | status | step [s] | p50 [s] | tokens/s | peak [GiB] | trainable | state [MiB] | "
-        "B/param | step/LoRA | step/floor | mem/LoRA | mem/floor | mem over floor [GiB] |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "B/param | step/LoRA | step/floor | CPU-time/LoRA | mem/LoRA | mem/floor | mem over floor [GiB] |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('detail') or '')[:80]}"
@@ -1263,7 +1277,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
             _fmt(r["tokens_per_s"], "f0"), _fmt(r["peak_memory_bytes"], "gib"), _fmt(r["trainable_params"], "int"),
             _fmt(r["adapter_state_bytes"], "mib"), _fmt(r["adapter_state_bytes_per_trainable_param"], "f1"),
             _fmt(r["step_time_vs_lora"], "x"), _fmt(r["step_time_vs_floor"], "x"),
-            _fmt(r["peak_memory_vs_lora"], "x"), _fmt(r["peak_memory_vs_floor"], "x"),
+            _fmt(r["step_cpu_time_vs_lora"], "x"), _fmt(r["peak_memory_vs_lora"], "x"), _fmt(r["peak_memory_vs_floor"], "x"),
             _fmt(r["peak_memory_over_floor_bytes"], "gib"),
         ]) + " |")
     return "\n".join(line for line in lines) + "\n"

@@ -52,6 +52,7 @@ def _save(fig, path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

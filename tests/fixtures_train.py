@@ -78,7 +78,43 @@ def tiny_run_files(tmp_path_factory):
         dict with ``model`` (folder), ``train`` and ``heldout`` (files), as strings.
     """
     root = tmp_path_factory.mktemp("tiny_run")
-    model_dir = write_tiny_model_dir(root / "model")
+    # width 64 so that every layer's in_features is a multiple of the NF4 block size (4-bit methods on CPU)
+    model_dir = write_tiny_model_dir(root / "model", hidden_size=64, intermediate_size=128)
     train = write_flan_jsonl(root / "train.jsonl", 64, seed=1)
     heldout = write_flan_jsonl(root / "heldout.jsonl", 16, seed=2)
     return {"model": str(model_dir), "train": str(train), "heldout": str(heldout)}
+
+
+#: Learning rates that move a tiny random model visibly within a few steps.
+TINY_LR = {"full": 1e-3, "ia3": 3e-2, "spiel-ma": 2e-2, "qspiel-ma": 2e-2}
+
+
+def tiny_run_config(files: dict, method: str, **overrides):
+    """A short run config on the tiny model: 8 steps of 4 x 2 examples, 48 tokens, checkpoints every 4."""
+    from spielbench.methods import METHODS
+    from spielbench.runconfig import RunConfig
+
+    spec = METHODS[method]
+    kw = dict(method=method, model=files["model"], train_data=files["train"], heldout_data=files["heldout"],
+              rank=2 if spec.takes_rank else None, max_steps=8, per_device_train_batch_size=4,
+              gradient_accumulation_steps=2, save_steps=4, max_seq_length=48, warmup_ratio=0.0,
+              learning_rate=TINY_LR.get(method, 1e-2), heldout_examples=16, seed=3,
+              spiel={"reselection_steps": 4, "selection_accumulation_steps": 2} if spec.family == "spiel" else {})
+    kw.update(overrides)
+    return RunConfig(**kw)
+
+
+@pytest.fixture
+def torch_single_thread():
+    """Run a test with one intra-op thread, then restore the previous count.
+
+    The tiny models' matmuls take microseconds; with two threads on a shared, loaded machine the
+    OpenMP workers spend far longer waiting for each other than computing (a tiny run measured 22 s
+    with two threads and 1.9 s with one under a load average of 7).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -53,7 +53,8 @@ def fake_metrics(run_id: str, method: str, rank: int | None, *, steps: int = 40,
                      "effective_batch_size": 8, "learning_rate": 1e-3, "weight_decay": 0.0, "warmup_ratio": 0.05,
                      "seed": seed, "gradient_checkpointing": gradient_checkpointing, "max_seq_length": 160,
                      "resumed_from_step": None},
-        "steps": steps, "tokens_seen": steps * 1000, "label_tokens_seen": steps * 300, "train_time_s": steps * step_time,
+        "steps": steps, "tokens_seen": steps * 1000, "label_tokens_seen": steps * 300,
+        "train_time_s": steps * step_time,
         "step_time_mean_s": step_time, "step_time_p50_s": step_time * 0.98, "tokens_per_s": 1000 / step_time,
         "wall_time_s": steps * step_time + 5, "model_load_s": 1.0, "prepare_s": 0.5,
         "memory": {"peak_rss_bytes": peak_rss, "peak_rss_scope": "since_reset", "trainable_param_bytes": 4 * n,
@@ -151,7 +152,8 @@ DEFAULT_RUNS = [
     ("spiel-ag", 4, 0.61, 2.50, 1.10, 3.02), ("spiel-ag", 16, 0.64, 2.45, 1.15, 3.10),
     ("spiel-ma", 16, 0.63, 2.50, 1.12, 3.04), ("spiel-static", 16, 0.62, 2.52, 1.10, 3.05),
     ("shira", 16, 0.61, 2.53, 1.30, 3.05), ("ia3", None, 0.58, 2.80, 0.95, 2.98), ("full", None, 0.63, 2.48, 1.6, 4.2),
-    ("qlora", 16, 0.60, 2.62, 2.5, 1.5), ("qspiel-ag", 16, 0.61, 2.58, 2.6, 1.55), ("qspiel-ma", 16, 0.61, 2.60, 2.6, 1.5),
+    ("qlora", 16, 0.60, 2.62, 2.5, 1.5), ("qspiel-ag", 16, 0.61, 2.58, 2.6, 1.55),
+    ("qspiel-ma", 16, 0.61, 2.60, 2.6, 1.5),
 ]
 
 
@@ -161,8 +163,9 @@ def pipeline_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     runs_dir = root / "runs"
     runs = {}
-    write_run(runs_dir, "base", None, fake_eval("base", {"task_a": (0.50, 0.029), "task_b": (0.55, 0.03)},
-                                                (3.0, 0.05), skipped={"bbh": "no local BBH folder (evaluation.bbh_path)"}))
+    skip = {"bbh": "no local BBH folder (evaluation.bbh_path)"}
+    write_run(runs_dir, "base", None,
+              fake_eval("base", {"task_a": (0.50, 0.029), "task_b": (0.55, 0.03)}, (3.0, 0.05), skipped=skip))
     for method, rank, acc, loss, st, rss in DEFAULT_RUNS:
         cfg = run_cfg(method, rank, **({"max_steps": 20} if method.startswith("q") else {}))
         rid = cfg["run_id"]
@@ -278,6 +281,7 @@ def test_raw_copies_and_index_have_no_absolute_paths(aggregated):
     assert (results / "runs" / "lora-r16" / "metrics.json").is_file()
     index = json.loads((results / "runs" / "index.json").read_text())
     assert [e["target"] for e in index["targets"]][0] == "base"
+    assert (results / "claims.md").stat().st_mode & 0o777 == 0o644  # readable, although written via mkstemp
     text = (results / "runs" / "index.json").read_text()
     assert "/abs/path" not in text and "train_data" not in text
     assert set(agg.output_paths(str(results))) <= {str(p) for p in written}
@@ -294,10 +298,24 @@ def test_load_results_dir_roundtrip(aggregated):
     assert agg.results_tasks(results) == ["task_a", "task_b", "bbh"]
 
 
+def test_combine_results_of_two_data_sets(aggregated, pipeline_dir, tmp_path):
+    results, _, runs = aggregated
+    _, runs_dir, _ = pipeline_dir
+    other = tmp_path / "other"
+    agg.aggregate(runs_dir, runs, other, "FakeLM-1M", "other-data", tasks=["task_a"], root=tmp_path)
+    assert agg.main(["--from-results", str(results), str(other), "--out", str(tmp_path / "both")]) == 0
+    md = (tmp_path / "both" / "tables" / "main.md").read_text()
+    assert "## FakeLM-1M · fake-mixture" in md and "## FakeLM-1M · other-data" in md
+    with open(tmp_path / "both" / "tables" / "main.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 2 * (len(runs) + 1)
+    assert agg.main(["--from-results", str(results), str(results), "--out", str(tmp_path / "dup")]) == 2
+
+
 def test_missing_and_malformed_inputs_name_the_file(tmp_path):
     runs = {"lora-r4": run_cfg("lora", 4)}
     write_run(tmp_path, "base", None, fake_eval("base", {"a": (0.5, 0.03)}, None))
-    with pytest.raises(InputError, match=r"missing run outputs: .*lora-r4/metrics.json, .*lora-r4/eval.json: file does not exist"):
+    with pytest.raises(InputError, match=r"missing run outputs: .*lora-r4/metrics.json, .*lora-r4/eval.json: file "
+                                         r"does not exist"):
         agg.load_records(tmp_path, runs, "m", "d")
     write_run(tmp_path, "lora-r4", fake_metrics("lora-r4", "lora", 4), fake_eval("x", {"a": (0.5, 0.03)}, None))
     (tmp_path / "lora-r4" / "eval.json").write_text('{"tasks": {"a": {"value": "high"}}}')
@@ -306,6 +324,23 @@ def test_missing_and_malformed_inputs_name_the_file(tmp_path):
     (tmp_path / "lora-r4" / "eval.json").write_text("{not json")
     with pytest.raises(InputError, match=r"eval.json: not valid JSON"):
         agg.load_records(tmp_path, runs, "m", "d")
+
+
+def test_parse_score_real_entry_shapes():
+    s = agg.parse_score({"lm_eval_task": "spiel_arc_easy", "metric": "acc", "value": 0.55, "stderr": 0.064,
+                         "n": 60, "n_available": 2376}, "e.json: tasks.arc_easy")
+    assert (s.value, s.stderr, s.n, s.metric, s.note) == (0.55, 0.064, 60, "acc", None)
+    skipped = agg.parse_score({"skipped": True, "note": "no local BBH folder"}, "e.json: tasks.bbh")
+    assert skipped.value is None and skipped.note == "no local BBH folder"
+    # lm-eval's stderr of an all-wrong score is 0: replaced by the binomial s.e. at p = 0.5/n
+    zero = agg.parse_score({"metric": "acc", "value": 0.0, "stderr": 0.0, "n": 4}, "e.json: tasks.x")
+    assert zero.stderr == pytest.approx(math.sqrt(0.125 * 0.875 / 4))
+    held = agg.parse_heldout({"loss": 2.5, "n_examples": 2, "n_tokens": 5, "example_nll": [2.0, 10.5],
+                              "example_tokens": [1, 4]}, "e.json: heldout")
+    assert held.value == 2.5 and held.stderr == pytest.approx(agg.ratio_stderr([2.0, 10.5], [1, 4]))
+    assert agg.parse_heldout({"loss": 2.5, "n_examples": 2}, "e.json: heldout").stderr is None
+    with pytest.raises(InputError, match="example_nll and example_tokens"):
+        agg.parse_heldout({"loss": 2.5, "example_nll": [1.0]}, "e.json: heldout")
 
 
 def test_fmt_score():
@@ -320,7 +355,7 @@ def test_fmt_score():
 
 
 def _records(spec: list[tuple], base=(0.50, 0.03, 3.0, 0.05)) -> list[agg.RunRecord]:
-    """Records from (method, rank, seed, acc, acc_se, loss, loss_se[, step_time, state/param override])."""
+    """Records from (method, rank, seed, acc, acc_se, loss, loss_se[, step_time]) on one task "t"."""
     recs = [agg.make_record("base", {}, "M", "D", None,
                             fake_eval("base", {"t": (base[0], base[1])}, (base[2], base[3])))]
     for method, rank, seed, acc, se, loss, lse, *rest in spec:
@@ -423,15 +458,15 @@ def test_memory_scaling_from_runs_and_benchmark():
     assert alone.verdict == agg.NOT_MEASURED and "needs the efficiency benchmark" in alone.notes[0]
     gib = 1.0
     bench = [agg.parse_benchmark(fake_benchmark(*args), "x.json") for args in (
-        ("s", 10**8, "floor", 1.0, 2 * gib, 0, "ok", None), ("s", 10**8, "spiel-ag", 1.0, 2 * gib + 0.1, 10**6),
-        ("l", 10**9, "floor", 1.0, 10 * gib, 0, "ok", None), ("l", 10**9, "spiel-ag", 1.0, 10 * gib + 0.33, 3 * 10**6))]
+        ("s", "floor", 10**8, 1.0, 2 * gib, 0, "ok", None), ("s", "spiel-ag", 10**8, 1.0, 2 * gib + 0.1, 10**6),
+        ("l", "floor", 10**9, 1.0, 10 * gib, 0, "ok", None), ("l", "spiel-ag", 10**9, 1.0, 10 * gib + 0.33, 3 * 10**6))]
     c = _claim(agg.evaluate_claims(recs, bench), "memory-scaling")
     assert next(x for x in c.comparisons if "budgets" in x.label).outcome == "supports"
     b_cmp = next(x for x in c.comparisons if x.label.startswith("benchmark"))
     assert b_cmp.diff == pytest.approx(3.3, rel=1e-6) and b_cmp.outcome == "supports"  # ×3.3: near ×3 params
     assert c.verdict == agg.REPRODUCED
     # overhead growing like the model (×10) contradicts the claim
-    bench[3] = agg.parse_benchmark(fake_benchmark("l", 10**9, "spiel-ag", 1.0, 11.0, 3 * 10**6), "x.json")
+    bench[3] = agg.parse_benchmark(fake_benchmark("l", "spiel-ag", 10**9, 1.0, 11.0, 3 * 10**6), "x.json")
     c = _claim(agg.evaluate_claims(recs, bench), "memory-scaling")
     assert next(x for x in c.comparisons if x.label.startswith("benchmark")).outcome == "contradicts"
     assert c.verdict == agg.MIXED
@@ -565,16 +600,72 @@ def test_failing_notebook_leaves_destination_untouched(tmp_path):
         execute_notebook(tmp_path / "missing.ipynb", dest)
 
 
+# ------------------------------------------------------------------------------------------ rules
+
+
+@pytest.mark.slow
+def test_aggregate_rules_run_under_snakemake(tmp_path):
+    """workflow/rules/{aggregate,report}.smk on a fake finished pipeline: run, rerun is a no-op, report."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    runs_cfg, runs_dir = [], tmp_path / "runs"
+    write_run(runs_dir, "base", None, fake_eval("base", {"arc_easy": (0.5, 0.065)}, (3.0, 0.05)))
+    for method, rank, acc, loss, st, rss in DEFAULT_RUNS[:5]:
+        runs_cfg.append({"method": method, "rank": rank, "learning_rate": 1e-3})
+        rid = f"{method}-r{rank}"
+        write_run(runs_dir, rid, fake_metrics(rid, method, rank, step_time=st, peak_rss=int(rss * 2**30), heldout=loss,
+                                              reselections=4 if method.startswith("spiel") else 0),
+                  fake_eval(rid, {"arc_easy": (acc, 0.063)}, (loss, 0.01)))
+    config = {"model": {"source": "smollm2", "name": "SmolLM2-135M-Instruct"},
+              "data": {"name": "olmo-mixture", "train": "mixture", "heldout": None},
+              "training": {"max_steps": 40}, "runs": runs_cfg, "evaluation": {"tasks": ["arc_easy"]}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "figures.ipynb").write_bytes((REPO / "analysis" / "figures.ipynb").read_bytes())
+    rules = REPO / "workflow" / "rules"
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "config.yaml"\n'
+        + "".join(f'include: "{rules / name}"\n' for name in ("common.smk", "aggregate.smk", "report.smk"))
+        + "rule all:\n    input: AGGREGATE_OUTPUTS, REPORT_OUTPUTS\n")
+
+    def smk(*args):
+        return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    done = smk()
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "results" / "tables" / "main.csv", newline="") as fh:
+        assert [r["run"] for r in csv.DictReader(fh)] == ["base", "lora-r4", "lora-r16", "spiel-ag-r4", "spiel-ag-r16",
+                                                          "spiel-ma-r16"]
+    for name in agg.FIGURE_FILES:
+        assert (tmp_path / "results" / "figures" / name).stat().st_size > 1000
+    assert "Verdict:" in (tmp_path / "results" / "report" / "claims.html").read_text()
+    for log in ("aggregate", "figures", "report_pages"):
+        assert (tmp_path / "logs" / "aggregate" / f"{log}.log").is_file()
+    again = smk("-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    report = smk("--report", "report.html")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (tmp_path / "report.html").stat().st_size > 100_000
+
+
 # ------------------------------------------------------------------------------------------ real runs
 
 
 def test_real_run_files_parse_when_present():
     """When a pipeline run has left runs/*/metrics.json here, every one of them parses."""
-    found = sorted((REPO / "runs").glob("*/metrics.json"))
-    if not found:
-        pytest.skip("no runs/*/metrics.json in this checkout")
+    found = sorted(REPO.glob("runs*/*/metrics.json"))
+    evals = sorted(REPO.glob("runs*/*/eval.json"))
+    if not found and not evals:
+        pytest.skip("no runs*/*/metrics.json or eval.json in this checkout")
     for p in found:
-        ev = p.parent / "eval.json"
-        rec = agg.make_record(p.parent.name, {}, "m", "d", agg.read_json(p),
-                              agg.read_json(ev) if ev.exists() else None, f"{p.parent}/")
-        assert rec.steps and rec.steps > 0 and rec.trainable_params and rec.step_time_mean_s
+        rec = agg.make_record(p.parent.name, {}, "m", "d", agg.read_json(p), None, f"{p.parent}/")
+        assert rec.steps and rec.steps > 0 and rec.trainable_params and rec.step_time_mean_s, p
+        assert rec.state_bytes and rec.peak_memory_bytes and len(rec.loss_curve) == rec.steps, p
+    for p in evals:
+        rec = agg.make_record("base" if p.parent.name == "base" else p.parent.name, {"method": "x"}, "m", "d", None,
+                              agg.read_json(p), f"{p.parent}/")
+        assert rec.scores and all(s.value is not None or s.note for s in rec.scores.values()), p

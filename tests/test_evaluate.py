@@ -215,16 +215,17 @@ def test_row_normalisers():
 
 # ------------------------------------------------------------------------------ adapters, runs
 
-def _spiel_adapter(model, directory: Path, seed: int = 0):
-    """Wrap a copy of ``model`` with SpIEL deltas holding random values, save them, return the wrapper."""
+def _spiel_adapter(model, directory: Path, seed: int = 0, density: float = 0.05, scale: float = 0.5,
+                   copy_model: bool = True):
+    """Wrap ``model`` (or a copy) with SpIEL deltas holding random N(0, scale^2) values, save, return the wrapper."""
     from spiel.config import SpielConfig
     from spiel.model import get_spiel_model
 
-    wrapped = get_spiel_model(copy.deepcopy(model), SpielConfig(density=0.05, seed=seed))
+    wrapped = get_spiel_model(copy.deepcopy(model) if copy_model else model, SpielConfig(density=density, seed=seed))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in wrapped.sparse_layers():
-            layer.values.copy_(torch.randn(layer.values.shape, generator=gen) * 0.5)
+            layer.values.copy_(torch.randn(layer.values.shape, generator=gen) * scale)
     wrapped.save_pretrained(directory)
     return wrapped
 
@@ -339,31 +340,36 @@ def test_lm_eval_command_line_with_spiel_model(tmp_path, monkeypatch, scripted_l
 # ------------------------------------------------------------------------------ real model
 
 @pytest.mark.slow
-def test_real_model_arc_easy_above_chance_and_merge_matches_unmerged(tmp_path, real_model_dir, real_model,
-                                                                     real_tokenizer):
+def test_real_model_arc_easy_above_chance(real_model, real_tokenizer):
     eval_dir = REPO / "resources" / "eval"
     if not (eval_dir / "arc_easy_test.jsonl").is_file():
         pytest.skip("resources/eval not built")
-    base = evaluate_model(real_model, real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=40, batch_size=8)
+    base = evaluate_model(real_model, real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=24, batch_size=8)
+    assert base["tasks"]["arc_easy"]["n"] == 24
     assert base["tasks"]["arc_easy"]["value"] > 0.4  # chance is 0.25 (4 choices)
 
+
+@pytest.mark.slow
+def test_real_model_merged_spiel_adapter_scores_like_unmerged(tmp_path, real_model_dir, real_tokenizer):
+    eval_dir = REPO / "resources" / "eval"
+    if not (eval_dir / "arc_easy_test.jsonl").is_file():
+        pytest.skip("resources/eval not built")
     from transformers import AutoModelForCausalLM
 
-    fresh = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
     adapter = tmp_path / "adapter"
-    unmerged = _spiel_adapter(fresh, adapter, seed=3)
-    with torch.no_grad():
-        for _, layer in unmerged.sparse_layers():
-            layer.values.mul_(0.02)  # small random deltas: a perturbed but working model
-    unmerged.save_pretrained(adapter)
-    del fresh
-    a = evaluate_model(unmerged.get_base_model(), real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=12,
+    fresh = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
+    unmerged = _spiel_adapter(fresh, adapter, seed=3, density=0.002, scale=0.02, copy_model=False)
+    a = evaluate_model(unmerged.get_base_model(), real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=6,
                        batch_size=8, return_samples=True)
     merged, tok, info = load_for_eval(real_model_dir, adapter, method="spiel-ag")
     assert info["adapter_application"] == "merged"
-    b = evaluate_model(merged, tok, ["arc_easy"], eval_dir=eval_dir, limit=12, batch_size=8, return_samples=True)
-    assert a["tasks"]["arc_easy"]["value"] == b["tasks"]["arc_easy"]["value"]
-    assert a["tasks"]["arc_easy"]["metrics"]["acc_norm"] == b["tasks"]["arc_easy"]["metrics"]["acc_norm"]
+    ids = real_tokenizer(["Question: Which gas do plants take in?\nAnswer: carbon dioxide"], return_tensors="pt")
+    with torch.no_grad():
+        ref = unmerged(**ids).logits
+        torch.testing.assert_close(merged(**ids).logits, ref, atol=1e-3, rtol=1e-4)
+    del unmerged, fresh
+    b = evaluate_model(merged, tok, ["arc_easy"], eval_dir=eval_dir, limit=6, batch_size=8, return_samples=True)
+    assert a["tasks"]["arc_easy"]["metrics"] == b["tasks"]["arc_easy"]["metrics"]
     lls_a = [ll for r in a["samples"]["spiel_arc_easy"] for ll, _ in r["filtered_resps"]]
     lls_b = [ll for r in b["samples"]["spiel_arc_easy"] for ll, _ in r["filtered_resps"]]
-    assert lls_a == pytest.approx(lls_b, abs=2e-3)
+    assert len(lls_a) >= 18 and lls_a == pytest.approx(lls_b, abs=2e-3)

@@ -85,6 +85,15 @@ def test_sparse_adamw_seed_entries_is_unbiased_by_bias_correction():
         opt.reset_entries(_param([1.0]), torch.tensor([0]))
 
 
+def test_sparse_adamw_zero_betas_give_sign_steps():
+    # β1 = β2 = 0: m = g, v = g², no bias correction (1 − 0^age = 1): Δ -= lr·g/|g|.
+    p = _param([0.0, 0.0, 0.0])
+    opt = SparseAdamW([p], lr=0.1, betas=(0.0, 0.0), eps=0.0)
+    p.grad = torch.tensor([3.0, -0.5, 2e-3])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.1, 0.1, -0.1]))
+
+
 def test_sparse_adamw_rejects_bad_hyperparameters():
     p = _param([1.0])
     with pytest.raises(ValueError, match="betas"):

@@ -1,9 +1,15 @@
 # Aggregation: every run's metrics.json and eval.json (and the efficiency benchmark's JSONs, when the
 # benchmark rules define BENCHMARK_FILES) -> results/ tables, claims, raw copies; then the figures,
 # drawn by executing analysis/figures.ipynb on results/ (spielbench.notebook), so they never go stale.
+import os
 from pathlib import Path
 
+import spielbench.aggregate
 from spielbench.aggregate import FIGURE_FILES, TABLE_FORMATS, TABLE_STEMS
+
+# The code that computes the tables and draws the figures is an input too: changing it reruns the stage.
+AGGREGATE_CODE = os.path.relpath(spielbench.aggregate.__file__)
+FIGURES_CODE = os.path.join(os.path.dirname(AGGREGATE_CODE), "figures.py")
 
 AGGREGATE_TABLES = [f"{RESULTS}/tables/{stem}.{fmt}" for stem in TABLE_STEMS for fmt in TABLE_FORMATS]
 AGGREGATE_CLAIMS = f"{RESULTS}/claims.md"
@@ -36,6 +42,7 @@ rule aggregate:
         metrics=[f"{RUNS_DIR}/{r}/metrics.json" for r in RUN_IDS],
         evals=[f"{RUNS_DIR}/{t}/eval.json" for t in EVAL_TARGETS],
         benchmarks=_benchmark_files,
+        code=AGGREGATE_CODE,
     output:
         tables=[_table_report(p) for p in AGGREGATE_TABLES],
         claims=AGGREGATE_CLAIMS,
@@ -58,6 +65,7 @@ rule figures:
         notebook="analysis/figures.ipynb",
         raw=AGGREGATE_RAW,
         benchmarks=_benchmark_files,
+        code=[AGGREGATE_CODE, FIGURES_CODE],
     output:
         figures=[
             report(p, caption=f"../report/{Path(p).stem}.rst", category="Figures", labels={"figure": Path(p).stem})
