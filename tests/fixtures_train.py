@@ -52,11 +52,11 @@ def write_tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
 
 
 def write_flan_jsonl(path: Path, n: int, seed: int = 0) -> Path:
-    """A Flan-format file of ``n`` learnable examples: the answer is the reversed input word."""
+    """A Flan-format file of ``n`` learnable examples: the answer is the reversed input (4-18 characters)."""
     import random
 
     rng = random.Random(seed)
-    words = ["apple", "river", "stone", "cloud", "table", "green", "light", "sound", "music", "paper"]
+    words = ["apple", "sea", "stone", "cloudy", "to", "green", "lightning", "sound", "mu", "paper"]
     with open(path, "w") as fh:
         for _ in range(n):
             w = rng.choice(words) + rng.choice(words)
