@@ -18,9 +18,13 @@ Backward (the lever over the reference, which forms a dense ``dW = dYᵀX`` in e
 * ``dΔ[n] = Σ_t dY[t, row_n] · X[t, col_n]``, a sampled dense-dense product (SDDMM) evaluated only at
   the k active positions with ``torch.sparse.sampled_addmm`` over a CSR pattern. The pattern (row
   pointers, sorted columns and the permutation back to slot order) is cached between steps and rebuilt
-  only when η changes (:meth:`SparseDeltaLinear.replace_entries`, or any in-place write to ``indices``);
+  only when η changes (:meth:`SparseDeltaLinear.replace_entries`, or any in-place write to ``indices``).
+  On CPU it runs in token chunks that keep the operands cache-resident. Measured on SmolLM2-135M shapes
+  (1024 tokens, LoRA-r16 budget) it costs about 0.3x the dense ``dYᵀX`` GEMM;
 * while ``weight_grad_hook`` is set (the SpIEL-AG selection phase, spec §4.1), the dense fp32
-  ``dW [out, in]`` is computed once, passed to the hook, and ``dΔ`` is gathered from it.
+  ``dW [out, in]`` is computed once, passed to the hook, and ``dΔ`` is gathered from it;
+* :meth:`SparseDeltaLinear.sample_weight_grad` asks for the weight gradient at extra positions (AG's
+  fixed candidates after the first micro-batch of a phase) from the same SDDMM, without a dense dW.
 
 The bias, if any, stays frozen and the base weight never receives a gradient.
 
@@ -98,6 +102,20 @@ def _no_autocast(device_type: str):
         return torch.autocast(device_type=device_type, enabled=False)
     except RuntimeError:  # e.g. "meta"
         return torch.autocast(device_type="cpu", enabled=False)
+
+
+_CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per transposed operand chunk: stays in L2 on CPU
+
+
+def _token_chunk(tokens: int, in_features: int, out_features: int) -> int:
+    """Tokens per SDDMM call on CPU: the largest power of two (>= 64) whose ``[chunk, max(in, out)]`` fp32
+    slice fits ``_CPU_CHUNK_ELEMENTS``. ``sampled_addmm`` transposes both operands to token-contiguous
+    rows; chunking keeps those copies and the per-entry dot products cache-resident (measured ~20-25%
+    faster than one call at 1024 tokens on SmolLM2 shapes)."""
+    chunk = 64
+    while chunk * 2 * max(in_features, out_features) <= _CPU_CHUNK_ELEMENTS:
+        chunk *= 2
+    return max(1, min(tokens, chunk))
 
 
 def _accumulate_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -339,7 +357,13 @@ class SparseDeltaLinear(nn.Module):
             pattern = torch.sparse_csr_tensor(
                 crow, cols, torch.zeros(cols.numel(), dtype=grad_out.dtype, device=grad_out.device),
                 (self.out_features, self.in_features), check_invariants=False)
-        sampled = torch.sparse.sampled_addmm(pattern, grad_out.t(), x2d, beta=0.0).values()
+        tokens = grad_out.shape[0]
+        step = tokens if grad_out.device.type != "cpu" else _token_chunk(tokens, self.in_features, self.out_features)
+        sampled = None
+        for start in range(0, tokens, step):
+            part = torch.sparse.sampled_addmm(pattern, grad_out[start:start + step].t(), x2d[start:start + step],
+                                              beta=0.0).values()
+            sampled = part if sampled is None else sampled.add_(part)
         out = torch.empty_like(sampled)
         out[perm] = sampled
         return out

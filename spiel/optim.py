@@ -442,7 +442,8 @@ def build_optimizer(
     (for instance a classifier head) joins with the same settings.
 
     Args:
-        model: a ``spiel.SpielModel`` (needs ``sparse_layers()`` and ``spiel_config``).
+        model: a ``spiel.SpielModel`` (needs ``sparse_layers()`` and ``spiel_config``) or a
+            data-parallel wrapper of one.
         lr: learning rate. weight_decay: decoupled weight decay (on Δ, i.e. toward W0).
         betas: AdamW betas (ignored by SM3). eps: AdamW/SM3 epsilon (default 1e-8).
         momentum, row_cover_only: SM3 options (ignored by AdamW).
@@ -452,6 +453,8 @@ def build_optimizer(
         ValueError: unknown algorithm; no trainable sparse deltas; SM3 asked to optimise a
             parameter that is not a sparse delta.
     """
+    while not callable(getattr(model, "sparse_layers", None)) and hasattr(model, "module"):
+        model = model.module  # DistributedDataParallel(model)
     algo = (algorithm or _algorithm_of(model)).lower()
     layers = [layer for _, layer in model.sparse_layers()]
     values = [layer.values for layer in layers if layer.values.requires_grad]

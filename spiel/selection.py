@@ -124,6 +124,13 @@ def _opens_at_construction(total_steps: int, period: int, accumulation_steps: in
 
 
 # -------------------------------------------------------------------------------------- drop and grow
+def _isin(values: torch.Tensor, distinct_set: torch.Tensor) -> torch.Tensor:
+    """Membership of each of ``values`` in ``distinct_set``: bool, shape of ``values``. Both inputs hold
+    distinct elements (index sets, candidate sets), which lets ``torch.isin`` skip its deduplication
+    (about 3x faster); no dense temporary of the matrix size."""
+    return torch.isin(values, distinct_set, assume_unique=True)
+
+
 def drop_slots(values: torch.Tensor, n: int) -> torch.Tensor:
     """The ``n`` slots of ``values`` ``[k]`` with the smallest ``|Δ|``, ascending by ``|Δ|`` (§3.1).
 
@@ -160,13 +167,13 @@ def choose_ag_growth(indices: torch.Tensor, outgoing: torch.Tensor, candidates: 
         return empty, empty
     keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
     keep[outgoing] = False
-    valid = (~torch.isin(cand, active[keep])).nonzero().squeeze(1)
+    valid = (~_isin(cand, active[keep])).nonzero().squeeze(1)
     m = min(n, valid.numel())
     chosen = valid[torch.topk(scores[valid].float(), m, sorted=True).indices]
     incoming = cand[chosen]
     out_positions = active[outgoing]
-    slots = outgoing[~torch.isin(out_positions, incoming)]
-    chosen = chosen[~torch.isin(incoming, out_positions)]
+    slots = outgoing[~_isin(out_positions, incoming)]
+    chosen = chosen[~_isin(incoming, out_positions)]
     return slots[: chosen.numel()], chosen
 
 
@@ -229,6 +236,13 @@ class _Accumulator:
     samples: int  # hook calls (micro-batches) accumulated on this rank
 
 
+def _unwrap(model: Any) -> Any:
+    """The SpielModel inside a data-parallel wrapper (``DistributedDataParallel(model).module``)."""
+    while not callable(getattr(model, "sparse_layers", None)) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _config_of(model: Any) -> Any:
     for attr in ("spiel_config", "peft_config", "config"):
         cfg = getattr(model, attr, None)
@@ -246,7 +260,7 @@ class SpielSelector:
 
     Args:
         model: a ``spiel.SpielModel`` (``sparse_layers()`` → ``[(name, SparseDeltaLinear)]`` and its
-            ``SpielConfig``); any object with these two works.
+            ``SpielConfig``), or a data-parallel wrapper of one (``.module`` is used).
         optimizer: the optimizer of the deltas (:func:`spiel.optim.build_optimizer`). AG seeds grown
             entries through ``optimizer.seed_entries`` (:class:`~spiel.optim.SparseAdamW`) and otherwise
             clears their per-entry state; MA needs ``optimizer.accumulators(values)`` (:class:`~spiel.optim.SM3`).
@@ -277,6 +291,7 @@ class SpielSelector:
     def __init__(self, model: Any, optimizer: Optimizer, total_steps: int, grad_accumulation_steps: int = 1, *,
                  config: Any = None, completed_steps: int = 0, block_elements: int = 1 << 22,
                  track_overlap: bool = True) -> None:
+        model = _unwrap(model)
         cfg = config if config is not None else _config_of(model)
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps: expected an integer >= 1, got {total_steps!r}")
@@ -501,7 +516,8 @@ class SpielSelector:
         """Fraction of all active indices that were also in the initial index set (None if untracked)."""
         if self._initial is None:
             return None
-        same = sum(int(torch.isin(layer.indices, self._initial[name]).sum()) for name, layer in self.layers)
+        same = sum(int(_isin(layer.indices, self._initial[name].to(layer.indices.dtype)).sum())
+                   for name, layer in self.layers)
         return same / sum(layer.values.numel() for _, layer in self.layers)
 
     # ------------------------------------------------------------------------------- checkpoint

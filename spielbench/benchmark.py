@@ -20,26 +20,27 @@ default), ``llama2-7b``, ``llama2-13b`` (the paper's models, for GPUs).
 Selection phases in their natural proportion (the *schedule-weighted* estimate)
 -----------------------------------------------------------------------------
 Under the reference schedule (S = ``reselection_steps`` = 20, γ = ``selection_accumulation_steps`` = 5,
-SPIEL_SPEC.md §3) a steady-state period of S update steps holds, for SpIEL-AG: one *after-select* step
-(the first after a reselection: the layers rebuild their cached CSR pattern of η), ``S−γ−2`` *plain*
-steps (sampled ``dΔ`` only), γ *phase* steps (gradient hooks on: a dense ``dW`` per layer, accumulated
-at the candidates) and one *select* step (hooks on, then drop/grow); for SpIEL-MA one after-select
-step, ``S−2`` plain steps and one select step (drop/grow by the SM3 scores). A few timed steps cannot
-cover a period of 20, so:
+SPIEL_SPEC.md §3) a steady-state period of S update steps holds, for SpIEL-AG, γ + 1 steps with the
+gradient hooks on (a dense ``dW`` per layer): one *phase-start* step (the first of them: the top-k
+candidate choice), γ − 1 *phase* steps (accumulation at the candidates) and one *select* step (then
+drop/grow); then one *after-select* step (the layers rebuild their cached CSR pattern of η) and
+``S−γ−2`` *plain* steps (sampled ``dΔ`` only). SpIEL-MA has one after-select, ``S−2`` plain and one
+select step (drop/grow by the SM3 scores). A few timed steps cannot cover a period of 20, so:
 
 1. ``warmup_steps`` ordinary steps run first, before a selector is attached (they warm the sampled
    path, the allocator and the optimizer state). Then the selector is attached on a compressed
    schedule whose period is the timed window, ``S_b = steps`` (the natural S when ``steps`` is a
-   multiple of it), with ``γ_b = clip(round(γ·S_b/S), 1, S_b−3)`` (AG; MA ``[0, S_b−1]``), at
+   multiple of it), with ``γ_b = clip(round(γ·S_b/S), min(γ, 2), S_b−3)`` (AG; MA ``[0, S_b−1]``), at
    ``completed_steps = c0 = S_b + γ_b − 1``, and one untimed *entry* step ends with a reselection. The
-   timed window is then exactly one period, ``[after-select, plain…, phase…, select]``, after the
-   p = 1 first reselection. Every kind must be timed, so ``steps`` is raised to 4 for AG and 3 for MA
-   when smaller (the record's ``steps`` is the number actually timed);
+   timed window is then exactly one period, ``[after-select, plain…, phase-start, phase…, select]``,
+   after the p = 1 first reselection. Every kind must be timed, so ``steps`` is raised to 5 for AG
+   (4 if γ = 1, 3 if γ = 0) and to 3 for MA when smaller (the record's ``steps`` is the number timed);
 2. every timed step is labelled with its kind; ``step_time_mean_s`` is ``Σ_kind w_kind · mean(kind)``
-   with the natural weights ``w`` (AG: ``1/S, (S−γ−2)/S, γ/S, 1/S``; MA: ``1/S, (S−2)/S, 1/S``; every
-   other method: plain 1), and ``step_time_p50_s`` is the median of the same weighted distribution
-   (each sample of a kind weighs ``w_kind / n_kind``). With ``steps = S`` the window *is* a natural
-   period and the weighted mean equals the plain mean.
+   with the natural weights ``w`` (AG: after-select ``1/S``, plain ``(S−γ−2)/S``, phase-start ``1/S``,
+   phase ``(γ−1)/S``, select ``1/S``; MA: ``1/S, (S−2)/S, 1/S``; every other method: plain 1), and
+   ``step_time_p50_s`` is the median of the same weighted distribution (each sample of a kind weighs
+   ``w_kind / n_kind``). With ``steps = S`` the window *is* a natural period and the weighted mean
+   equals the plain mean.
 
 The unweighted figures are kept too (``step_time_raw_mean_s``, ``step_times_s``, ``step_kinds``).
 The one-off first window (γ steps, then p = 1) is not part of the steady state and is not weighted in.
@@ -393,33 +394,43 @@ class DrivingSchedule:
 def natural_weights(algorithm: Optional[str], period: int, accumulation: int) -> dict[str, float]:
     """Fraction of steady-state steps of each kind under the natural schedule (S, γ) (SPIEL_SPEC.md §3).
 
-    AG: ``after-select 1/S``, ``plain (S−γ−2)/S``, ``phase γ/S`` (gradient hooks on), ``select 1/S``
-    (hooks on, then drop/grow). MA: ``after-select 1/S``, ``plain (S−2)/S``, ``select 1/S``.
-    Otherwise ``plain 1``. Raises ValueError if S is too short for the algorithm (AG: S >= γ + 2;
-    MA: S >= 2).
+    SpIEL-AG, hooks on in the γ + 1 steps ``t ≡ 0 … γ (mod S)``: ``phase-start 1/S`` (the first hooked
+    step: a dense ``dW`` and the top-k candidate choice), ``phase (γ−1)/S`` (dense ``dW``, accumulated at
+    the candidates), ``select 1/S`` (hooked, then drop/grow), ``after-select 1/S`` (the next step: the
+    layers rebuild their cached index pattern), ``plain (S−γ−2)/S``. With γ = 0 the select step is also
+    the first hooked one. SpIEL-MA: ``after-select 1/S``, ``plain (S−2)/S``, ``select 1/S``. Any other
+    method: ``plain 1``. Kinds with weight 0 are left out.
+
+    Raises ValueError if S is too short (AG: S >= γ + 2; MA: S >= 2).
     """
     if algorithm == "ag":
         if period < accumulation + 2:
             raise ValueError(f"reselection_steps: SpIEL-AG needs S >= γ + 2, got S={period}, γ={accumulation}")
-        return {"after-select": 1 / period, "plain": (period - accumulation - 2) / period,
-                "phase": accumulation / period, "select": 1 / period}
-    if algorithm == "ma":
+        w = {"after-select": 1, "plain": period - accumulation - 2, "phase-start": 1 if accumulation >= 1 else 0,
+             "phase": max(accumulation - 1, 0), "select": 1}
+    elif algorithm == "ma":
         if period < 2:
             raise ValueError(f"reselection_steps: SpIEL-MA needs S >= 2 for the benchmark, got {period}")
-        return {"after-select": 1 / period, "plain": (period - 2) / period, "select": 1 / period}
-    return {"plain": 1.0}
+        w = {"after-select": 1, "plain": period - 2, "select": 1}
+    else:
+        return {"plain": 1.0}
+    return {k: v / period for k, v in w.items() if v > 0}
 
 
-def timed_steps(algorithm: Optional[str], steps: int) -> int:
-    """Timed steps actually run: ``steps``, raised to 4 for SpIEL-AG and 3 for SpIEL-MA so that every
-    step kind of the schedule is measured."""
-    return max(steps, {"ag": 4, "ma": 3}.get(algorithm or "", 1))
+def timed_steps(algorithm: Optional[str], steps: int, accumulation: int = 5) -> int:
+    """Timed steps actually run: ``steps``, raised so that every step kind of the schedule is measured
+    (SpIEL-AG: 5, or 4 when γ = 1, 3 when γ = 0; SpIEL-MA: 3)."""
+    if algorithm == "ag":
+        return max(steps, 3 + min(accumulation, 2))
+    if algorithm == "ma":
+        return max(steps, 3)
+    return steps
 
 
 def driving_schedule(algorithm: Optional[str], options: BenchmarkOptions) -> DrivingSchedule:
     """The compressed schedule that makes the timed window exactly one reselection period (docstring §1)."""
     S, gamma = options.reselection_steps, options.selection_accumulation_steps
-    n = timed_steps(algorithm, options.steps)
+    n = timed_steps(algorithm, options.steps, gamma)
     weights = natural_weights(algorithm, S, gamma)
     if algorithm is None:
         return DrivingSchedule(None, S, gamma, S, gamma, 0, options.warmup_steps + n, weights)
@@ -427,10 +438,11 @@ def driving_schedule(algorithm: Optional[str], options: BenchmarkOptions) -> Dri
         period, acc = S, gamma
     else:
         period = n
-        lo, hi = (1, n - 3) if algorithm == "ag" else (0, n - 1)
-        acc = min(max(int(round(gamma * n / S)), lo), hi)
-    if algorithm == "ag" and gamma == 0:
-        acc = 0
+        if algorithm == "ag":
+            lo = min(gamma, 2)  # a phase-start and a phase step need γ_b >= 2
+            acc = min(max(int(round(gamma * n / S)), lo), n - 3)
+        else:
+            acc = min(max(int(round(gamma * n / S)), 0), n - 1)
     # entry step t = c0 + 1 ≡ γ_b (mod S_b) reselects; the timed window t = c0 + 2 … c0 + 1 + n is one period.
     c0 = period + acc - 1
     return DrivingSchedule(algorithm, S, gamma, period, acc, c0, c0 + 1 + n + 1000, weights)
@@ -762,7 +774,8 @@ def _adapter_state(setup: _Setup) -> dict[str, int]:
 
 def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = None) -> tuple[dict[str, float], str]:
     """One training step; returns ({phase: seconds}, kind): "select" (ended with a reselection),
-    "phase" (gradient hooks on), "after-select" (the step after a "select"), else "plain"."""
+    "phase-start" (gradient hooks on, the first such step of a phase), "phase" (hooks on),
+    "after-select" (the step after a "select"), else "plain"."""
     import torch
     from torch.profiler import record_function
 
@@ -799,7 +812,7 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
     if selected:
         kind = "select"
     elif hooks_on:
-        kind = "phase"
+        kind = "phase" if previous_kind in ("phase-start", "phase") else "phase-start"
     else:
         kind = "after-select" if previous_kind == "select" else "plain"
     return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "selector": t4 - t3, "total": t4 - t0,
@@ -983,7 +996,7 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
             profiler = profile(activities=acts, record_shapes=True)
             profiler.__enter__()
         try:
-            for i in range(timed_steps(schedule.algorithm, options.steps)):
+            for i in range(timed_steps(schedule.algorithm, options.steps, options.selection_accumulation_steps)):
                 phase, kind = _step(setup, batches[i % 2], autocast, sync, previous)
                 previous = kind
                 times.append(phase["total"])
@@ -1256,7 +1269,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
         f"batch {first.get('batch_size')} × {first.get('seq_len')} tokens, dtype {first.get('dtype')}, "
         f"rank {next((r.get('rank') for r in records if r.get('rank')), None)}; "
         f"{first.get('warmup_steps')} warm-up + {min((r.get('steps') or 0) for r in records)}–"
-        f"{max((r.get('steps') or 0) for r in records)} timed steps per run (SpIEL-AG at least 4, SpIEL-MA at "
+        f"{max((r.get('steps') or 0) for r in records)} timed steps per run (SpIEL-AG at least 5, SpIEL-MA at "
         f"least 3), each run in a fresh process; weights: {first.get('model_source')}.",
         f"1-minute load average during the runs: {min(loads):.2f}–{max(loads):.2f} (other work on the machine "
         "disturbs timings)." if loads else "",

@@ -233,9 +233,7 @@ def load_instruction_dataset(
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{field_name}: file {path} does not exist")
-    examples = load_instruction_examples(path)
-    if max_examples is not None:
-        examples = examples[:max_examples]
+    examples = load_instruction_examples(path, max_examples=max_examples)
     features, stats = encode_examples(tokenizer, examples, max_seq_length)
     if not features:
         raise InputError(

@@ -177,14 +177,21 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path) -> PreparedRun:
 
     from spielbench.data import load_instruction_dataset
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"model: cannot load a tokenizer from {model_dir} ({exc})") from None
     train_dataset = load_instruction_dataset(train_path, tokenizer, cfg.max_seq_length,
                                              max_examples=cfg.max_train_examples, field_name="train_data")
     heldout_dataset = None
     if cfg.heldout_data is not None:
         heldout_dataset = load_instruction_dataset(cfg.heldout_data, tokenizer, cfg.max_seq_length,
                                                    max_examples=cfg.heldout_examples, field_name="heldout_data")
-    meta = _meta_model(model_dir)
+    try:
+        meta = _meta_model(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"model: {model_dir}/config.json does not describe a causal LM transformers can build "
+                         f"({exc})") from None
     budget = spec.check_budget(cfg, meta)
     if spec.quantized and device == "cpu":
         _check_nf4_cpu_shapes(meta)

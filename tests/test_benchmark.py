@@ -100,29 +100,37 @@ def test_to_reference_layers_keeps_logits_and_converts_every_layer(tiny_llama):
 # ---------------------------------------------------------------------------------- schedule
 def test_natural_weights_are_the_reference_schedule_proportions():
     ag = B.natural_weights("ag", 20, 5)
-    assert ag == pytest.approx({"after-select": 0.05, "plain": 0.65, "phase": 0.25, "select": 0.05})
-    # hooks are on in 6 of 20 steps (5 phase + the select step), as SPIEL_SPEC.md §3 describes
-    assert (ag["phase"] + ag["select"]) * 20 == pytest.approx(6)
+    assert ag == pytest.approx({"after-select": 0.05, "plain": 0.65, "phase-start": 0.05, "phase": 0.2,
+                                "select": 0.05})
+    # hooks are on in 6 of 20 steps (γ + 1), as SPIEL_SPEC.md §3 describes
+    assert (ag["phase-start"] + ag["phase"] + ag["select"]) * 20 == pytest.approx(6)
+    assert B.natural_weights("ag", 20, 0) == pytest.approx({"after-select": 0.05, "plain": 0.9, "select": 0.05})
     assert B.natural_weights("ma", 20, 5) == pytest.approx({"after-select": 0.05, "plain": 0.9, "select": 0.05})
     assert B.natural_weights(None, 20, 5) == {"plain": 1.0}
     with pytest.raises(ValueError, match="S >= γ \\+ 2"):
         B.natural_weights("ag", 6, 5)
 
 
-@pytest.mark.parametrize("steps,warmup", [(3, 1), (4, 0), (5, 2), (7, 1), (20, 3), (40, 1)])
-def test_driving_schedule_makes_the_window_one_period(steps, warmup):
+@pytest.mark.parametrize("steps,warmup,gamma", [(3, 1, 5), (4, 0, 5), (5, 2, 5), (7, 1, 5), (20, 3, 5), (40, 1, 5),
+                                                (3, 1, 1), (6, 1, 0)])
+def test_driving_schedule_makes_the_window_one_period(steps, warmup, gamma):
     from spiel.selection import phase_open_after
 
-    opts = B.BenchmarkOptions(steps=steps, warmup_steps=warmup)
+    opts = B.BenchmarkOptions(steps=steps, warmup_steps=warmup, selection_accumulation_steps=gamma)
     for algo in ("ag", "ma"):
         sch = B.driving_schedule(algo, opts)
-        n = B.timed_steps(algo, steps)
+        n = B.timed_steps(algo, steps, gamma)
         S, g, c0 = sch.driving_period, sch.driving_accumulation, sch.start_step
         assert (c0 + 1) % S == g and c0 + 1 > g  # the entry step reselects, after the p=1 one
         kinds, prev = [], "select"
-        for t in range(c0 + 2, c0 + 2 + n):
+        for t in range(c0 + 2, c0 + 2 + n):  # the labelling rule of spielbench.benchmark._step
             hooks = algo == "ag" and phase_open_after(t - 1, sch.total_steps, S, g)
-            kind = "select" if t % S == g else ("phase" if hooks else ("after-select" if prev == "select" else "plain"))
+            if t % S == g:
+                kind = "select"
+            elif hooks:
+                kind = "phase" if prev in ("phase-start", "phase") else "phase-start"
+            else:
+                kind = "after-select" if prev == "select" else "plain"
             kinds.append(kind)
             prev = kind
         assert kinds[0] == "after-select" and kinds[-1] == "select" and kinds.count("select") == n // S
@@ -134,10 +142,11 @@ def test_driving_schedule_makes_the_window_one_period(steps, warmup):
 
 
 def test_weighted_step_stats_hand_computed():
-    w = {"after-select": 0.05, "plain": 0.65, "phase": 0.25, "select": 0.05}
-    out = B.weighted_step_stats([2.0, 1.0, 3.0, 3.0, 5.0], ["after-select", "plain", "phase", "phase", "select"], w)
-    assert out["mean"] == pytest.approx(0.05 * 2 + 0.65 * 1 + 0.25 * 3 + 0.05 * 5)
-    assert out["kind_mean"] == {"after-select": 2.0, "plain": 1.0, "phase": 3.0, "select": 5.0}
+    w = {"after-select": 0.05, "plain": 0.65, "phase-start": 0.05, "phase": 0.2, "select": 0.05}
+    out = B.weighted_step_stats([2.0, 1.0, 4.0, 3.0, 3.0, 5.0],
+                                ["after-select", "plain", "phase-start", "phase", "phase", "select"], w)
+    assert out["mean"] == pytest.approx(0.05 * 2 + 0.65 * 1 + 0.05 * 4 + 0.2 * 3 + 0.05 * 5)
+    assert out["kind_mean"] == {"after-select": 2.0, "plain": 1.0, "phase-start": 4.0, "phase": 3.0, "select": 5.0}
     assert out["p50"] == 1.0  # 65% of the weight sits at 1.0
     plain = B.weighted_step_stats([1.0, 4.0, 2.0, 3.0], ["plain"] * 4, {"plain": 1.0})
     assert plain["mean"] == 2.5 and plain["p50"] == 2.5
@@ -256,7 +265,7 @@ def test_tiny_sweep_in_fresh_processes_writes_documented_json(tmp_path):
         assert rec["trainable_params"] == pytest.approx(n, abs=14)  # floor() per matrix
         assert rec["reselections_timed"] == 1 and rec["step_kinds"][0] == "after-select"
         assert rec["step_kinds"][-1] == "select"
-    assert ag["steps"] == 4 and "phase" in ag["step_kinds"] and ma["steps"] == 3
+    assert ag["step_kinds"] == ["after-select", "plain", "phase-start", "phase", "select"] and ma["steps"] == 3
     k = ag["trainable_params"]
     # SparseAdamW: Δ 4 + grad 4 + age/m/v 12 + int32 index 4 bytes per entry
     assert ag["adapter_state"] == {"trainable_param_bytes": 4 * k, "gradient_bytes": 4 * k,

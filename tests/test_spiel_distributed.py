@@ -39,8 +39,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             # broadcast_buffers=False: DDP must not copy rank 0's indices over the others' (that would
             # hide a divergence); every rank has to reach the same selection by itself.
             ddp = DDP(model, broadcast_buffers=False)
-            opt = build_optimizer(model, lr=1e-2)
-            sel = SpielSelector(model, opt, total_steps=TOTAL, grad_accumulation_steps=GA)
+            opt = build_optimizer(ddp, lr=1e-2)  # the wrapper is unwrapped
+            sel = SpielSelector(ddp, opt, total_steps=TOTAL, grad_accumulation_steps=GA)
             gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
             snapshots, losses = [], []
             for _ in range(STEPS):

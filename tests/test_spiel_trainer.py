@@ -122,3 +122,26 @@ def test_stock_trainer_with_callback_and_errors(tmp_path):
         SpielTrainer(model=make_tiny_llama(0), args=args)
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
         load_adapter_weights(model, tmp_path)
+
+
+def test_trainer_qspiel_on_a_4bit_base(tmp_path):
+    """qSpIEL under SpielTrainer: transformers refuses 'purely quantized' models without adapters; the
+    sparse deltas count as the adapter, training runs and only Δ changes (the NF4 base stays packed)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    make_tiny_llama(0).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
+    assert base.is_quantized
+    cfg = SpielConfig(density=0.05, selection_algorithm="ag", reselection_steps=4, selection_accumulation_steps=1,
+                      delta_dtype="bfloat16")
+    model = get_spiel_model(base, cfg)
+    packed = model.sparse_layers()[0][1].base_layer.weight.data.clone()
+    trainer = SpielTrainer(model=model, args=_args(tmp_path / "out", max_steps=3, save_strategy="no"),
+                           train_dataset=_dataset(), data_collator=default_data_collator)
+    trainer.train()
+    assert [h["step"] for h in trainer.selector.history] == [1]
+    for name, layer in model.sparse_layers():
+        assert layer.values.dtype == torch.bfloat16 and bool((layer.values != 0).any()), name
+    assert torch.equal(model.sparse_layers()[0][1].base_layer.weight.data, packed)

@@ -183,11 +183,13 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_run_files, tmp_path):
             assert torch.allclose(g[n], ref[n], rtol=1e-4, atol=1e-7), (key, n)
 
 
-def test_gradient_checkpointing_does_not_change_training(tiny_run_files, tmp_path):
+def test_gradient_checkpointing_does_not_change_training(tiny_run_files, tmp_path, capfd):
     base = dict(max_steps=3, save_steps=10, heldout_examples=2)
     a = train(tiny_run_config(tiny_run_files, "spiel-ag", **base), tmp_path / "off", progress=False)
     b = train(tiny_run_config(tiny_run_files, "spiel-ag", gradient_checkpointing=True, **base), tmp_path / "on",
-              progress=False)
+              progress=True)
+    bar = capfd.readouterr().err
+    assert "3/3" in bar and "step=3" in bar and "loss=" in bar and "tok_s=" in bar  # the progress bar
     for (sa, la), (sb, lb) in zip([tuple(x.values()) for x in a["loss_curve"]], [tuple(x.values()) for x in b["loss_curve"]]):
         assert sa == sb and la == pytest.approx(lb, rel=1e-5)
     ta, tb = adapter_tensors(tmp_path / "off" / "adapter"), adapter_tensors(tmp_path / "on" / "adapter")
@@ -298,15 +300,19 @@ def test_missing_run_config_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["spiel-ag", "qspiel-ma", "lora"])
+@pytest.mark.parametrize("method", ["spiel-ag", "qspiel-ma"])
 def test_real_smollm2_on_the_mixture(method, real_model_dir, tmp_path, capfd):
-    """A few steps of the real SmolLM2-135M on the default mixture: adapter + metrics, LoRA-matched budget."""
+    """A few steps of the real SmolLM2-135M on the default mixture: adapter + metrics, LoRA-matched budget.
+
+    SpIEL-AG and the 4-bit SpIEL-MA stand for all methods here (about 20 s each on a loaded 2-core
+    machine); every method runs end to end on the tiny model above.
+    """
     mixture = REPO / "resources" / "data" / "mixture"
     if not (mixture / "train.jsonl").is_file():
         pytest.skip("the mixture is not built (snakemake assets)")
     cfg = RunConfig(method=method, model=str(real_model_dir), train_data=str(mixture / "train.jsonl"),
                     heldout_data=str(mixture / "heldout.jsonl"), rank=4, max_steps=2, per_device_train_batch_size=2,
-                    gradient_accumulation_steps=1, max_seq_length=64, max_train_examples=16, heldout_examples=4,
+                    gradient_accumulation_steps=1, max_seq_length=128, max_train_examples=16, heldout_examples=4,
                     save_steps=1, learning_rate=1e-3, warmup_ratio=0.0, spiel={"reselection_steps": 2,
                     "selection_accumulation_steps": 1} if METHODS[method].family == "spiel" else {})
     m = train(cfg, tmp_path / method, progress=True)
