@@ -152,14 +152,16 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
         grad_x = grad_values = None
         with _no_autocast(grad_out.device.type):
             g = grad_out.reshape(-1, layer.out_features)
+            # hooks are read once: a hook may switch the layer to sampled candidates for later backwards
+            dense_hook = layer.weight_grad_hook
             sample_hook = layer.grad_sample_hook
             sample_at = layer.grad_sample_indices if sample_hook is not None else None
-            if ctx.needs_input_grad[1] or layer.weight_grad_hook is not None or sample_at is not None:
+            if ctx.needs_input_grad[1] or dense_hook is not None or sample_at is not None:
                 x2d = xc.reshape(-1, layer.in_features)
                 acc = _accumulate_dtype(compute_dtype)
-                if layer.weight_grad_hook is not None:
+                if dense_hook is not None:
                     dense_grad = g.to(acc).t() @ x2d.to(acc)  # [out, in], fp32 (fp64 in gradchecks)
-                    layer.weight_grad_hook(dense_grad)
+                    dense_hook(dense_grad)
                     flat = dense_grad.view(-1)
                     grad_values = flat[indices]
                     if sample_at is not None:

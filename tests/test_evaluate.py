@@ -255,6 +255,38 @@ def test_spiel_and_peft_adapters_merge_to_the_unmerged_logits(tmp_path, scripted
         torch.testing.assert_close(merged(input_ids=ids).logits, lora(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_4bit_runs_are_evaluated_unmerged_on_an_nf4_base(tmp_path, scripted_llama, scripted_model_dir,
+                                                        eval_fixture_dir):
+    from spiel.layer import SparseDeltaLinear
+
+    adapter = tmp_path / "spiel"
+    _spiel_adapter(scripted_llama, adapter, seed=4)
+    model, tok, info = load_for_eval(scripted_model_dir, adapter, method="qspiel-ag")
+    assert info["quantized"] and info["adapter_application"] == "unmerged" and info["dtype"] == "nf4/float32"
+    layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
+    assert len(layers) == 7 and all(layer.is_4bit and not layer.merged for layer in layers)
+    ids = torch.tensor([[3, 10, 8, 19, 25]])
+    with torch.no_grad():
+        on = model(input_ids=ids).logits
+        for layer in layers:
+            layer.disabled = True
+        off = model(input_ids=ids).logits
+        for layer in layers:
+            layer.disabled = False
+    assert not torch.allclose(on, off, atol=1e-3)  # the unmerged deltas take part in the forward pass
+    report = evaluate_model(model, tok, ["boolq"], eval_dir=eval_fixture_dir, limit=2)
+    assert report["tasks"]["boolq"]["n"] == 2
+
+
+def test_chat_prompt_format_wraps_prompts_in_the_template(scripted_llama, eval_tokenizer, eval_fixture_dir):
+    report = evaluate_model(scripted_llama, eval_tokenizer, ["boolq"], eval_dir=eval_fixture_dir, limit=1,
+                            prompt_format="chat", return_samples=True)
+    prompt, continuation = report["samples"]["spiel_boolq"][0]["arguments"][0]
+    assert prompt == "<user>Hello world.\nQuestion: is it?\nAnswer:\n<assistant>" and continuation == "no"  # lm-eval drops the " " delimiter after a chat turn
+    with pytest.raises(InputError, match="prompt_format"):
+        evaluate_model(scripted_llama, eval_tokenizer, ["boolq"], eval_dir=eval_fixture_dir, prompt_format="html")
+
+
 def test_heldout_loss_is_the_token_mean_over_responses(tmp_path, scripted_llama, eval_tokenizer):
     from spielbench.data import load_instruction_dataset
 

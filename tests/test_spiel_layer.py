@@ -334,3 +334,27 @@ def test_sampled_grad_chunked_over_tokens(monkeypatch):
     dense = (grad_out.double().t() @ x.double()).reshape(-1)
     torch.testing.assert_close(layer.values.grad.double(), dense[layer.indices.long()], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[0].double(), dense[[3, 200, 383]], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_hook_can_switch_to_sampled_candidates():
+    """The AG pattern: the first backward of a phase gives the dense dW, the hook picks candidates and
+    switches the layer to sampled candidate gradients for the rest of the phase (spec §4.1)."""
+    layer = _layer(out=10, inp=8, k=12, dtype=torch.float32)
+    sums = {}
+
+    def first(dense_grad):
+        cand = torch.topk(dense_grad.abs().reshape(-1), 12).indices
+        sums["cand"], sums["sum"] = cand, dense_grad.reshape(-1)[cand].clone()
+        layer.weight_grad_hook = None
+        layer.sample_weight_grad(cand, lambda g: sums["sum"].add_(g))
+
+    layer.weight_grad_hook = first
+    xs = [torch.randn(6, 8) for _ in range(3)]
+    for x in xs:
+        layer(x).square().sum().backward()
+    total = torch.zeros(80, dtype=torch.float64)
+    for x in xs:
+        w = (layer.base_weight(torch.float64) + layer.delta_weight(torch.float64)).requires_grad_()
+        (x.double() @ w.t() + layer.bias.double()).square().sum().backward()
+        total += w.grad.reshape(-1)
+    torch.testing.assert_close(sums["sum"].double(), total[sums["cand"]], rtol=1e-5, atol=1e-5)

@@ -320,3 +320,13 @@ def test_real_smollm2_on_the_mixture(method, real_model_dir, tmp_path, capfd):
     assert m["steps"] == 2 and (tmp_path / method / "adapter").is_dir()
     assert m["budget"]["trainable_params"] == 4 * 30 * (1152 + 768 + 768 + 1152 + 3 * 2112)
     assert m["heldout_loss"] < m["heldout_loss_before"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["qlora", "spiel-ag"])
+def test_cuda_run_reports_cuda_memory(method, tiny_run_files, tmp_path):
+    """On CUDA: bf16 base (NF4 with bf16 compute for 4-bit), bf16 autocast, CUDA peak memory in the metrics."""
+    m = train(tiny_run_config(tiny_run_files, method, device="cuda", max_steps=2, heldout_examples=4),
+              tmp_path / method, progress=False)
+    assert m["device"]["device"] == "cuda" and m["steps"] == 2
+    assert m["memory"]["cuda_max_reserved_bytes"] >= m["memory"]["cuda_max_allocated_bytes"] > 0
