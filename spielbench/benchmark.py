@@ -779,7 +779,9 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
     import torch
     from torch.profiler import record_function
 
-    hooks_on = any(layer.weight_grad_hook is not None for layer in setup.sparse_layers)
+    sel = setup.selector
+    # an AG selection phase is open: the step collects candidate gradients (dense dW or sampled candidates)
+    hooks_on = sel is not None and getattr(sel, "algorithm", None) == "ag" and bool(getattr(sel, "phase_open", False))
     history = len(setup.selector.history) if setup.selector is not None else 0
     c0 = time.process_time()
     t0 = time.perf_counter()

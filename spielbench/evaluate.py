@@ -35,7 +35,7 @@ Result JSON (``format: "spielbench-eval/1"``), written atomically::
        ("none" | "merged" | "unmerged" | "full-model"), "quantized", "dtype",
      "prompt_format" ("plain" | "chat"), "seed", "limit", "batch_size",
      "lm_eval_version", "transformers_version", "torch_version",
-     "tasks": {name: {"lm_eval_task", "metric", "value", "stderr", "n", "n_available", "shots",
+     "tasks": {name: {"lm_eval_task", "metric", "value", "stderr", "n", "n_available", "shots", "limit",
                       "metrics": {metric: {"value", "stderr"}}, "subtasks": {...} (groups only)}
                | {"skipped": true, "note": str}},
      "notes": [str], "heldout": {"loss", "n_examples", "n_tokens", "file", "max_seq_length"} | null,
@@ -490,9 +490,30 @@ def summarise_results(results: dict, runnable: list[str]) -> dict[str, dict]:
     return out
 
 
+def task_limits(limit: int | dict[str, int | None] | None, tasks: list[str]) -> dict[str, int | None]:
+    """The item limit of each task from an int (every task), a ``{task: int | None}`` mapping, or None.
+
+    Raises:
+        InputError: a limit that is not a positive integer or null, or a mapping naming a task that is
+            not among ``tasks``.
+    """
+    def checked(value: Any, where: str) -> int | None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InputError(f"{where}: expected a positive integer or null, got {value!r}")
+        return value
+
+    if isinstance(limit, dict):
+        unknown = sorted(set(limit) - set(tasks))
+        if unknown:
+            raise InputError(f"limit: {unknown} are not among the evaluated tasks {tasks}")
+        return {t: checked(limit.get(t), f"limit.{t}") for t in tasks}
+    value = checked(limit, "limit")
+    return {t: value for t in tasks}
+
+
 def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | os.PathLike,
-                   limit: int | None = None, prompt_format: str = "plain", seed: int = 1234,
-                   batch_size: int = 4, allow_code_execution: bool = False,
+                   limit: int | dict[str, int | None] | None = None, prompt_format: str = "plain",
+                   seed: int = 1234, batch_size: int = 4, allow_code_execution: bool = False,
                    bbh_path: str | os.PathLike | None = None, tydiqa_path: str | os.PathLike | None = None,
                    max_length: int | None = None, return_samples: bool = False) -> dict[str, Any]:
     """Evaluate an in-memory model on suite tasks with lm-eval (``HFLM(pretrained=model)`` + ``simple_evaluate``).
@@ -502,7 +523,9 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
         tokenizer: its tokenizer.
         tasks: suite task names (:data:`TASKS`), a list or comma-separated string.
         eval_dir: folder of the asset JSONL files.
-        limit: items per task (per subtask for the ``bbh``/``tydiqa`` groups); None = all.
+        limit: items per task (per subtask for the ``bbh``/``tydiqa`` groups): an int for every task,
+            or ``{task: int | None}`` (tasks not named: all items); None = all. Where rows are
+            shuffled (MMLU, GSM8K, BBH, TyDiQA) the limit takes a seeded random subset, else the first.
         prompt_format: "plain" (the paper's prompts) or "chat" (lm-eval applies the tokenizer's chat
             template, the whole prompt as one user turn).
         seed: lm-eval's Python/numpy/torch/few-shot seeds.
@@ -522,10 +545,9 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
     """
     if prompt_format not in PROMPT_FORMATS:
         raise InputError(f"prompt_format: expected one of {PROMPT_FORMATS}, got {prompt_format!r}")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise InputError(f"limit: expected a positive integer or null, got {limit!r}")
     runnable, skipped = check_tasks(tasks, eval_dir, allow_code_execution=allow_code_execution,
                                     bbh_path=bbh_path, tydiqa_path=tydiqa_path)
+    limits = task_limits(limit, runnable + list(skipped))
     from importlib.metadata import version
 
     report: dict[str, Any] = {"tasks": {}, "notes": [], "lm_eval_version": version("lm_eval")}
@@ -541,15 +563,21 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
 
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
             manager = TaskManager(include_path=tmp, include_defaults=False)
-            results = simple_evaluate(
-                model=lm, tasks=[TASKS[t].lm_eval_task for t in runnable], limit=limit,
-                task_manager=manager, apply_chat_template=prompt_format == "chat",
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                confirm_run_unsafe_code=allow_code_execution, log_samples=return_samples,
-            )
-        report["tasks"].update(summarise_results(results, runnable))
-        if return_samples:
-            report["samples"] = results.get("samples", {})
+            # lm-eval takes one limit per call: one call per distinct limit, in request order
+            for value in dict.fromkeys(limits[t] for t in runnable):
+                group = [t for t in runnable if limits[t] == value]
+                results = simple_evaluate(
+                    model=lm, tasks=[TASKS[t].lm_eval_task for t in group], limit=value,
+                    task_manager=manager, apply_chat_template=prompt_format == "chat",
+                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                    confirm_run_unsafe_code=allow_code_execution, log_samples=return_samples,
+                )
+                summary = summarise_results(results, group)
+                for t in group:
+                    summary[t]["limit"] = value
+                report["tasks"].update(summary)
+                if return_samples:
+                    report.setdefault("samples", {}).update(results.get("samples", {}))
     for name, note in skipped.items():
         report["tasks"][name] = {"skipped": True, "note": note}
         report["notes"].append(f"{name}: skipped: {note}")
@@ -639,7 +667,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.PathLike | None = None,
                  adapter: str | os.PathLike | None = None, method: str | None = None,
                  tasks: list[str] | str, output: str | os.PathLike, eval_dir: str | os.PathLike = "resources/eval",
-                 limit: int | None = None, heldout: str | os.PathLike | None = None,
+                 limit: int | dict[str, int | None] | None = None, heldout: str | os.PathLike | None = None,
                  heldout_examples: int | None = None, max_seq_length: int | None = None,
                  prompt_format: str = "plain", seed: int = 1234, batch_size: int = 4,
                  allow_code_execution: bool = False, bbh_path: str | os.PathLike | None = None,
@@ -688,6 +716,7 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         adapter_kind(adapter)
     check_tasks(tasks, eval_dir, allow_code_execution=allow_code_execution, bbh_path=bbh_path,
                 tydiqa_path=tydiqa_path)
+    task_limits(limit, _task_names(tasks))
     if prompt_format not in PROMPT_FORMATS:
         raise InputError(f"prompt_format: expected one of {PROMPT_FORMATS}, got {prompt_format!r}")
     if heldout is not None:
@@ -738,6 +767,18 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
 # Command line
 # --------------------------------------------------------------------------------------------
 
+def _parse_limit(text: str) -> int | dict[str, int]:
+    """``"60"`` -> 60; ``"arc_easy=100,gsm8k=20"`` -> ``{"arc_easy": 100, "gsm8k": 20}``."""
+    import argparse
+
+    try:
+        if "=" not in text:
+            return int(text)
+        return {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or task=N,task=N, got {text!r}") from None
+
+
 def _build_parser():
     import argparse
 
@@ -752,7 +793,8 @@ def _build_parser():
     ap.add_argument("--render-tasks", metavar="DIR",
                     help="only write an lm-eval include folder with absolute data paths, then exit")
     ap.add_argument("--tasks", default="arc_easy", help=f"comma-separated, from: {', '.join(TASKS)}")
-    ap.add_argument("--limit", type=int, default=None, help="items per task (per subtask for bbh/tydiqa)")
+    ap.add_argument("--limit", type=_parse_limit, default=None,
+                    help="items per task (per subtask for bbh/tydiqa): N for every task, or task=N,task=N")
     ap.add_argument("--output", help="result JSON path")
     ap.add_argument("--eval-dir", default="resources/eval", help="folder of the evaluation JSONL files")
     ap.add_argument("--heldout", help="held-out instruction file for the held-out loss")

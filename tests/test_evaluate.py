@@ -254,6 +254,12 @@ def test_spiel_and_peft_adapters_merge_to_the_unmerged_logits(tmp_path, scripted
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, lora(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
+    # a full fine-tuning run saves a whole model folder: it is loaded as the model itself
+    full, _, info = load_for_eval(scripted_model_dir, scripted_model_dir, method="full")
+    assert adapter_kind(scripted_model_dir) == "full" and info["adapter_application"] == "full-model"
+    with torch.no_grad():
+        torch.testing.assert_close(full(input_ids=ids).logits, scripted_llama(input_ids=ids).logits)
+
 
 def test_4bit_runs_are_evaluated_unmerged_on_an_nf4_base(tmp_path, scripted_llama, scripted_model_dir,
                                                         eval_fixture_dir):
@@ -315,15 +321,20 @@ def test_evaluate_run_writes_one_json(tmp_path, scripted_llama, scripted_model_d
                                                      "model": str(scripted_model_dir), "max_seq_length": 32}))
     heldout = _write_jsonl(tmp_path / "heldout.jsonl", [{"inputs": " hello", "targets": " yes"}])
     out = tmp_path / "results" / "spiel-ag-r1.json"
-    result = evaluate_run(run, tasks="boolq,tydiqa", output=out, eval_dir=eval_fixture_dir, limit=2,
-                          heldout=heldout, seed=7)
+    with pytest.raises(InputError, match=r"limit: \['gsm8k'\] are not among"):
+        evaluate_run(run, tasks="boolq", output=out, eval_dir=eval_fixture_dir, limit={"gsm8k": 2})
+    result = evaluate_run(run, tasks="boolq,arc_easy,tydiqa", output=out, eval_dir=eval_fixture_dir,
+                          limit={"boolq": 2, "arc_easy": 3}, heldout=heldout, seed=7)
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))
     assert written["format"] == "spielbench-eval/1" and written["run_id"] == "spiel-ag-r1"
     assert written["method"] == "spiel-ag" and written["adapter_application"] == "merged"
-    assert written["prompt_format"] == "plain" and written["seed"] == 7 and written["limit"] == 2
+    assert written["prompt_format"] == "plain" and written["seed"] == 7
+    assert written["limit"] == {"boolq": 2, "arc_easy": 3}
+    assert written["tasks"]["arc_easy"]["n"] == 3 and written["tasks"]["arc_easy"]["limit"] == 3
     assert written["lm_eval_version"] == "0.4.13"
     assert written["tasks"]["boolq"]["n"] == 2 and 0.0 <= written["tasks"]["boolq"]["value"] <= 1.0
+    assert list(written["tasks"]) == ["boolq", "arc_easy", "tydiqa"]
     assert written["tasks"]["tydiqa"]["skipped"] is True
     assert written["heldout"]["n_examples"] == 1 and written["heldout"]["max_seq_length"] == 32
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind

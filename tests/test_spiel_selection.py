@@ -190,46 +190,88 @@ def test_top_inactive_scores_matches_brute_force(block_elements):
     assert sorted(pos.tolist()) == [30, 31, 32, 33, 34]
 
 
-def _spy_hooks(model, records):
-    for name, layer in model.sparse_layers():
+class _PhaseSpy:
+    """Records, per matrix, what the SpIEL-AG selector receives during a phase: the dense ``dW`` of the
+    first backward, the candidates it then asks the layer to sample, each sampled candidate gradient,
+    and every backward's ``(x, dY)`` to recompute ``dW`` in fp64."""
+
+    def __init__(self, model):
+        self.dense, self.candidates, self.sampled, self.io = {}, {}, {}, {}
+        self.handles = []
+        for name, layer in model.sparse_layers():
+            self._wrap_dense(name, layer)
+            self.handles.append(layer.register_forward_hook(self._record_io(name)))
+
+    def _wrap_dense(self, name, layer):
         original = layer.weight_grad_hook
 
-        def spy(dw, name=name, original=original):
-            records.setdefault(name, []).append(dw.detach().clone())
+        def dense_spy(dw):
+            self.dense.setdefault(name, []).append(dw.detach().clone())
             original(dw)
+            inner = layer.grad_sample_hook  # the selector switched the layer to sampled candidates
+            if inner is not None:
+                self.candidates[name] = layer.grad_sample_indices.clone()
 
-        spy._spiel_selector = original._spiel_selector
-        layer.weight_grad_hook = spy
+                def sampled_spy(g):
+                    self.sampled.setdefault(name, []).append(g.detach().clone())
+                    inner(g)
+
+                sampled_spy._spiel_selector = inner._spiel_selector
+                layer.grad_sample_hook = sampled_spy
+
+        dense_spy._spiel_selector = original._spiel_selector
+        layer.weight_grad_hook = dense_spy
+
+    def _record_io(self, name):
+        def hook(module, args, out):
+            x = args[0].detach().clone()
+            out.register_hook(lambda gy: self.io.setdefault(name, []).append((x, gy.detach().clone())))
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def test_ag_reselection_matches_brute_force_and_seeds_adam_state():
     model, opt, sel = _setup("ag", total=20, S=6, gamma=2, zeta=0.5)
     expected_k = model.num_deltas
-    records: dict[str, list[torch.Tensor]] = {}
+    spy = None
     for step in range(1, 8):
         _train_step(model, opt, sel, step)
         if step == 5:
             assert sel.phase_open
-            _spy_hooks(model, records)
+            spy = _PhaseSpy(model)
     _update(model, opt, 8)
+    spy.remove()
     _break_ties(model)
     before = {n: (l.indices.long().clone(), l.values.detach().clone()) for n, l in model.sparse_layers()}
     state_before = {n: {k: v.clone() for k, v in opt.state[l.values].items()} for n, l in model.sparse_layers()}
     sel.step()
     assert [h["step"] for h in sel.history] == [2, 8]
+    assert all(l.weight_grad_hook is None and l.grad_sample_hook is None for _, l in model.sparse_layers())
     p = 0.5 * (1 - 8 / 20)
     assert sel.history[1]["rate"] == pytest.approx(p)
     beta1, beta2 = opt.param_groups[0]["betas"]
     total_changed = 0
     for name, layer in model.sparse_layers():
-        grads = records[name]
-        assert len(grads) == 3 * GA  # steps 6, 7, 8
         idx, vals = before[name]
         k = idx.numel()
+        # Spec §4.1: one dense dW per matrix per phase (the first micro-batch of steps 6-8), then only
+        # sampled candidate gradients for the other 3·GA − 1 micro-batches.
+        assert len(spy.dense[name]) == 1 and len(spy.sampled[name]) == 3 * GA - 1
+        first = spy.dense[name][0].reshape(-1)
+        cand = spy.candidates[name].long()
+        assert set(cand.tolist()) == set(torch.topk(first.abs(), k).indices.tolist())  # top-k |dW|
+        # Each sampled value is dW at the candidates, up to the order of fp32 summation.
+        for (x, gy), got in zip(spy.io[name][1:], spy.sampled[name]):
+            dense64 = (gy.reshape(-1, layer.out_features).double().t() @ x.reshape(-1, layer.in_features).double())
+            want = dense64.reshape(-1)[cand]
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * float(dense64.abs().max()))
+        grads = [first[cand]] + spy.sampled[name]
+        sums = sum(grads)
+        sq = sum(g ** 2 for g in grads)
         n = int(k * p)
-        cand = torch.topk(grads[0].abs().reshape(-1), k).indices
-        sums = sum(g.reshape(-1)[cand] for g in grads)
-        sq = sum(g.reshape(-1)[cand] ** 2 for g in grads)
         outgoing = sorted(range(k), key=lambda s: abs(vals[s].item()))[:n]
         out_pos = {int(idx[s]) for s in outgoing}
         remaining = set(idx.tolist()) - out_pos
@@ -395,7 +437,9 @@ def test_resume_mid_phase_from_state_dicts_equals_uninterrupted(tmp_path):
     sel2 = SpielSelector(model2, opt2, total_steps=10, grad_accumulation_steps=GA)
     sel2.load_state_dict(ckpt["sel"])
     assert sel2.completed_steps == 7 and sel2.phase_open
-    assert all(l.weight_grad_hook is not None for _, l in model2.sparse_layers())
+    for name, layer in model2.sparse_layers():  # candidates restored: sampled, no dense dW needed
+        assert layer.weight_grad_hook is None and layer.grad_sample_hook is not None
+        assert torch.equal(layer.grad_sample_indices, ckpt["sel"]["accumulators"][name]["candidates"])
     for step in range(8, 11):
         _train_step(model2, opt2, sel2, step)
     resumed = _snapshot(model2)
