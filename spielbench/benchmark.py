@@ -20,12 +20,13 @@ default), ``llama2-7b``, ``llama2-13b`` (the paper's models, for GPUs).
 Selection phases in their natural proportion (the *schedule-weighted* estimate)
 -----------------------------------------------------------------------------
 Under the reference schedule (S = ``reselection_steps`` = 20, γ = ``selection_accumulation_steps`` = 5,
-SPIEL_SPEC.md §3) a steady-state period of S update steps holds, for SpIEL-AG, γ + 1 steps with the
-gradient hooks on (a dense ``dW`` per layer): one *phase-start* step (the first of them: the top-k
-candidate choice), γ − 1 *phase* steps (accumulation at the candidates) and one *select* step (then
-drop/grow); then one *after-select* step (the layers rebuild their cached CSR pattern of η) and
-``S−γ−2`` *plain* steps (sampled ``dΔ`` only). SpIEL-MA has one after-select, ``S−2`` plain and one
-select step (drop/grow by the SM3 scores). A few timed steps cannot cover a period of 20, so:
+SPIEL_SPEC.md §3) a steady-state period of S update steps holds, for SpIEL-AG, γ + 1 steps of an
+open selection phase (the selector collects candidate gradients): one *phase-start* step (a dense
+``dW`` per layer and the top-k candidate choice), γ − 1 *phase* steps (accumulation at the candidates)
+and one *select* step (accumulation, then drop/grow); then one *after-select* step (the layers
+rebuild their cached CSR pattern of η) and ``S−γ−2`` *plain* steps (sampled ``dΔ`` only). SpIEL-MA
+has one after-select, ``S−2`` plain and one select step (drop/grow by the SM3 scores). A few timed
+steps cannot cover a period of 20, so:
 
 1. ``warmup_steps`` ordinary steps run first, before a selector is attached (they warm the sampled
    path, the allocator and the optimizer state). Then the selector is attached on a compressed
@@ -47,8 +48,8 @@ The one-off first window (γ steps, then p = 1) is not part of the steady state 
 
 Memory
 ------
-Peak counters are reset after the model, optimizer and selector are built, so peaks cover the
-resident model plus training. CUDA: ``torch.cuda.max_memory_allocated``/``max_memory_reserved``.
+Peak counters are reset after the model and optimizer are built (before the warm-up), so peaks cover
+the resident model plus training. CUDA: ``torch.cuda.max_memory_allocated``/``max_memory_reserved``.
 CPU: the resident-set high-water mark (``VmHWM`` after a ``clear_refs`` reset on Linux, else
 ``ru_maxrss``), see :mod:`spielbench.measure`. Plus the exact bytes of trainable parameters, their
 gradients, the optimizer state and SpIEL's index buffers.
@@ -92,10 +93,10 @@ Stable fields (the aggregation reads these; units in the names):
 Further fields: ``dtype``, ``rank``, ``step_time_raw_mean_s``, ``step_times_s``, ``step_kinds``,
 ``kind_mean_s`` ({kind: mean [s]}), ``step_cpu_time_mean_s`` (schedule-weighted process CPU time per
 step [s], all threads: steadier than wall time on a machine shared with other work, but it includes
-OpenMP spin-waiting when threads > 1), ``step_cpu_times_s``, ``phase_mean_s`` ({forward, backward, optimizer, selector: mean
-[s] over timed steps}), ``schedule`` (natural S/γ, weights, driving S_b/γ_b/c0/T), ``adapter_state``
-(byte components), ``adapter_state_bytes_per_trainable_param``, ``memory_estimate`` (the prediction's
-components [bytes]), ``memory_available_bytes``, ``peak_rss_scope``, ``build_time_s``, ``wall_time_s``,
+OpenMP spin-waiting when threads > 1), ``step_cpu_times_s``, ``phase_mean_s`` ({forward, backward,
+optimizer, selector: mean [s] over timed steps}), ``schedule`` (natural S/γ, weights, driving
+S_b/γ_b/c0/T), ``adapter_state`` (byte components), ``adapter_state_bytes_per_trainable_param``,
+``memory_estimate`` (the prediction's components [bytes]), ``memory_available_bytes``, ``peak_rss_scope``, ``build_time_s``, ``wall_time_s``,
 ``load_avg_start``/``load_avg_end`` (1-minute load average: other work on the machine disturbs
 timings), ``versions``, ``created_utc``, ``model_source`` (``"random-init"`` or a model folder).
 
@@ -110,7 +111,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
 import signal
 import statistics
@@ -288,7 +288,8 @@ class BenchmarkOptions:
             raise InputError(f"selection_accumulation_steps: expected < reselection_steps={self.reselection_steps}, "
                              f"got {self.selection_accumulation_steps}")
         if not 0.0 <= float(self.initial_reselection_rate) <= 1.0:
-            raise InputError(f"initial_reselection_rate: expected a number in [0, 1], got {self.initial_reselection_rate!r}")
+            raise InputError("initial_reselection_rate: expected a number in [0, 1], "
+                             f"got {self.initial_reselection_rate!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise InputError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         dev = self.device
@@ -300,9 +301,11 @@ class BenchmarkOptions:
             raise InputError(f"timeout_s: expected a positive number of seconds, got {self.timeout_s!r}")
         if self.memory_limit_bytes is not None and (not isinstance(self.memory_limit_bytes, int)
                                                     or self.memory_limit_bytes < 1):
-            raise InputError(f"memory_limit_bytes: expected a positive integer or None, got {self.memory_limit_bytes!r}")
+            raise InputError("memory_limit_bytes: expected a positive integer or None, "
+                             f"got {self.memory_limit_bytes!r}")
         if self.model_dir is not None and not (Path(self.model_dir) / "config.json").is_file():
-            raise InputError(f"model_dir: {self.model_dir} has no config.json (expected a save_pretrained model folder)")
+            raise InputError(f"model_dir: {self.model_dir} has no config.json "
+                             "(expected a save_pretrained model folder)")
         return self
 
     @classmethod
@@ -335,8 +338,8 @@ def check_pairs(sizes: Sequence[str], methods: Sequence[str], options: Benchmark
             raise InputError(f"methods: unknown method {method!r}; known methods: {', '.join(known_methods)}")
         algo = _spiel_algorithm(method)
         if algo == "ag" and options.reselection_steps < options.selection_accumulation_steps + 2:
-            raise InputError(f"reselection_steps: SpIEL-AG needs S >= γ + 2 = {options.selection_accumulation_steps + 2}, "
-                             f"got {options.reselection_steps}")
+            raise InputError("reselection_steps: SpIEL-AG needs S >= γ + 2 = "
+                             f"{options.selection_accumulation_steps + 2}, got {options.reselection_steps}")
         if algo == "ma" and options.reselection_steps < 2:
             raise InputError(f"reselection_steps: SpIEL-MA needs S >= 2, got {options.reselection_steps}")
     for size in sizes:
@@ -1019,7 +1022,8 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
             step_time_raw_mean_s=statistics.fmean(times), step_times_s=times, step_kinds=kinds,
             kind_mean_s=stats["kind_mean"],
             step_cpu_time_mean_s=cpu_stats["mean"], step_cpu_times_s=cpu_times,
-            phase_mean_s={k: statistics.fmean(p[k] for p in phases) for k in ("forward", "backward", "optimizer", "selector")},
+            phase_mean_s={k: statistics.fmean(p[k] for p in phases)
+                          for k in ("forward", "backward", "optimizer", "selector")},
             peak_rss_bytes=peaks["peak_rss_bytes"], peak_rss_scope=peaks["peak_rss_scope"],
             cuda_max_allocated_bytes=peaks.get("cuda_max_allocated_bytes"),
             cuda_max_reserved_bytes=peaks.get("cuda_max_reserved_bytes"),
@@ -1077,7 +1081,8 @@ def result_path(out_dir: str | Path, size: str, method: str) -> Path:
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + paths)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1206,9 +1211,15 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def lora_reference(method: str) -> str:
+    """The method a ``*_vs_lora`` ratio divides by: ``qlora`` for 4-bit methods, else ``lora``."""
+    return "qlora" if method.startswith("q") else "lora"
+
+
 def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per record with :data:`TABLE_COLUMNS`; ratios are to LoRA and to the floor of the same
-    size (None where either is missing or not ok). Sorted by size (registry order) then method."""
+    """One row per record with :data:`TABLE_COLUMNS`; ratios are to LoRA (4-bit methods: to qLoRA) and
+    to the (float) floor of the same size (None where either is missing or not ok). Sorted by size
+    (registry order) then method."""
     by_key = {(r["size"], r["method"]): r for r in records}
     size_order = list(SIZES)
 
@@ -1221,13 +1232,14 @@ def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         s = r["size"]
         step, mem = (r.get("step_time_mean_s"), r.get("peak_memory_bytes")) if r.get("status") == "ok" else (None, None)
         floor_mem = ok(s, "floor", "peak_memory_bytes")
+        lora = lora_reference(r["method"])
         row = {c: r.get(c) for c in TABLE_COLUMNS}
         row.update(
-            step_time_vs_lora=_ratio(step, ok(s, "lora", "step_time_mean_s")),
+            step_time_vs_lora=_ratio(step, ok(s, lora, "step_time_mean_s")),
             step_time_vs_floor=_ratio(step, ok(s, "floor", "step_time_mean_s")),
             step_cpu_time_vs_lora=_ratio(r.get("step_cpu_time_mean_s") if step is not None else None,
-                                         ok(s, "lora", "step_cpu_time_mean_s")),
-            peak_memory_vs_lora=_ratio(mem, ok(s, "lora", "peak_memory_bytes")),
+                                         ok(s, lora, "step_cpu_time_mean_s")),
+            peak_memory_vs_lora=_ratio(mem, ok(s, lora, "peak_memory_bytes")),
             peak_memory_vs_floor=_ratio(mem, floor_mem),
             peak_memory_over_floor_bytes=(mem - floor_mem) if mem is not None and floor_mem is not None else None,
             detail=(str(r.get("detail")).splitlines()[0][:200] if r.get("detail") else None),
@@ -1277,7 +1289,9 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
         "disturbs timings)." if loads else "",
         "Step time: schedule-weighted mean/median (SpIEL selection phases in their natural proportion, "
         "S=20, γ=5; see `spielbench/benchmark.py`). Peak memory: CUDA max allocated, else peak RSS of the worker "
-        "after model build. Adapter state: trainable parameters + gradients + optimizer state + SpIEL indices. "
+        "after model build. Ratios \"/LoRA\" divide by LoRA of the same size (4-bit methods: by qLoRA); "
+        "\"/floor\" by the frozen-weight float floor. "
+        "Adapter state: trainable parameters + gradients + optimizer state + SpIEL indices. "
         "CPU-time/LoRA: ratio of process CPU time per step (steadier than wall time when other work shares "
         "the machine).",
         "",
@@ -1292,7 +1306,8 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
             _fmt(r["tokens_per_s"], "f0"), _fmt(r["peak_memory_bytes"], "gib"), _fmt(r["trainable_params"], "int"),
             _fmt(r["adapter_state_bytes"], "mib"), _fmt(r["adapter_state_bytes_per_trainable_param"], "f1"),
             _fmt(r["step_time_vs_lora"], "x"), _fmt(r["step_time_vs_floor"], "x"),
-            _fmt(r["step_cpu_time_vs_lora"], "x"), _fmt(r["peak_memory_vs_lora"], "x"), _fmt(r["peak_memory_vs_floor"], "x"),
+            _fmt(r["step_cpu_time_vs_lora"], "x"), _fmt(r["peak_memory_vs_lora"], "x"),
+            _fmt(r["peak_memory_vs_floor"], "x"),
             _fmt(r["peak_memory_over_floor_bytes"], "gib"),
         ]) + " |")
     return "\n".join(line for line in lines) + "\n"

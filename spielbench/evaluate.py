@@ -43,12 +43,13 @@ Result JSON (``format: "spielbench-eval/1"``), written atomically::
 
 ``value`` is a fraction in [0, 1]; ``stderr`` is lm-eval's standard error of the mean (null when
 lm-eval reports none); ``n`` is the number of items scored (after ``limit``; per subtask for groups,
-summed).
+summed). ``heldout.loss`` is the token-mean cross-entropy (nats per response token) of
+:func:`heldout_loss`.
 
 Command line::
 
     python -m spielbench.evaluate (--run DIR | --base MODEL [--adapter DIR]) --tasks a,b \\
-        [--limit N] --output FILE [--heldout FILE] [--eval-dir DIR] [--prompt-format plain|chat] ...
+        [--limit N | --limit task=N,task=N] --output FILE [--heldout FILE] [--eval-dir DIR] [--prompt-format plain|chat] ...
     python -m spielbench.evaluate --render-tasks DIR [--eval-dir DIR] [--bbh-path P] [--tydiqa-path P]
 
 The second form writes an lm-eval include folder for ``lm_eval --include_path DIR`` (see
@@ -60,7 +61,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass

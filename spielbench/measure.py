@@ -11,7 +11,8 @@ Memory:
   (``ru_maxrss``). The field ``peak_rss_scope`` says which.
 * Exact bytes of the trainable state: trainable parameters + their gradients (same dtype and size) +
   every tensor in the optimizer state. SpIEL's transient dense gradients are not persistent state and
-  are not included (they show up in the peak RSS).
+  are not included (they show up in the peak RSS). Sparse adapters' position indices (SpIEL, SHiRA)
+  are buffers, reported separately as ``index_bytes``.
 """
 from __future__ import annotations
 
@@ -143,6 +144,23 @@ def trainable_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimiz
         "optimizer_state_bytes": opt_bytes,
         "trainable_state_bytes": 2 * param_bytes + opt_bytes,
     }
+
+
+def index_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the position indices sparse adapters keep next to their values (not parameters).
+
+    SpIEL: every ``SparseDeltaLinear.indices`` buffer (int32/int64, one per entry; SPIEL_SPEC.md §6.1);
+    SHiRA (peft): the ``shira_indices`` tensors (int32 row and column, 8 bytes per entry). 0 for dense adapters.
+    """
+    total = 0
+    for module in model.modules():
+        idx = getattr(module, "indices", None)
+        if isinstance(idx, torch.Tensor) and hasattr(module, "values"):
+            total += _tensor_bytes(idx)
+        shira = getattr(module, "shira_indices", None)
+        if isinstance(shira, dict):
+            total += sum(_tensor_bytes(t) for t in shira.values() if isinstance(t, torch.Tensor))
+    return total
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

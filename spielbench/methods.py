@@ -107,8 +107,9 @@ class MethodSpec:
             "reselection_rate_policy": self.reselection_rate_policy,
             "seed": cfg.seed,
         }
-        if self.quantized:
-            kwargs["delta_dtype"] = "bfloat16" if str(cfg.device).startswith("cuda") else "float32"
+        if self.quantized:  # the reference trains qSpIEL deltas in bf16 (SPIEL_SPEC.md §6); CPU keeps fp32
+            device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            kwargs["delta_dtype"] = "bfloat16" if device.startswith("cuda") else "float32"
         kwargs.update(cfg.spiel)
         if cfg.density is not None:
             kwargs["density"] = cfg.density
@@ -117,11 +118,11 @@ class MethodSpec:
         try:
             return SpielConfig(**kwargs)
         except ValueError as exc:
-            msg = str(exc)
-            field_name = msg.split(":", 1)[0]
+            field_name, _, detail = str(exc).partition(":")
             if field_name in ("density", "lora_rank_equivalent"):
-                raise InputError(f"{'density' if field_name == 'density' else 'rank'}: {msg.split(':', 1)[1].strip()}") from None
-            raise InputError(f"spiel.{msg}") from None
+                name = "density" if field_name == "density" else "rank"
+                raise InputError(f"{name}: {detail.strip()}") from None
+            raise InputError(f"spiel.{exc}") from None
 
     def check_config(self, cfg) -> None:
         """Check the method-specific fields of a run config (no model needed).

@@ -22,7 +22,7 @@ BUILT_MODELS = {"smollm2": "smollm2-135m-instruct", "tiny-random": "tiny-random"
 TRAINING_KEYS = (
     "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
     "warmup_ratio", "weight_decay", "learning_rate", "seed", "gradient_checkpointing", "save_steps",
-    "heldout_examples", "max_train_examples",
+    "heldout_examples", "max_train_examples", "max_grad_norm", "lora_alpha", "lora_dropout", "device",
 )
 
 

@@ -281,7 +281,8 @@ class _StepRecorder:
         self._loss = 0.0
 
     def add_micro_batch(self, inputs):
-        self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+        mask = inputs.get("attention_mask")
+        self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         if "labels" in inputs:
             self._label_tokens += int((inputs["labels"][:, 1:] != -100).sum())
 
@@ -304,7 +305,7 @@ def _callbacks(recorder: _StepRecorder, total_steps: int, progress: bool):
     """The harness callbacks: step timing/records with checkpointed state, and the progress bar."""
     from transformers import TrainerCallback
 
-    from spielbench.measure import StepMeter, write_json_atomic
+    from spielbench.measure import write_json_atomic
 
     class StepMeterCallback(TrainerCallback):
         """Times each update step and saves the step records into every checkpoint."""
@@ -495,6 +496,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
     resume = str(prep.resume_from) if prep.resume_from is not None else None
     trainer.train(resume_from_checkpoint=resume)
     state_bytes = measure.trainable_state_bytes(model, trainer.optimizer)
+    state_bytes["index_bytes"] = measure.index_bytes(model)
     memory = measure.peak_memory(prep.device, rss_scope)
 
     heldout_after = None
@@ -569,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="run config file (YAML or JSON); optional when --set gives every field")
     p.add_argument("--output-dir", required=True, help="run folder: adapter/, metrics.json, checkpoints/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable), e.g. --set learning_rate=1e-4 --set spiel.reselection_steps=10")
+                   help="override a config field (repeatable), e.g. --set learning_rate=1e-4 "
+                        "--set spiel.reselection_steps=10")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -218,20 +218,22 @@ def test_tables_have_ratios_to_lora_and_floor(tmp_path):
     recs = [_rec("smollm2-135m", "spiel-ag", 1.9, 3_000), _rec("smollm2-135m", "lora", 2.0, 4_000),
             _rec("smollm2-135m", "floor", 1.6, 2_500),
             _rec("smollm2-1.7b", "full", None, None, status="oom", detail="oom (predicted): needs 30 GiB"),
-            _rec("smollm2-1.7b", "lora", 9.0, 9_000)]
+            _rec("smollm2-1.7b", "lora", 9.0, 9_000), _rec("smollm2-1.7b", "qlora", 12.0, 4_000),
+            _rec("smollm2-1.7b", "qspiel-ma", 10.0, 3_000)]
     rows = B.write_tables(recs, tmp_path / "t.md", tmp_path / "t.csv")
     assert [(r["size"], r["method"]) for r in rows] == [
         ("smollm2-135m", "floor"), ("smollm2-135m", "lora"), ("smollm2-135m", "spiel-ag"),
-        ("smollm2-1.7b", "lora"), ("smollm2-1.7b", "full")]
+        ("smollm2-1.7b", "lora"), ("smollm2-1.7b", "full"), ("smollm2-1.7b", "qlora"), ("smollm2-1.7b", "qspiel-ma")]
     ag = rows[2]
     assert ag["step_time_vs_lora"] == pytest.approx(0.95) and ag["step_time_vs_floor"] == pytest.approx(1.9 / 1.6)
     assert ag["peak_memory_vs_lora"] == pytest.approx(0.75) and ag["peak_memory_over_floor_bytes"] == 500
     assert rows[3]["step_time_vs_floor"] is None and rows[4]["step_time_vs_lora"] is None
+    assert rows[6]["step_time_vs_lora"] == pytest.approx(10 / 12) and rows[6]["peak_memory_vs_lora"] == 0.75
     import csv
 
     with open(tmp_path / "t.csv") as fh:
         table = list(csv.DictReader(fh))
-    assert list(table[0]) == list(B.TABLE_COLUMNS) and len(table) == 5
+    assert list(table[0]) == list(B.TABLE_COLUMNS) and len(table) == 7
     md = (tmp_path / "t.md").read_text()
     assert "| smollm2-1.7b | full | oom: oom (predicted): needs 30 GiB |" in md and "0.95×" in md
     with pytest.raises(InputError, match="expected a benchmark record"):

@@ -78,7 +78,8 @@ def test_collator_pads_right_with_pad_id_mask_and_ignored_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert all(t.dtype == torch.long for t in batch.values())
-    assert PaddingCollator(0, pad_to_multiple_of=4)([{"input_ids": [1] * 5, "labels": [1] * 5}])["input_ids"].shape == (1, 8)
+    rounded = PaddingCollator(0, pad_to_multiple_of=4)([{"input_ids": [1] * 5, "labels": [1] * 5}])
+    assert rounded["input_ids"].shape == (1, 8)
 
 
 def test_pad_id_falls_back_to_eos(chat_tokenizer):

@@ -43,9 +43,11 @@ def test_registry_names_and_properties():
     ("lora", {"spiel": {"reselection_steps": 4}}, r"spiel: SpIEL options given to method 'lora'"),
     ("spiel-ag", {"spiel": {"seed": 3}}, r"spiel.seed: set by the run's seed"),
     ("spiel-ag", {"spiel": {"selection_algorithm": "ma"}}, r"spiel.selection_algorithm: set by the run's method"),
-    ("spiel-ag", {"spiel": {"reselection_stepz": 4}}, r"spiel.reselection_stepz: unknown SpIEL option; known: .*reselection_steps"),
+    ("spiel-ag", {"spiel": {"reselection_stepz": 4}},
+     r"spiel.reselection_stepz: unknown SpIEL option; known: .*reselection_steps"),
     ("spiel-ag", {"spiel": {"reselection_steps": 0}}, r"spiel.reselection_steps: expected an integer >= 1"),
-    ("spiel-static", {"spiel": {"reselection_rate_policy": "linear"}}, r"spiel.reselection_rate_policy: method 'spiel-static' is static"),
+    ("spiel-static", {"spiel": {"reselection_rate_policy": "linear"}},
+     r"spiel.reselection_rate_policy: method 'spiel-static' is static"),
 ])
 def test_check_config_rejects_misplaced_budgets_and_options(method, kw, message):
     with pytest.raises(InputError, match=message):
@@ -101,7 +103,8 @@ def test_budgets_equal_exactly_on_smollm2(real_model_dir):
 
 
 @pytest.mark.parametrize("method, rank, message", [
-    ("lora", 33, r"rank: 33 is larger than the layer allows: model.layers.0.self_attn.q_proj \(32 -> 32\) admits at most rank 32"),
+    ("lora", 33,
+     r"rank: 33 is larger than the layer allows: model.layers.0.self_attn.q_proj \(32 -> 32\) admits at most rank 32"),
     ("shira", 11, r"rank: 11 is larger than the layer allows: .*k_proj \(32 -> 16\) admits at most rank 10 for shira"),
     ("spiel-ag", 19, r"rank: 19 is larger than the layers allow for spiel-ag: budget of .* exceeds"),
 ])

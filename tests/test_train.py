@@ -3,6 +3,7 @@ run config, bad input (exit 2, nothing written), non-finite loss, and the real m
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ def test_every_method_trains_writes_adapter_and_metrics_and_lowers_heldout_loss(
     cfg = tiny_run_config(tiny_run_files, method)
     out = tmp_path / "run"
     m = train(cfg, out, progress=False)
+    spec = METHODS[method]
 
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["method"] == method and on_disk["steps"] == 8 and on_disk == json.loads(json.dumps(m))
@@ -67,8 +69,9 @@ def test_every_method_trains_writes_adapter_and_metrics_and_lowers_heldout_loss(
     assert mem["peak_rss_bytes"] > 0
     assert mem["trainable_param_bytes"] == 4 * m["budget"]["trainable_params"]  # float32 on CPU
     assert mem["optimizer_state_bytes"] > 0
+    n = m["budget"]["trainable_params"]
+    assert mem["index_bytes"] == {"spiel": 4 * n, "shira": 8 * n}.get(spec.family, 0)  # int32 flat / int32 row+col
     assert m["packages"]["transformers"] and m["device"]["device"] == "cpu"
-    spec = METHODS[method]
     if spec.needs_selector:
         steps = [h["step"] for h in m["selector_history"]]
         assert steps == [2, 6] and m["selector_history"][0]["rate"] == 1.0
@@ -190,8 +193,8 @@ def test_gradient_checkpointing_does_not_change_training(tiny_run_files, tmp_pat
               progress=True)
     bar = capfd.readouterr().err
     assert "3/3" in bar and "step=3" in bar and "loss=" in bar and "tok_s=" in bar  # the progress bar
-    for (sa, la), (sb, lb) in zip([tuple(x.values()) for x in a["loss_curve"]], [tuple(x.values()) for x in b["loss_curve"]]):
-        assert sa == sb and la == pytest.approx(lb, rel=1e-5)
+    assert [x["step"] for x in a["loss_curve"]] == [x["step"] for x in b["loss_curve"]] == [1, 2, 3]
+    assert [x["loss"] for x in a["loss_curve"]] == pytest.approx([x["loss"] for x in b["loss_curve"]], rel=1e-5)
     ta, tb = adapter_tensors(tmp_path / "off" / "adapter"), adapter_tensors(tmp_path / "on" / "adapter")
     assert all(torch.allclose(ta[k].float(), tb[k].float(), rtol=1e-4, atol=1e-7) for k in ta)
 
@@ -206,7 +209,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_
     out = tmp_path / "out"
     assert main([str(cfg_file), "--output-dir", str(out), "--no-progress"]) == 1
     err = capfd.readouterr().err
-    assert "error: training loss is nan at update step 2" in err or "error: training loss is inf at update step 2" in err
+    assert re.search(r"error: training loss is (nan|inf|-inf) at update step 2", err), err
     assert "the last checkpoint kept is" in err and "checkpoint-1" in err
     assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
@@ -225,7 +228,8 @@ def _write_cfg(path: Path, files: dict, **fields) -> Path:
 @pytest.mark.parametrize("fields, overrides, message", [
     ({"method": "dora"}, [], r"method: unknown method 'dora'; known methods: spiel-ag"),
     ({"rank": 40}, [], r"rank: 40 is larger than the layer allows: .*k_proj \(64 -> 32\) admits at most rank 32"),
-    ({}, ["method=shira", "rank=22"], r"rank: 22 is larger than the layer allows: .*k_proj \(64 -> 32\) admits at most rank 21 for shira"),
+    ({}, ["method=shira", "rank=22"],
+     r"rank: 22 is larger than the layer allows: .*k_proj \(64 -> 32\) admits at most rank 21 for shira"),
     ({"method": "spiel-ag", "rank": 50}, [], r"rank: 50 is larger than the layers allow for spiel-ag"),
     ({"train_data": "missing.jsonl"}, [], r"train_data: file missing.jsonl does not exist"),
     ({}, ["heldout_data=nowhere/h.jsonl"], r"heldout_data: file nowhere/h.jsonl does not exist"),
@@ -238,8 +242,6 @@ def _write_cfg(path: Path, files: dict, **fields) -> Path:
 ])
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(fields, overrides, message, tiny_run_files,
                                                                tmp_path, capfd):
-    import re
-
     cfg = _write_cfg(tmp_path / "run.yaml", tiny_run_files, **fields)
     out = tmp_path / "out"
     argv = [str(cfg), "--output-dir", str(out)] + [x for o in overrides for x in ("--set", o)]
@@ -279,7 +281,8 @@ def test_run_config_file_overrides_and_types(tmp_path):
     ("method: lora\nmodel: m\n", r"missing required key 'train_data'"),
     ("method: lora\nmodel: m\ntrain_data: t\nrank: two\n", r"rank: expected an integer, got 'two'"),
     ("method: lora\nmodel: m\ntrain_data: t\nwarmup_ratio: 1.5\n", r"warmup_ratio: expected a fraction in \[0, 1\)"),
-    ("method: lora\nmodel: m\ntrain_data: t\ngradient_checkpointing: 3\n", r"gradient_checkpointing: expected true or false"),
+    ("method: lora\nmodel: m\ntrain_data: t\ngradient_checkpointing: 3\n",
+     r"gradient_checkpointing: expected true or false"),
     ("method: lora\nmodel: [m\n", r"r.yaml line \d+: not valid YAML"),
     ("- a\n- b\n", r"expected a mapping of run-config fields, got list"),
     ("method: lora\nmodel: m\ntrain_data: t\ndevice: tpu\n", r"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
