@@ -24,7 +24,8 @@ Backward (the lever over the reference, which forms a dense ``dW = dYᵀX`` in e
 * while ``weight_grad_hook`` is set (the SpIEL-AG selection phase, spec §4.1), the dense fp32
   ``dW [out, in]`` is computed once, passed to the hook, and ``dΔ`` is gathered from it;
 * :meth:`SparseDeltaLinear.sample_weight_grad` asks for the weight gradient at extra positions (AG's
-  fixed candidates after the first micro-batch of a phase) from the same SDDMM, without a dense dW.
+  fixed candidates after the first micro-batch of a phase) from the same SDDMM, without a dense dW
+  (positions that are both active and candidates are computed once).
 
 The bias, if any, stays frozen and the base weight never receives a gradient.
 
@@ -257,7 +258,7 @@ class SparseDeltaLinear(nn.Module):
         self.merged = False
         self.disabled = False
         self._merge_backup: Optional[torch.Tensor] = None
-        self._csr_cache = None  # (key, crow, col, perm); key holds the index tensors themselves and versions
+        self._csr_cache = None  # (key, crow, col, gather); key holds the index tensors themselves and versions
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -326,8 +327,10 @@ class SparseDeltaLinear(nn.Module):
 
     # ---------------------------------------------------------------------------- sampled gradient
     def _csr_pattern(self, *index_sets: torch.Tensor):
-        """The CSR pattern of the concatenated flat index sets (η, then any extra sampled positions):
-        ``(crow [out+1], col [m], perm [m])`` with ``cat(index_sets)[perm]`` sorted (duplicates allowed).
+        """The CSR pattern of the *distinct* flat positions of the index sets (η, then any extra sampled
+        positions): ``(crow [out+1], col [u], gather [m])`` where ``u`` counts the distinct positions and
+        ``gather[i]`` is the pattern slot of entry i of ``cat(index_sets)``. A position present in
+        several sets (a SpIEL-AG candidate that is already active) is computed once.
 
         Cached between steps (one pattern); rebuilt when any set is replaced or written in place (its
         version or storage changes)."""
@@ -339,21 +342,27 @@ class SparseDeltaLinear(nn.Module):
         flat = torch.cat([t.reshape(-1).long() for t in index_sets]) if len(index_sets) > 1 else index_sets[0].long()
         perm = torch.argsort(flat)
         ordered = flat[perm]
+        gather = torch.empty_like(perm)
+        if len(index_sets) > 1:
+            ordered, slot = torch.unique_consecutive(ordered, return_inverse=True)
+            gather[perm] = slot
+        else:  # η alone is distinct
+            gather[perm] = torch.arange(perm.numel(), device=perm.device)
         rows = torch.div(ordered, self.in_features, rounding_mode="floor")
         cols = ordered - rows * self.in_features
         crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=flat.device)
         crow[1:] = torch.bincount(rows, minlength=self.out_features).cumsum(0)
         idx_dtype = torch.int32 if max(self.dense_numel, flat.numel()) < 2**31 else torch.int64
-        crow, cols, perm = crow.to(idx_dtype), cols.to(idx_dtype), perm.to(idx_dtype)
-        self._csr_cache = (key, crow, cols, perm)
-        return crow, cols, perm
+        crow, cols, gather = crow.to(idx_dtype), cols.to(idx_dtype), gather.to(idx_dtype)
+        self._csr_cache = (key, crow, cols, gather)
+        return crow, cols, gather
 
     def _sampled_grad(self, grad_out: torch.Tensor, x2d: torch.Tensor, *index_sets: torch.Tensor) -> torch.Tensor:
         """``dW[p] = Σ_t grad_out[t, row_p] · x2d[t, col_p]`` at every flat position p of the concatenated
         ``index_sets`` (``grad_out [T, out]``, ``x2d [T, in]``, fp32/fp64) without a dense ``[out, in]``
-        temporary: one SDDMM (``torch.sparse.sampled_addmm``) over the cached CSR pattern.
-        Returns ``[Σ len]`` in the order of ``cat(index_sets)``."""
-        crow, cols, perm = self._csr_pattern(*index_sets)
+        temporary: one SDDMM (``torch.sparse.sampled_addmm``) over the cached CSR pattern of the distinct
+        positions. Returns ``[Σ len]`` in the order of ``cat(index_sets)``."""
+        crow, cols, gather = self._csr_pattern(*index_sets)
         with warnings.catch_warnings():  # torch's one-time "CSR support is in beta" notice
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             pattern = torch.sparse_csr_tensor(
@@ -366,9 +375,7 @@ class SparseDeltaLinear(nn.Module):
             part = torch.sparse.sampled_addmm(pattern, grad_out[start:start + step].t(), x2d[start:start + step],
                                               beta=0.0).values()
             sampled = part if sampled is None else sampled.add_(part)
-        out = torch.empty_like(sampled)
-        out[perm] = sampled
-        return out
+        return sampled.index_select(0, gather)
 
     def sample_weight_grad(self, indices: Optional[torch.Tensor], hook: Optional[Callable[[torch.Tensor], None]]
                            ) -> None:
@@ -376,7 +383,7 @@ class SparseDeltaLinear(nn.Module):
         fixed candidates after the first micro-batch of a selection phase, spec §4.1): ``hook`` receives
         ``dW.flatten()[indices]`` as an fp32 tensor ``[m]``, computed in the same SDDMM as dΔ (no dense dW
         unless ``weight_grad_hook`` is also set, in which case it is gathered from that). Pass
-        ``(None, None)`` to stop. ``indices`` may overlap η.
+        ``(None, None)`` to stop. ``indices`` may overlap η (shared positions are computed once).
 
         Raises ValueError if exactly one of the two is None or indices are out of range."""
         if (indices is None) != (hook is None):

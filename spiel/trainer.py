@@ -57,7 +57,6 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .model import WEIGHTS_NAME
 from .optim import build_optimizer
 from .selection import SpielSelector
 
@@ -123,35 +122,21 @@ def load_selector_state(selector: SpielSelector, directory: Union[str, os.PathLi
     return True
 
 
-@torch.no_grad()
 def load_adapter_weights(model: Any, directory: Union[str, os.PathLike]) -> None:
     """Copy the indices and deltas saved by ``model.save_pretrained(directory)`` into ``model`` in place
-    (same Parameter objects, so an optimizer built on them stays valid).
+    (same Parameter objects, so an optimizer built on them stays valid): :meth:`SpielModel.load_adapter`
+    on ``model`` or on the SpielModel inside a data-parallel wrapper.
 
     Raises:
         FileNotFoundError: ``<directory>/adapter_model.safetensors`` is missing.
-        ValueError: (naming the file) a tensor is missing, unexpected or of the wrong shape.
+        ValueError: (naming the file) a tensor is missing, unexpected, of the wrong shape, or holds bad
+            indices; ``model`` has no ``load_adapter``.
     """
-    from safetensors.torch import load_file
-
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} (not a SpIEL adapter checkpoint)")
-    saved = load_file(str(path))
-    layers = model.sparse_layers()
-    expected = {f"{name}.{part}": getattr(layer, part) for name, layer in layers for part in ("indices", "values")}
-    missing = sorted(set(expected) - set(saved))
-    extra = sorted(set(saved) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{path}: adapter does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, target in expected.items():
-        if saved[key].shape != target.shape:
-            raise ValueError(f"{path}: {key!r} has shape {list(saved[key].shape)}, the model has {list(target.shape)}")
-    for name, layer in layers:
-        if getattr(layer, "merged", False):
-            raise ValueError(f"{path}: cannot load into merged layer {name!r}; unmerge first")
-        layer.indices.copy_(saved[f"{name}.indices"])  # in place: the layer's CSR cache sees the new version
-        layer.values.copy_(saved[f"{name}.values"])
+    while not callable(getattr(model, "sparse_layers", None)) and hasattr(model, "module"):
+        model = model.module  # DistributedDataParallel(model)
+    if not callable(getattr(model, "load_adapter", None)) or not callable(getattr(model, "sparse_layers", None)):
+        raise ValueError(f"model: expected a spiel SpielModel, got {type(model).__name__}")
+    model.load_adapter(directory)
 
 
 class SpielCallback(TrainerCallback):
@@ -219,10 +204,6 @@ class SpielTrainer(Trainer):
         if model is None or not callable(getattr(model, "sparse_layers", None)) or getattr(
                 model, "spiel_config", None) is None:
             raise ValueError("model: SpielTrainer needs a spiel SpielModel (from spiel.model.get_spiel_model)")
-        if getattr(model, "is_quantized", False):
-            # transformers refuses to train a quantized model without adapters; the sparse deltas are
-            # the trainable adapters here (qSpIEL), so mark them as such for its check.
-            model._hf_peft_config_loaded = True
         self.selector: Optional[SpielSelector] = None
         self.selector_kwargs = dict(selector_kwargs or {})
         self._spiel_callback = SpielCallback(save_state=False)
@@ -252,12 +233,17 @@ class SpielTrainer(Trainer):
 
     # ------------------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        """Save the adapter (``model.save_pretrained``), the processing class and the training args."""
+        """Save only the adapter (``SpielModel.save_pretrained``: ``adapter_config.json`` +
+        ``adapter_model.safetensors``, never the base weights), the processing class and the training
+        args. Used by ``save_model`` and by every checkpoint. ``state_dict`` is ignored."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.model.save_pretrained(output_dir, is_main_process=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        while not callable(getattr(model, "sparse_layers", None)) and hasattr(model, "module"):
+            model = model.module
+        model.save_pretrained(output_dir, is_main_process=True)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, _TRAINING_ARGS_NAME))

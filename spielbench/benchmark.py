@@ -96,7 +96,8 @@ step [s], all threads: steadier than wall time on a machine shared with other wo
 OpenMP spin-waiting when threads > 1), ``step_cpu_times_s``, ``phase_mean_s`` ({forward, backward,
 optimizer, selector: mean [s] over timed steps}), ``schedule`` (natural S/γ, weights, driving
 S_b/γ_b/c0/T), ``adapter_state`` (byte components), ``adapter_state_bytes_per_trainable_param``,
-``memory_estimate`` (the prediction's components [bytes]), ``memory_available_bytes``, ``peak_rss_scope``, ``build_time_s``, ``wall_time_s``,
+``memory_estimate`` (the prediction's components [bytes]), ``memory_available_bytes``,
+``peak_rss_scope``, ``build_time_s``, ``wall_time_s``,
 ``load_avg_start``/``load_avg_end`` (1-minute load average: other work on the machine disturbs
 timings), ``versions``, ``created_utc``, ``model_source`` (``"random-init"`` or a model folder).
 
@@ -946,9 +947,13 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
 
     # import what the build needs before any memory cap, so the cap only bounds the model and the run
     import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401 (lazy modules: load them now)
+
     import spielbench.measure as measure
     if family in ("lora", "ia3", "shira") or quantized:
         import peft  # noqa: F401
+    if quantized:
+        import bitsandbytes  # noqa: F401
     if family == "spiel":
         import spiel.selection  # noqa: F401
         import spiel.model  # noqa: F401

@@ -36,15 +36,19 @@ Result JSON (``format: "spielbench-eval/1"``), written atomically::
      "prompt_format" ("plain" | "chat"), "seed", "limit", "batch_size",
      "lm_eval_version", "transformers_version", "torch_version",
      "tasks": {name: {"lm_eval_task", "metric", "value", "stderr", "n", "n_available", "shots", "limit",
-                      "metrics": {metric: {"value", "stderr"}}, "subtasks": {...} (groups only)}
+                      "metrics": {metric: {"value", "stderr"}}, "doc_ids": [int], "item_scores": [float],
+                      "subtasks": {...} (groups only)}
                | {"skipped": true, "note": str}},
-     "notes": [str], "heldout": {"loss", "n_examples", "n_tokens", "file", "max_seq_length"} | null,
+     "notes": [str], "heldout": {"loss", "n_examples", "n_tokens", "file", "max_seq_length",
+                                 "example_nll": [float], "example_tokens": [int]} | null,
      "seconds": {"load", "evaluate", "heldout"}}
 
 ``value`` is a fraction in [0, 1]; ``stderr`` is lm-eval's standard error of the mean (null when
 lm-eval reports none); ``n`` is the number of items scored (after ``limit``; per subtask for groups,
-summed). ``heldout.loss`` is the token-mean cross-entropy (nats per response token) of
-:func:`heldout_loss`.
+summed). ``doc_ids``/``item_scores`` give the headline metric per item (lm-eval doc ids; mean =
+``value``) for paired comparisons. ``heldout.loss`` is the token-mean cross-entropy (nats per
+response token) of :func:`heldout_loss`; ``example_nll``/``example_tokens`` are each example's
+summed NLL (nats) and label-token count (``loss = Σ example_nll / Σ example_tokens``).
 
 Command line::
 
@@ -59,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -459,9 +464,24 @@ def _n_items(results: dict, task: str) -> tuple[int, int]:
     return int(n.get("effective", 0)), int(n.get("original", 0))
 
 
+def _item_scores(records: list[dict], metric: str) -> tuple[list[int], list[float]] | None:
+    """``(doc_ids, per-item values of metric)`` from lm-eval's per-item records, in doc-id order."""
+    pairs = sorted((int(r["doc_id"]), float(r[metric])) for r in records if isinstance(r.get(metric), (int, float)))
+    if not pairs or len(pairs) != len(records):
+        return None
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
 def summarise_results(results: dict, runnable: list[str]) -> dict[str, dict]:
-    """Per suite task: headline metric, value, stderr, n, and all metrics, from lm-eval's results dict."""
+    """Per suite task: headline metric, value, stderr, n, and all metrics, from lm-eval's results dict.
+
+    With per-item records in ``results["samples"]`` (``log_samples=True``), single tasks also get
+    ``doc_ids`` and ``item_scores`` (the headline metric per item; their mean is ``value``), for
+    paired comparisons between runs evaluated on the same items. Groups (macro averages) get them
+    per subtask.
+    """
     out = {}
+    samples = results.get("samples") or {}
     subtasks_of = results.get("group_subtasks", {})
     for name in runnable:
         spec = TASKS[name]
@@ -480,11 +500,17 @@ def summarise_results(results: dict, runnable: list[str]) -> dict[str, dict]:
                 sub_head = sub_metrics.get(spec.metric, {"value": None, "stderr": None})
                 subs[sub] = {"value": sub_head["value"], "stderr": sub_head["stderr"], "n": n,
                              "n_available": n_all, "metrics": sub_metrics}
+                items = _item_scores(samples.get(sub, []), spec.metric)
+                if items:
+                    subs[sub]["doc_ids"], subs[sub]["item_scores"] = items
             entry["n"] = sum(s["n"] for s in subs.values())
             entry["n_available"] = sum(s["n_available"] for s in subs.values())
             entry["subtasks"] = subs
         else:
             entry["n"], entry["n_available"] = _n_items(results, spec.lm_eval_task)
+            items = _item_scores(samples.get(spec.lm_eval_task, []), spec.metric)
+            if items:
+                entry["doc_ids"], entry["item_scores"] = items
         entry["metrics"] = metrics
         out[name] = entry
     return out
@@ -570,7 +596,7 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
                     model=lm, tasks=[TASKS[t].lm_eval_task for t in group], limit=value,
                     task_manager=manager, apply_chat_template=prompt_format == "chat",
                     random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                    confirm_run_unsafe_code=allow_code_execution, log_samples=return_samples,
+                    confirm_run_unsafe_code=allow_code_execution, log_samples=True,
                 )
                 summary = summarise_results(results, group)
                 for t in group:
@@ -607,7 +633,7 @@ def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: i
 
     Returns:
         ``{"loss": float (nats/token), "n_examples": int, "n_tokens": int (label tokens), "file": str,
-        "max_seq_length": int}``.
+        "max_seq_length": int, "example_nll": [float] (summed nats per example), "example_tokens": [int]}``.
 
     Raises:
         InputError: missing or malformed file, or no example with a response token.
@@ -620,7 +646,8 @@ def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: i
                                     field_name="heldout_data")
     collate = PaddingCollator(pad_token_id=pad_token_id_of(tokenizer))
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    example_nll: list[float] = []
+    example_tokens: list[int] = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -630,13 +657,14 @@ def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: i
                            attention_mask=batch["attention_mask"].to(device)).logits.float()
             labels = batch["labels"][:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((labels != -100).sum())
+                logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, L-1]
+            example_nll += nll.sum(dim=1).tolist()
+            example_tokens += (labels != -100).sum(dim=1).tolist()
     model.train(was_training)
+    total, count = math.fsum(example_nll), int(sum(example_tokens))
     return {"loss": total / count if count else float("nan"), "n_examples": len(data), "n_tokens": count,
-            "file": str(path), "max_seq_length": max_seq_length}
+            "file": str(path), "max_seq_length": max_seq_length,
+            "example_nll": example_nll, "example_tokens": [int(t) for t in example_tokens]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ def test_multiple_choice_scores_match_hand_computation(fixture_scores):
         assert tasks[name]["n"] == 4 and tasks[name]["metric"] == TASKS[name].metric
     # stderr of a mean of 4 Bernoulli outcomes with p=0.5: sqrt(p(1-p)/(n-1))
     assert tasks["arc_easy"]["stderr"] == pytest.approx(math.sqrt(0.25 / 3))
+    # per item, in doc order: " yes" is the answer of the 1st and 3rd question
+    assert tasks["arc_easy"]["doc_ids"] == [0, 1, 2, 3]
+    assert tasks["arc_easy"]["item_scores"] == [1.0, 0.0, 1.0, 0.0]
     assert fixture_scores["lm_eval_version"] == "0.4.13"
 
 
@@ -312,6 +315,8 @@ def test_heldout_loss_is_the_token_mean_over_responses(tmp_path, scripted_llama,
             count += n
     assert got["n_examples"] == 2 and got["n_tokens"] == count
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert sum(got["example_tokens"]) == count and len(got["example_nll"]) == 2
+    assert sum(got["example_nll"]) / count == pytest.approx(got["loss"])
 
 
 def test_evaluate_run_writes_one_json(tmp_path, scripted_llama, scripted_model_dir, eval_fixture_dir):
@@ -387,9 +392,9 @@ def test_real_model_arc_easy_above_chance(real_model, real_tokenizer):
     eval_dir = REPO / "resources" / "eval"
     if not (eval_dir / "arc_easy_test.jsonl").is_file():
         pytest.skip("resources/eval not built")
-    base = evaluate_model(real_model, real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=24, batch_size=8)
-    assert base["tasks"]["arc_easy"]["n"] == 24
-    assert base["tasks"]["arc_easy"]["value"] > 0.4  # chance is 0.25 (4 choices)
+    base = evaluate_model(real_model, real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=16, batch_size=8)
+    assert base["tasks"]["arc_easy"]["n"] == 16
+    assert base["tasks"]["arc_easy"]["value"] > 0.4  # chance is 0.25 (4 choices); measured 11/16
 
 
 @pytest.mark.slow
@@ -402,7 +407,7 @@ def test_real_model_merged_spiel_adapter_scores_like_unmerged(tmp_path, real_mod
     adapter = tmp_path / "adapter"
     fresh = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
     unmerged = _spiel_adapter(fresh, adapter, seed=3, density=0.002, scale=0.02, copy_model=False)
-    a = evaluate_model(unmerged.get_base_model(), real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=6,
+    a = evaluate_model(unmerged.get_base_model(), real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=5,
                        batch_size=8, return_samples=True)
     merged, tok, info = load_for_eval(real_model_dir, adapter, method="spiel-ag")
     assert info["adapter_application"] == "merged"
@@ -411,8 +416,8 @@ def test_real_model_merged_spiel_adapter_scores_like_unmerged(tmp_path, real_mod
         ref = unmerged(**ids).logits
         torch.testing.assert_close(merged(**ids).logits, ref, atol=1e-3, rtol=1e-4)
     del unmerged, fresh
-    b = evaluate_model(merged, tok, ["arc_easy"], eval_dir=eval_dir, limit=6, batch_size=8, return_samples=True)
+    b = evaluate_model(merged, tok, ["arc_easy"], eval_dir=eval_dir, limit=5, batch_size=8, return_samples=True)
     assert a["tasks"]["arc_easy"]["metrics"] == b["tasks"]["arc_easy"]["metrics"]
     lls_a = [ll for r in a["samples"]["spiel_arc_easy"] for ll, _ in r["filtered_resps"]]
     lls_b = [ll for r in b["samples"]["spiel_arc_easy"] for ll, _ in r["filtered_resps"]]
-    assert len(lls_a) >= 18 and lls_a == pytest.approx(lls_b, abs=2e-3)
+    assert len(lls_a) >= 15 and lls_a == pytest.approx(lls_b, abs=2e-3)

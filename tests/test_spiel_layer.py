@@ -314,6 +314,9 @@ def test_sample_weight_grad_at_candidates(dense_hook):
     torch.testing.assert_close(got[0].double(), dense[candidates], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.values.grad.double(), dense[layer.indices.long()], rtol=1e-5, atol=1e-5)
     assert (max(mode.sizes) >= 240) == dense_hook
+    if not dense_hook:  # the SDDMM ran once per distinct position (5+ candidates are active already)
+        distinct = torch.unique(torch.cat([layer.indices.long(), candidates])).numel()
+        assert layer._csr_cache[2].numel() == distinct < layer.k + candidates.numel()
     # new candidates (a new tensor) are honoured; clearing stops the calls
     layer.values.grad = None
     layer.sample_weight_grad(torch.tensor([5, 6]), got.append)

@@ -128,6 +128,52 @@ def test_save_load_identical_logits_and_clear_errors(tmp_path):
         SpielModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter")
 
 
+def test_load_adapter_in_place_and_checks_before_writing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = _wrapped(seed=3)
+    _perturb(source)
+    source.save_pretrained(tmp_path / "adapter")
+    target = _wrapped(seed=4)  # other random indices, zero deltas
+    params = [layer.values for _, layer in target.sparse_layers()]
+    target.load_adapter(tmp_path / "adapter")
+    assert [layer.values for _, layer in target.sparse_layers()] == params  # same Parameter objects
+    for (_, a), (_, b) in zip(source.sparse_layers(), target.sparse_layers()):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+        assert b.values.requires_grad
+    torch.testing.assert_close(_logits(target), _logits(source), rtol=0, atol=0)
+
+    fresh = _wrapped(seed=4)
+    before = {n: (l.indices.clone(), l.values.detach().clone()) for n, l in fresh.sparse_layers()}
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        fresh.load_adapter(tmp_path / "missing")
+    _wrapped(model_kwargs={"hidden_size": 48}).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.*\[48, 48\].*\[32, 32\]"):
+        fresh.load_adapter(tmp_path / "other")
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    name = fresh.sparse_layers()[-1][0]
+    bad = dict(tensors)
+    bad[f"{name}.indices"] = bad[f"{name}.indices"].clone()
+    bad[f"{name}.indices"][0] = bad[f"{name}.indices"][1]
+    (tmp_path / "dup").mkdir()
+    save_file(bad, tmp_path / "dup" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"{name}.indices.*not distinct"):
+        fresh.load_adapter(tmp_path / "dup")
+    bad[f"{name}.indices"][0] = 10 ** 6
+    save_file(bad, tmp_path / "dup" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"{name}.indices.*must be integers in"):
+        fresh.load_adapter(tmp_path / "dup")
+    del bad[f"{name}.values"]
+    save_file(bad, tmp_path / "dup" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"missing.*{name}.values"):
+        fresh.load_adapter(tmp_path / "dup")
+    for n, layer in fresh.sparse_layers():  # nothing was written by the failed loads (the bad layer is last)
+        assert torch.equal(layer.indices, before[n][0]) and torch.equal(layer.values, before[n][1])
+    fresh.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        fresh.load_adapter(tmp_path / "adapter")
+
+
 def test_save_load_bf16_deltas(tmp_path):
     model = _wrapped(delta_dtype="bfloat16")
     _perturb(model)

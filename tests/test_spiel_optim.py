@@ -77,6 +77,47 @@ def test_sparse_adamw_per_entry_ages_match_spec_over_steps():
     assert st["age"].tolist() == exp_age
 
 
+@pytest.mark.parametrize("ages, cap", [
+    ([3.0, 6.0], None),  # integral ages: the table lookup path
+    ([2.5, 6.0], None),  # a fractional seeded age (samples / GA): that tensor takes the exp path
+    ([3.0, 400.0], None),  # past the fp32 saturation age (166 for these betas): clamped lookup
+    ([3.0, 400.0], 64),  # a table capped below the saturation age: older entries take the exp path
+], ids=["integral", "fractional", "saturated", "capped-table"])
+def test_sparse_adamw_lookup_and_exp_paths_match_spec(monkeypatch, ages, cap):
+    import spiel.optim as optim_module
+
+    if cap is not None:
+        monkeypatch.setattr(optim_module, "_MAX_TABLE_AGE", cap)
+    betas = (0.8, 0.9)
+    start = [0.5, -0.25, 1.0]
+    p, q = _param(start), _param(start)  # two tensors in one group: the lookup path is multi-tensor
+    opt = SparseAdamW([p, q], lr=0.05, betas=betas, eps=1e-3, weight_decay=0.3)
+    opt.seed_entries(p, torch.tensor([0, 2]), torch.tensor([0.3, -0.2]), torch.tensor([0.4, 0.1]), torch.tensor(ages))
+    ages0 = opt.state[p]["age"].tolist()
+    m0, v0 = opt.state[p]["exp_avg"].tolist(), opt.state[p]["exp_avg_sq"].tolist()
+    grads = [[0.5, -1.0, 2.0], [-0.3, 0.7, 0.2], [1.5, 0.1, -0.4]]
+    saved = None
+    for i, g in enumerate(grads):
+        p.grad, q.grad = torch.tensor(g), torch.tensor(g[::-1])
+        opt.step()
+        if i == 0:  # reload mid-way: the optimizer re-derives which path each tensor needs
+            saved = opt.state_dict()
+            opt2 = SparseAdamW([p, q], lr=0.05, betas=betas, eps=1e-3, weight_decay=0.3)
+            opt2.load_state_dict(saved)
+            opt = opt2
+    exp_delta, exp_m, exp_v, exp_age = _adamw_reference(start, grads, ages0, m0, v0, 0.05, *betas, 1e-3, 0.3)
+    torch.testing.assert_close(p.detach().double(), torch.tensor(exp_delta, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.state[p]["exp_avg"].double(), torch.tensor(exp_m, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"].double(), torch.tensor(exp_v, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-7)
+    assert opt.state[p]["age"].tolist() == exp_age
+    q_delta, _, _, q_age = _adamw_reference(start, [g[::-1] for g in grads], [1.0] * 3, [0.0] * 3, [0.0] * 3,
+                                            0.05, *betas, 1e-3, 0.3)
+    torch.testing.assert_close(q.detach().double(), torch.tensor(q_delta, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    assert opt.state[q]["age"].tolist() == q_age
+
+
 def test_sparse_adamw_seed_entries_is_unbiased_by_bias_correction():
     p = _param([0.0, 0.0])
     opt = SparseAdamW([p], lr=1.0, betas=(0.9, 0.999))

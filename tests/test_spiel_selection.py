@@ -19,6 +19,7 @@ from spiel.selection import (
     reselection_rate,
     reselection_steps,
     top_inactive_scores,
+    topk_abs_indices,
 )
 
 
@@ -183,6 +184,34 @@ def test_choose_ag_growth_discards_kept_and_handles_intersections():
     # Too few valid candidates: only the smallest-|Δ| outgoing slots are used.
     slots, chosen = choose_ag_growth(indices, torch.tensor([2, 0, 1]), torch.tensor([11, 30]), torch.tensor([5.0, 1.0]))
     assert slots.tolist() == [2] and chosen.tolist() == [1]
+
+
+def test_topk_abs_indices_is_the_exact_top_k_set():
+    from spiel.selection import _SAMPLE_SIZE, _sample_positions
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 1 << 17, 6000  # large enough for the sampled-threshold path
+    values = torch.randn(n, generator=gen)
+    want = set(torch.topk(values.abs(), k).indices.tolist())
+    assert set(topk_abs_indices(values.view(256, -1), k).tolist()) == want
+    small = values[:5000]  # small tensors: plain torch.topk
+    assert set(topk_abs_indices(small, 700).tolist()) == set(torch.topk(small.abs(), 700).indices.tolist())
+    assert topk_abs_indices(values, 0).numel() == 0
+    # A sample that overestimates the threshold (large values exactly at the sampled positions, more
+    # requested than were sampled) falls back to a full top-k.
+    skewed = torch.rand(n, generator=gen)
+    skewed[_sample_positions(n, "cpu")] += 10.0
+    k_big = 2 * _SAMPLE_SIZE
+    assert set(topk_abs_indices(skewed, k_big).tolist()) == set(torch.topk(skewed, k_big).indices.tolist())
+    # Mostly-zero magnitudes (98% ties at 0) give the exact set; a NaN ranks highest, as in torch.topk.
+    sparse = torch.zeros(n)
+    sparse[7::50] = torch.rand(sparse[7::50].shape, generator=gen) + 1.0
+    sparse[5] = float("nan")
+    got = topk_abs_indices(-sparse, 100)
+    assert 5 in set(got.tolist())
+    assert set(got.tolist()) == set(torch.topk(sparse, 100).indices.tolist())
+    with pytest.raises(ValueError, match="k must be"):
+        topk_abs_indices(values, n + 1)
 
 
 @pytest.mark.parametrize("block_elements", [6, 1 << 22])

@@ -157,3 +157,15 @@ def test_trainer_qspiel_on_a_4bit_base(tmp_path):
     for name, layer in model.sparse_layers():
         assert layer.values.dtype == torch.bfloat16 and bool((layer.values != 0).any()), name
     assert torch.equal(model.sparse_layers()[0][1].base_layer.weight.data, packed)
+    # A stock Trainer accepts the NF4 SpielModel too (the wrapper says it carries the adapter); the
+    # wrapped transformers model keeps its own flag.
+    from transformers import Trainer
+
+    assert model._hf_peft_config_loaded and not model.base_model._hf_peft_config_loaded
+    args = _args(tmp_path / "stock", max_steps=2, save_strategy="no")
+    opt = make_optimizer(model, args)
+    before = {n: l.values.detach().clone() for n, l in model.sparse_layers()}
+    Trainer(model=model, args=args, train_dataset=_dataset(), data_collator=default_data_collator,
+            optimizers=(opt, None)).train()
+    assert any(not torch.equal(l.values, before[n]) for n, l in model.sparse_layers())
+    assert torch.equal(model.sparse_layers()[0][1].base_layer.weight.data, packed)
