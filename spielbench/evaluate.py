@@ -674,6 +674,9 @@ def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: i
 def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``<run_dir>/run_config.json`` as a dict, checked for ``method`` and ``model``.
 
+    Accepts the file ``spielbench.train`` writes (the run's fields under ``"config"``) and a flat
+    mapping of run-config fields.
+
     Raises:
         InputError: missing/unreadable file, or ``method``/``model`` missing or not strings.
     """
@@ -686,6 +689,9 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: expected a JSON object")
+    if isinstance(cfg.get("config"), dict):
+        # spielbench.train writes {"config": <RunConfig fields>, "resolved": {...}}
+        cfg = cfg["config"]
     for key in ("method", "model"):
         if not isinstance(cfg.get(key), str) or not cfg[key]:
             raise InputError(f"{path}: field '{key}' missing or not a string")

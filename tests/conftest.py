@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESOURCES = REPO / "resources"
 REAL_MODEL_DIR = RESOURCES / "models" / "smollm2-135m-instruct"
 
-pytest_plugins: list[str] = ["fixtures_train"]
+pytest_plugins: list[str] = ["fixtures_train", "fixtures_eval"]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -317,6 +317,12 @@ def test_heldout_loss_is_the_token_mean_over_responses(tmp_path, scripted_llama,
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
     assert sum(got["example_tokens"]) == count and len(got["example_nll"]) == 2
     assert sum(got["example_nll"]) / count == pytest.approx(got["loss"])
+    # the same number as the training harness's own held-out loss
+    from spielbench.data import PaddingCollator
+    from spielbench.measure import heldout_loss as training_heldout_loss
+
+    assert training_heldout_loss(scripted_llama, data, PaddingCollator(pad_token_id=0))["loss"] == pytest.approx(
+        got["loss"], rel=1e-6)
 
 
 def test_evaluate_run_writes_one_json(tmp_path, scripted_llama, scripted_model_dir, eval_fixture_dir):
