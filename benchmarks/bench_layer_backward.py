@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         ("AG phase first backward, topk_abs_indices / torch.topk", block["phase first"] / block["phase first topk"]),
         ("AG phase first backward / ordinary backward", block["phase first"] / block["bwd dΔ+dx sampled"]),
         ("AG phase later backward, now / before (dense)", block["phase later sampled"] / block["phase later dense"]),
-        ("AG phase later backward (now) / ordinary backward", block["phase later sampled"] / block["bwd dΔ+dx sampled"]),
+        ("AG phase later backward (now) / ordinary backward",
+         block["phase later sampled"] / block["bwd dΔ+dx sampled"]),
         ("layer step, SpIEL / LoRA", block["fwd+bwd spiel"] / block["fwd+bwd lora"]),
         ("layer step, floor / LoRA", block["fwd+bwd floor"] / block["fwd+bwd lora"]),
     ]

@@ -31,8 +31,8 @@ and later ones γ+1 (the reference's off-by-one, kept). Differences from the ref
   candidates); the hook then switches the layer to
   :meth:`~spiel.layer.SparseDeltaLinear.sample_weight_grad`, so later micro-batches of the phase get
   ``dW`` at the fixed candidates from the layer's sampled product (the same SDDMM as ``dΔ``) and no
-  dense ``dW``. The values equal ``dW[candidates]`` up to the order of fp32 summation. A layer class
-  without ``sample_weight_grad`` keeps receiving the dense ``dW`` and is gathered from it, as before.
+  dense ``dW``. The values equal ``dW[candidates]`` up to the order of fp32 summation. A subclass of
+  the layer with its own forward keeps receiving the dense ``dW`` and is gathered from it, as before.
 - The candidates are the exact top-k ``|dW|`` (:func:`topk_abs_indices`), found through a threshold
   estimated on a fixed pseudo-random sample of the matrix instead of a full ``torch.topk`` (about 4x
   faster on CPU at SmolLM2 shapes); only ties at the k-th magnitude may resolve differently.
@@ -41,10 +41,11 @@ and later ones γ+1 (the reference's off-by-one, kept). Differences from the ref
 
 Drop (both algorithms, §3.1): per matrix, the ``n = int(k·p)`` entries with the smallest ``|Δ|``.
 Grow, SpIEL-AG (§4): candidates are the top-k ``|dW|`` positions of the first micro-batch of the phase;
-later micro-batches add ``dW`` and ``dW²`` at them (sampled, no dense ``dW``). Incoming = top ``|Σ dW|`` candidates not in the
-kept set; positions both outgoing and incoming stay as they are; outgoing is truncated to the number of
-incoming. Grown entries get Δ = 0 and a seeded Adam state (§4.3). Grow, SpIEL-MA (§5.2): incoming = top
-``row[i]·col[j]`` over positions that are inactive before the drop; Δ = 0; SM3 accumulators untouched.
+later micro-batches add ``dW`` and ``dW²`` at them (sampled, no dense ``dW``). Incoming = top ``|Σ dW|``
+candidates not in the kept set; positions both outgoing and incoming stay as they are; outgoing is
+truncated to the number of incoming. Grown entries get Δ = 0 and a seeded Adam state (§4.3).
+Grow, SpIEL-MA (§5.2): incoming = top ``row[i]·col[j]`` over positions that are inactive before the
+drop; Δ = 0; SM3 accumulators untouched.
 
 Under ``torch.distributed`` (initialised when the selector is built) every rank makes the same choice:
 the first ``dW`` of a phase is summed over ranks before choosing candidates, and the accumulated sums,
@@ -62,6 +63,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .layer import SparseDeltaLinear
 from .optim import reset_optimizer_entries
 
 __all__ = [
@@ -289,7 +291,6 @@ def topk_abs_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     return above.index_select(0, torch.topk(magnitudes.index_select(0, above), k, sorted=False).indices)
 
 
-
 # ---------------------------------------------------------------------------------------- selector
 @dataclass
 class _Accumulator:
@@ -511,9 +512,14 @@ class SpielSelector:
         self._use_sampled(name, layer)
 
     def _use_sampled(self, name: str, layer: Any) -> None:
-        """Stop the dense hook of ``layer`` and ask it for ``dW`` at its fixed candidates instead (§4.1)."""
-        if not callable(getattr(layer, "sample_weight_grad", None)):
-            return  # not a SparseDeltaLinear: keep gathering from the dense dW
+        """Stop the dense hook of ``layer`` and ask it for ``dW`` at its fixed candidates instead (§4.1).
+
+        Only for layers whose forward is :class:`~spiel.layer.SparseDeltaLinear`'s own (its backward
+        honours ``sample_weight_grad``). A subclass with its own forward (e.g. the benchmark's
+        reference-style layer, which forms a dense ``dW`` in every backward anyway) keeps the dense
+        hook, and its candidates are gathered from that ``dW`` in every backward, as the reference does."""
+        if not (isinstance(layer, SparseDeltaLinear) and type(layer).forward is SparseDeltaLinear.forward):
+            return
         if getattr(layer.weight_grad_hook, "_spiel_selector", None) is self:
             layer.weight_grad_hook = None
         layer.sample_weight_grad(self._acc[name].candidates, self._make_sample_hook(name))

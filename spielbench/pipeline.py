@@ -150,7 +150,11 @@ def resolve_pipeline(config: dict) -> Pipeline:
             raise PipelineConfigError(f"runs[{i}]: a second run with id {rid!r}; give one an `id`")
         run = {k: defaults[k] for k in TRAINING_KEYS if k in defaults}
         run.update({k: v for k, v in entry.items() if k not in ("id", "spiel")})
-        run["spiel"] = {**spiel_defaults, **entry.get("spiel", {})}
+        run["rank"] = entry.get("rank")  # explicit None for methods without a rank budget
+        if "spiel" in method:
+            run["spiel"] = {**spiel_defaults, **entry.get("spiel", {})}
+        elif entry.get("spiel"):
+            raise PipelineConfigError(f"runs[{i}].spiel: SpIEL options given to method {method!r}")
         if "learning_rate" not in run:
             raise PipelineConfigError(f"runs[{i}].learning_rate: not set here nor in training.learning_rate")
         run.update(run_id=rid, model=model_dir, train_data=train_file, heldout_data=heldout_file)

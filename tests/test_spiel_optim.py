@@ -83,11 +83,14 @@ def test_sparse_adamw_per_entry_ages_match_spec_over_steps():
     ([3.0, 400.0], None),  # past the fp32 saturation age (166 for these betas): clamped lookup
     ([3.0, 400.0], 64),  # a table capped below the saturation age: older entries take the exp path
 ], ids=["integral", "fractional", "saturated", "capped-table"])
-def test_sparse_adamw_lookup_and_exp_paths_match_spec(monkeypatch, ages, cap):
+@pytest.mark.parametrize("chunk", [None, 4], ids=["one-chunk", "chunk-per-tensor"])
+def test_sparse_adamw_lookup_and_exp_paths_match_spec(monkeypatch, ages, cap, chunk):
     import spiel.optim as optim_module
 
     if cap is not None:
         monkeypatch.setattr(optim_module, "_MAX_TABLE_AGE", cap)
+    if chunk is not None:
+        monkeypatch.setattr(optim_module, "_LOOKUP_CHUNK_ENTRIES", chunk)
     betas = (0.8, 0.9)
     start = [0.5, -0.25, 1.0]
     p, q = _param(start), _param(start)  # two tensors in one group: the lookup path is multi-tensor

@@ -343,6 +343,25 @@ def test_ag_reselection_matches_brute_force_and_seeds_adam_state():
     _assert_index_invariants(model, expected_k)
 
 
+def test_ag_layer_subclass_with_own_forward_keeps_the_dense_hook():
+    """A SparseDeltaLinear subclass with its own forward (like a reference-style layer that forms dW in
+    every backward) may bypass the sampled path, so the selector keeps gathering from its dense dW."""
+    from spiel.layer import SparseDeltaLinear
+
+    class OwnForward(SparseDeltaLinear):
+        def forward(self, x):
+            return super().forward(x)
+
+    model, opt, sel = _setup("ag", total=20, S=6, gamma=3)
+    (name0, first), (name1, second) = model.sparse_layers()[:2]
+    first.__class__ = OwnForward
+    for step in (1, 2):
+        _train_step(model, opt, sel, step)
+    assert first.weight_grad_hook is not None and first.grad_sample_hook is None
+    assert second.weight_grad_hook is None and second.grad_sample_hook is not None
+    assert sel._acc[name0].samples == sel._acc[name1].samples == 2 * GA
+
+
 def test_ma_reselection_matches_brute_force_and_leaves_sm3_state():
     model, opt, sel = _setup("ma", total=20, S=6, gamma=2, zeta=0.5)
     expected_k = model.num_deltas
