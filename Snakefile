@@ -24,6 +24,9 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         rules.assets.input,
+        # the per-run files are targets too, so deleting one run's outputs reruns that run (and the aggregates)
+        expand(f"{RUNS_DIR}/{{run}}/metrics.json", run=RUN_IDS),
+        expand(f"{RUNS_DIR}/{{target}}/eval.json", target=EVAL_TARGETS),
         AGGREGATE_OUTPUTS,
         BENCHMARK_OUTPUTS,
         REPORT_OUTPUTS,

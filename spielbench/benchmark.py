@@ -851,6 +851,16 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _display_path(path: str) -> str:
+    """``path`` relative to the repository when inside it, else its last component (records never hold
+    absolute paths of the machine they were made on)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(REPO_ROOT))
+    except ValueError:
+        return resolved.name
+
+
 def _base_record(size: str, method: str, options: BenchmarkOptions) -> dict[str, Any]:
     return {
         "size": size, "method": method, "status": None, "detail": None, "oom_kind": None,
@@ -861,7 +871,7 @@ def _base_record(size: str, method: str, options: BenchmarkOptions) -> dict[str,
         "batch_size": options.batch_size, "seq_len": options.seq_len, "steps": options.steps,
         "warmup_steps": options.warmup_steps, "dtype": options.dtype,
         "rank": options.rank if _method_family(method) in ("spiel", "lora", "shira") else None,
-        "model_source": options.model_dir or "random-init",
+        "model_source": _display_path(options.model_dir) if options.model_dir else "random-init",
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_avg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
