@@ -37,3 +37,17 @@ def write_yaml_atomic(path, data):
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(data, f, sort_keys=True)
     os.replace(tmp, path)
+
+
+def train_launcher(method):
+    """The command that starts ``-m spielbench.train`` for ``method``: plain Python, or ``accelerate launch``
+    with config["launcher"] (several GPUs per run: data parallel, or FSDP/DeepSpeed via an accelerate config)."""
+    launch = config.get("launcher", {})
+    n = launch.get("num_processes", 1)
+    chosen = launch.get("methods")
+    if n <= 1 or (chosen is not None and method not in chosen):
+        return f"{PYTHON} -m"
+    cmd = f"{PYTHON} -m accelerate.commands.launch --num_processes {n}"
+    if launch.get("accelerate_config"):
+        cmd += f" --config_file {shlex.quote(launch['accelerate_config'])}"
+    return cmd + " -m"

@@ -32,6 +32,7 @@ rule train:
         metrics=f"{RUNS_DIR}/{{run}}/metrics.json",
     params:
         outdir=lambda wc: f"{RUNS_DIR}/{wc.run}",
+        launch=lambda wc: train_launcher(RUNS[wc.run]["method"]),
     wildcard_constraints:
         run=RUN_PATTERN,
     log:
@@ -43,5 +44,5 @@ rule train:
         gpu=1,
         mem_mb=8000,
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m spielbench.train {input.run_config} "
+        "OMP_NUM_THREADS={threads} {params.launch} spielbench.train {input.run_config} "
         "--output-dir {params.outdir} > {log} 2>&1"
