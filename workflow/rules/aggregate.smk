@@ -55,7 +55,7 @@ rule aggregate:
         data_name=config["data"]["name"],
         tasks=config["evaluation"]["tasks"],
     log:
-        "logs/aggregate/aggregate.log",
+        f"{LOGS}/aggregate/aggregate.log",
     script:
         "../scripts/aggregate_tables.py"
 
@@ -76,6 +76,6 @@ rule figures:
         results_dir=RESULTS,
         figures_dir=f"{RESULTS}/figures",
     log:
-        "logs/aggregate/figures.log",
+        f"{LOGS}/aggregate/figures.log",
     script:
         "../scripts/aggregate_figures.py"

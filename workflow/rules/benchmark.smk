@@ -36,7 +36,7 @@ rule benchmark_point:
         size="|".join(re.escape(s) for s in BENCHMARK_SIZES),
         method="|".join(re.escape(m) for m in BENCHMARK_METHODS),
     log:
-        "logs/benchmark/{size}__{method}.log",
+        f"{LOGS}/benchmark/{{size}}__{{method}}.log",
     threads: workflow.cores
     resources:
         gpu=1,
@@ -51,6 +51,6 @@ rule benchmark_table:
         md=BENCHMARK_TABLES[0],
         csv=BENCHMARK_TABLES[1],
     log:
-        "logs/benchmark/table.log",
+        f"{LOGS}/benchmark/table.log",
     script:
         "../scripts/benchmark_table.py"

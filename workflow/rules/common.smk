@@ -20,6 +20,7 @@ PYTHON = sys.executable              # the interpreter snakemake runs in (the pr
 RESOURCES = PIPE.resources_dir
 RUNS_DIR = PIPE.runs_dir
 RESULTS = PIPE.results_dir
+LOGS = config.get("logs_dir", "logs")
 MODEL_DIR = PIPE.model_dir
 TRAIN_FILE = PIPE.train_file
 HELDOUT_FILE = PIPE.heldout_file

@@ -38,9 +38,9 @@ rule evaluate:
     wildcard_constraints:
         target=EVAL_PATTERN,
     log:
-        "logs/evaluate/{target}.log",
+        f"{LOGS}/evaluate/{{target}}.log",
     benchmark:
-        "logs/evaluate/{target}.benchmark.tsv"
+        f"{LOGS}/evaluate/{{target}}.benchmark.tsv"
     threads: workflow.cores
     resources:
         gpu=1,

@@ -25,6 +25,6 @@ rule report_pages:
         + [report(f"{RESULTS}/report/claims.html", caption="../report/claims.rst", category="Claims",
                   labels={"page": "claims"})],
     log:
-        "logs/aggregate/report_pages.log",
+        f"{LOGS}/aggregate/report_pages.log",
     script:
         "../scripts/aggregate_report.py"

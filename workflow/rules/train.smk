@@ -16,7 +16,7 @@ rule run_config:
     wildcard_constraints:
         run=RUN_PATTERN,
     log:
-        f"logs/run_config/{{run}}.log",
+        f"{LOGS}/run_config/{{run}}.log",
     run:
         write_yaml_atomic(output[0], params.run)
 
@@ -36,9 +36,9 @@ rule train:
     wildcard_constraints:
         run=RUN_PATTERN,
     log:
-        "logs/train/{run}.log",
+        f"{LOGS}/train/{{run}}.log",
     benchmark:
-        "logs/train/{run}.benchmark.tsv"
+        f"{LOGS}/train/{{run}}.benchmark.tsv"
     threads: workflow.cores
     resources:
         gpu=1,
