@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/ensure_env.sh
-.venv/bin/snakemake --cores all --quiet rules assets
+.venv/bin/snakemake assets --cores all --quiet rules
 exec .venv/bin/python -m pytest "$@"
