@@ -34,6 +34,7 @@ _SHAPES_METADATA_KEY = "spiel_shapes"
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -96,6 +96,7 @@ def save_selector_state(selector: SpielSelector, directory: Union[str, os.PathLi
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / SELECTOR_STATE_NAME
     fd, tmp = tempfile.mkstemp(prefix=f".{SELECTOR_STATE_NAME}.", suffix=".tmp", dir=directory)
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(selector.state_dict(), handle)

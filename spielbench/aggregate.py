@@ -644,6 +644,7 @@ def _write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temp file in the same folder + os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

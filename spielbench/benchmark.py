@@ -1123,6 +1123,7 @@ def run_one(size: str, method: str, options: BenchmarkOptions, output: str | Pat
     if options.profile_out is not None:
         options = replace(options, profile_out=os.path.abspath(options.profile_out))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".worker.json", dir=output.parent)
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
     os.close(fd)
     os.unlink(tmp_name)
     tmp_name = os.path.abspath(tmp_name)
@@ -1340,6 +1341,7 @@ def write_tables(records: Sequence[dict[str, Any]], md_path: str | Path, csv_pat
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)

@@ -43,6 +43,26 @@ class EncodeStats:
         return dict(self.__dict__)
 
 
+
+#: The open-instruct/Tülu format of the reference runs (SPIEL_SPEC.md §8.1), used for tokenizers that
+#: ship no chat template: ``<|user|>\n{content}\n<|assistant|>\n{content}</s>\n``.
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give ``tokenizer`` the Tülu chat template when it has none (base models); True when it was set."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = TULU_CHAT_TEMPLATE
+    return True
+
 def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -56,12 +76,14 @@ def assistant_char_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list
         rendered turn (content plus the template's end-of-turn text). An assistant message that opens
         the conversation has no prompt to answer and gets no span (it stays context).
 
+    A tokenizer without a chat template (a base model such as Llama-2-7b-hf) gets the Tülu format the
+    reference runs trained with (:data:`TULU_CHAT_TEMPLATE`, SPIEL_SPEC.md §8.1).
+
     Raises:
-        InputError: the tokenizer has no chat template, or the template does not render prefixes of the
-            conversation as prefixes of the full text (spans cannot be located).
+        InputError: the template does not render prefixes of the conversation as prefixes of the full
+            text (spans cannot be located).
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError("model: the tokenizer has no chat template (tokenizer_config.json 'chat_template' expected)")
+    ensure_chat_template(tokenizer)
     text = _render(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):

@@ -66,6 +66,24 @@ def _check_file(key: str, path: str) -> Path:
     return p
 
 
+def _check_run(key: str, run: dict) -> None:
+    """Validate one resolved run as the training entry point will (fields, method rules), without files.
+
+    Raises:
+        PipelineConfigError: naming ``key`` (e.g. ``runs[3]``) and the offending field.
+    """
+    from spielbench.errors import InputError
+    from spielbench.methods import get_method
+    from spielbench.runconfig import RunConfig
+
+    try:
+        cfg = RunConfig.from_mapping(dict(run), source=key)
+        get_method(cfg.method).check_config(cfg)
+    except InputError as err:
+        msg = str(err)
+        raise PipelineConfigError(msg if msg.startswith(key) else f"{key}.{msg}") from None
+
+
 def resolve_pipeline(config: dict) -> Pipeline:
     """Turn a schema-validated config into a :class:`Pipeline`.
 
@@ -153,11 +171,15 @@ def resolve_pipeline(config: dict) -> Pipeline:
         run["rank"] = entry.get("rank")  # explicit None for methods without a rank budget
         if "spiel" in method:
             run["spiel"] = {**spiel_defaults, **entry.get("spiel", {})}
+            if method == "spiel-static":
+                # the static ablation has no reselection: the method fixes the policy ("none")
+                run["spiel"].pop("reselection_rate_policy", None)
         elif entry.get("spiel"):
             raise PipelineConfigError(f"runs[{i}].spiel: SpIEL options given to method {method!r}")
         if "learning_rate" not in run:
             raise PipelineConfigError(f"runs[{i}].learning_rate: not set here nor in training.learning_rate")
         run.update(run_id=rid, model=model_dir, train_data=train_file, heldout_data=heldout_file)
+        _check_run(f"runs[{i}]", run)
         runs[rid] = run
     return Pipeline(
         resources_dir=resources, runs_dir=runs_dir, results_dir=results, model_source=source,

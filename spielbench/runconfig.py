@@ -59,7 +59,7 @@ class RunConfig:
     run_id: str | None = None
     heldout_data: str | None = None
     max_seq_length: int = 512
-    rank: int | None = 16
+    rank: int | None = None
     density: float | None = None
     max_steps: int = 100
     per_device_train_batch_size: int = 1

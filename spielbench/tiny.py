@@ -48,6 +48,7 @@ def build_tiny_random(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLi
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

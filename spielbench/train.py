@@ -100,8 +100,13 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _check_resume(cfg: RunConfig, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from, after checking that it belongs to the same run config."""
+def _check_resume(cfg: RunConfig, output_dir: Path, restart_if_changed: bool = False) -> Path | None:
+    """The checkpoint to resume from, after checking that it belongs to the same run config.
+
+    With ``restart_if_changed`` (the pipeline's choice: a changed setting means a new run), checkpoints
+    of a run with another config are moved aside to ``checkpoints.stale/`` (replacing an older one) and
+    training starts from scratch; without it, a mismatch raises :class:`InputError` naming the field.
+    """
     checkpoints = complete_checkpoints(output_dir / CHECKPOINTS_DIR)
     if not checkpoints:
         return None
@@ -113,6 +118,13 @@ def _check_resume(cfg: RunConfig, output_dir: Path) -> Path | None:
             if key in RESUMABLE_CHANGES:
                 continue
             if saved.get(key) != current.get(key):
+                if restart_if_changed:
+                    stale = output_dir / (CHECKPOINTS_DIR + ".stale")
+                    shutil.rmtree(stale, ignore_errors=True)
+                    os.replace(output_dir / CHECKPOINTS_DIR, stale)
+                    print(f"note: {key} changed ({saved.get(key)!r} -> {current.get(key)!r}); checkpoints of the "
+                          f"old run moved to {stale}, training from scratch", file=sys.stderr)
+                    return None
                 raise InputError(
                     f"{key}: {output_dir} holds checkpoints of a run with {key}={saved.get(key)!r}, this config "
                     f"has {current.get(key)!r}; use another --output-dir or delete {output_dir / CHECKPOINTS_DIR}")
@@ -143,7 +155,7 @@ def _check_nf4_cpu_shapes(meta_model) -> None:
                              f"(bitsandbytes NF4 blocks); {name} has in_features={fin}")
 
 
-def prepare_run(cfg: RunConfig, output_dir: str | Path) -> PreparedRun:
+def prepare_run(cfg: RunConfig, output_dir: str | Path, restart_if_changed: bool = False) -> PreparedRun:
     """Check a run and load what it needs except the model weights. Writes nothing.
 
     Raises:
@@ -171,7 +183,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path) -> PreparedRun:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise InputError(f"method: {cfg.method!r} needs bitsandbytes, which is not installed") from None
-    resume_from = _check_resume(cfg, output_dir)
+    resume_from = _check_resume(cfg, output_dir, restart_if_changed)
 
     from transformers import AutoTokenizer
 
@@ -401,6 +413,7 @@ def _save_adapter_atomically(prep: PreparedRun, model) -> Path:
     """Save the adapter into a temp folder, then swap it into ``DIR/adapter``."""
     final = prep.output_dir / ADAPTER_DIR
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=prep.output_dir))
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
     try:
         prep.spec.save(model, tmp, tokenizer=prep.tokenizer)
         old = None
@@ -574,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field (repeatable), e.g. --set learning_rate=1e-4 "
                         "--set spiel.reselection_steps=10")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--restart-if-changed", action="store_true",
+                   help="when DIR holds checkpoints of a run with another config, move them aside and start over "
+                        "(default: refuse with an error)")
     return p
 
 
@@ -583,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.overrides)
-        prep = prepare_run(cfg, args.output_dir)
+        prep = prepare_run(cfg, args.output_dir, restart_if_changed=args.restart_if_changed)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -108,3 +108,21 @@ def test_real_smollm2_template_labels_the_response(real_tokenizer):
     enc = encode_messages(real_tokenizer, msgs, 512)
     assert _labelled_text(real_tokenizer, enc) == ["4<|im_end|>\n"]
     assert "system" in real_tokenizer.decode(enc["input_ids"])
+
+
+def test_tokenizer_without_chat_template_gets_the_tulu_format(chat_tokenizer):
+    """Base models (e.g. Llama-2-7b-hf) ship no chat template: the reference's Tülu format is used."""
+    import copy
+
+    from spielbench.data import TULU_CHAT_TEMPLATE, encode_messages
+
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = None
+    msgs = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "four"}]
+    enc = encode_messages(tok, msgs, max_seq_length=128)
+    assert tok.chat_template == TULU_CHAT_TEMPLATE
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text.startswith("<|user|>\nWhat is two plus two?\n<|assistant|>\nfour")
+    answer = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]
+    assert "four" in tok.decode(answer)
+    assert "two plus two" not in tok.decode(answer)

@@ -126,6 +126,10 @@ def test_resume_refuses_a_different_config(tiny_run_files, tmp_path):
         prepare_run(changed, tmp_path)
     prepare_run(tiny_run_config(tiny_run_files, "lora", max_steps=3, save_steps=1, heldout_examples=2,
                                 run_id="renamed"), tmp_path)  # the run id alone may change
+    # the pipeline's choice: a changed setting is a new run; the old checkpoints are moved aside
+    prep = prepare_run(changed, tmp_path, restart_if_changed=True)
+    assert prep.resume_from is None
+    assert not (tmp_path / "checkpoints").exists() and any((tmp_path / "checkpoints.stale").iterdir())
 
 
 # ----------------------------------------------------------------------------------- loss normalisation

@@ -35,6 +35,7 @@ def write_yaml_atomic(path, data):
     """Write ``data`` as YAML to ``path`` through a temp file in the same folder."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(data, f, sort_keys=True)
     os.replace(tmp, path)

@@ -45,4 +45,4 @@ rule train:
         mem_mb=8000,
     shell:
         "OMP_NUM_THREADS={threads} {params.launch} spielbench.train {input.run_config} "
-        "--output-dir {params.outdir} > {log} 2>&1"
+        "--output-dir {params.outdir} --restart-if-changed --no-progress > {log} 2>&1"
