@@ -91,6 +91,16 @@ def _inject(model: nn.Module, config: SpielConfig,
     return config.replace(num_deltas=num_deltas, base_model_name_or_path=base_name)
 
 
+def _open_safetensors(path: Path):
+    """``safe_open(path)``; a corrupt or truncated file raises ValueError naming it (not a bare SafetensorError)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def get_spiel_model(model: nn.Module, config: SpielConfig) -> "SpielModel":
     """Wrap ``model`` (a transformers model, modified in place) with SpIEL sparse deltas.
 
@@ -318,15 +328,13 @@ class SpielModel(nn.Module):
             ValueError: (naming the file and tensor) a tensor missing, unexpected, of the wrong shape,
                 or indices out of range / repeated; or a layer is merged (unmerge first).
         """
-        from safetensors import safe_open
-
         self._check_usable()
         path = Path(adapter_directory) / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} (not a saved SpIEL adapter directory)")
         layers = self.sparse_layers()
         expected = {f"{name}.{part}": getattr(layer, part) for name, layer in layers for part in ("indices", "values")}
-        with safe_open(str(path), framework="pt") as handle:
+        with _open_safetensors(path) as handle:
             metadata = handle.metadata() or {}
             keys = set(handle.keys())
             missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
@@ -370,8 +378,6 @@ class SpielModel(nn.Module):
             ValueError: the config is invalid, or the saved modules/shapes/index counts do not match the
                 model (naming the module), or saved tensors are missing or malformed.
         """
-        from safetensors import safe_open
-
         directory = Path(adapter_directory)
         config = SpielConfig.from_pretrained(directory)
         weights_path = directory / WEIGHTS_NAME
@@ -380,7 +386,7 @@ class SpielModel(nn.Module):
         if config.num_deltas is None:
             raise ValueError(f"{directory / CONFIG_NAME}: num_deltas is missing; cannot rebuild the adapter")
         tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(weights_path), framework="pt") as handle:
+        with _open_safetensors(weights_path) as handle:
             metadata = handle.metadata() or {}
             keys = set(handle.keys())
             for name, k in config.num_deltas.items():

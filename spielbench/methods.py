@@ -99,6 +99,9 @@ class MethodSpec:
                 and cfg.spiel["reselection_rate_policy"] != "none"):
             raise InputError(f"spiel.reselection_rate_policy: method {self.name!r} is static (policy 'none'), "
                              f"got {cfg.spiel['reselection_rate_policy']!r}")
+        if self.reselection_rate_policy != "none" and cfg.spiel.get("reselection_rate_policy") == "none":
+            raise InputError(f"spiel.reselection_rate_policy: 'none' (no reselection) turns {self.name!r} into the "
+                             "static ablation; use method 'spiel-static' instead")
         from baselines.lora import TARGET_MODULES
 
         kwargs: dict[str, Any] = {
@@ -196,7 +199,8 @@ class MethodSpec:
             try:  # the exact per-matrix allocation (floor of the proportional share; SPIEL_SPEC.md §2.2)
                 trainable = sum(compute_num_deltas(meta_model, spiel_cfg).values())
             except ValueError as exc:
-                kind = "is too small" if "k = 0" in str(exc) else "is larger than the layers allow"
+                small = "k = 0" in str(exc) or "at least 1 trainable parameter" in str(exc)
+                kind = "is too small" if small else "is larger than the layers allow"
                 raise InputError(f"{what}: {value} {kind} for {self.name}: {exc}") from None
         elif self.family == "ia3":
             from baselines.ia3 import FEEDFORWARD_MODULES

@@ -325,3 +325,15 @@ def test_qspiel_on_a_4bit_model(tmp_path):
         model.merge_adapter()
     with pytest.raises(ValueError, match="4-bit"):
         model.merge_and_unload()
+
+
+def test_corrupt_adapter_file_is_named(tmp_path):
+    from conftest import make_tiny_llama
+
+    from spiel.config import SpielConfig as _Cfg
+    from spiel.model import SpielModel as _Model, get_spiel_model as _wrap
+
+    _wrap(make_tiny_llama(), _Cfg(lora_rank_equivalent=2)).save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"xx")
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: not a readable safetensors file"):
+        _Model.from_pretrained(make_tiny_llama(), tmp_path)
