@@ -14,17 +14,6 @@ from spiel.budget import (allocate, compute_num_deltas, count_parameters, find_t
 from spiel.config import SpielConfig
 
 
-@pytest.fixture(autouse=True)
-def _single_intra_op_thread():
-    """Run each test on one intra-op thread: these tiny tensors gain nothing from threads, and on a
-    loaded shared 2-core machine every multi-threaded op waits at an OpenMP barrier for a descheduled
-    thread (measured 10-50x slower for the tiny LLaMA). The previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -15,17 +15,6 @@ from spiel.layer import SparseDeltaLinear
 from spiel.model import SpielModel, get_spiel_model
 
 
-@pytest.fixture(autouse=True)
-def _single_intra_op_thread():
-    """Run each test on one intra-op thread: these tiny tensors gain nothing from threads, and on a
-    loaded shared 2-core machine every multi-threaded op waits at an OpenMP barrier for a descheduled
-    thread (measured 10-50x slower for the tiny LLaMA). The previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 IDS = torch.tensor([[1, 5, 9, 33, 17, 100, 4, 2], [1, 77, 3, 12, 12, 90, 45, 6]])
 
 

@@ -12,17 +12,6 @@ from spiel.layer import SparseDeltaLinear
 from spiel.optim import SM3, SparseAdamW, reset_optimizer_entries
 
 
-@pytest.fixture(autouse=True)
-def _single_intra_op_thread():
-    """Run each test on one intra-op thread: these tiny tensors gain nothing from threads, and on a
-    loaded shared 2-core machine every multi-threaded op waits at an OpenMP barrier for a descheduled
-    thread (measured 10-50x slower for the tiny LLaMA). The previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _param(values, dtype=torch.float32):
     return nn.Parameter(torch.tensor(values, dtype=dtype))
 

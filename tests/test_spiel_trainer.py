@@ -16,17 +16,6 @@ from spiel.trainer import SELECTOR_STATE_NAME, SpielCallback, SpielTrainer, load
 from spiel.selection import SpielSelector
 
 
-@pytest.fixture(autouse=True)
-def _single_intra_op_thread():
-    """Run each test on one intra-op thread: these tiny tensors gain nothing from threads, and on a
-    loaded shared 2-core machine every multi-threaded op waits at an OpenMP barrier for a descheduled
-    thread (measured 10-50x slower for the tiny LLaMA). The previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
