@@ -15,7 +15,17 @@ if [ -z "$PY" ]; then
 fi
 [ -n "$PY" ] || { echo "ensure_env: no python3 found (Python 3.11 expected)" >&2; exit 1; }
 stamp_want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+
+# `lm_eval --model spiel`: lm-eval has no model plugin discovery; a startup hook registers the model
+# lazily when lm-eval fills its model registry (spielbench/lm_eval_plugin.py).
+install_lm_eval_hook() {
+  local site
+  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  [ -f "$site/spiel_lm_eval.pth" ] || echo "import spielbench.lm_eval_plugin" > "$site/spiel_lm_eval.pth"
+}
+
 if [ -x "$VENV/bin/python" ] && [ -f "$VENV/.lock-stamp" ] && [ "$(cat "$VENV/.lock-stamp")" = "$stamp_want" ]; then
+  install_lm_eval_hook
   exit 0
 fi
 echo "ensure_env: installing the locked environment into $VENV (a few minutes the first time)" >&2
@@ -29,4 +39,5 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install --quiet "${extra[@]}" -r requirements.lock
 "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+install_lm_eval_hook
 echo "$stamp_want" > "$VENV/.lock-stamp"

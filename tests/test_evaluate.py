@@ -427,3 +427,20 @@ def test_real_model_merged_spiel_adapter_scores_like_unmerged(tmp_path, real_mod
     lls_a = [ll for r in a["samples"]["spiel_arc_easy"] for ll, _ in r["filtered_resps"]]
     lls_b = [ll for r in b["samples"]["spiel_arc_easy"] for ll, _ in r["filtered_resps"]]
     assert len(lls_a) >= 15 and lls_a == pytest.approx(lls_b, abs=2e-3)
+
+
+def test_plain_lm_eval_cli_finds_the_spiel_model():
+    """The project environment's startup hook (spiel_lm_eval.pth, written by scripts/ensure_env.sh)
+    registers `spiel` when lm-eval fills its model registry, so `lm_eval --model spiel` works."""
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    pth = Path(sysconfig.get_paths()["purelib"]) / "spiel_lm_eval.pth"
+    if not pth.exists():
+        pytest.skip("not the project environment (scripts/ensure_env.sh writes spiel_lm_eval.pth)")
+    code = "from lm_eval.api.registry import get_model; print(get_model('spiel').__name__, get_model('hf').__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["SpielLM", "HFLM"]
