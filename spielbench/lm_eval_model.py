@@ -2,8 +2,9 @@
 
 lm-eval 0.4.13 finds models only in its own registry (``lm_eval.api.registry.model_registry``,
 filled from ``lm_eval.models.MODEL_MAPPING``); it has no entry-point group through which an
-installed package could add one. Importing this module registers ``spiel``; the command line
-therefore goes through a thin wrapper that imports it and then runs lm-eval's own CLI::
+installed package could add one. Importing this module registers ``spiel``. In the project's
+environment, ``lm_eval --model spiel`` works directly (a startup hook, :mod:`spielbench.lm_eval_plugin`,
+registers the model lazily); elsewhere a thin wrapper imports this module and runs lm-eval's own CLI::
 
     python -m spielbench.lm_eval_model --model spiel \\
         --model_args pretrained=resources/models/smollm2-135m-instruct,adapter=runs/spiel-ag-r16/adapter \\
