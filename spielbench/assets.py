@@ -74,6 +74,7 @@ import contextlib
 import copy
 import gzip
 import hashlib
+
 import io
 import json
 import logging
@@ -90,6 +91,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from spielbench.errors import InputError
+from spielbench.fsio import atomic_write, publish_mode  # noqa: F401 (atomic_write: part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -165,17 +167,6 @@ DEFAULT_HELDOUT_PER_TASK = 30
 # ----------------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _publish_mode(path: Path, is_dir: bool) -> None:
-    """Give a temp file/folder the permissions a normally created one would have (mkstemp uses 0600)."""
-    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
-
-
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks of ``chunk_bytes`` bytes."""
     h = hashlib.sha256()
@@ -183,28 +174,6 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk_bytes), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBase]:
-    """Open a temporary file next to ``path``; on success ``os.replace`` it onto ``path``.
-
-    On an exception the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _publish_mode(Path(tmp), is_dir=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -219,9 +188,9 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
     """Move the finished folder ``tmp_dir`` to ``out_dir``, replacing an existing one."""
-    _publish_mode(tmp_dir, is_dir=True)
+    publish_mode(tmp_dir, is_dir=True)
     for p in tmp_dir.rglob("*"):
-        _publish_mode(p, is_dir=p.is_dir())
+        publish_mode(p, is_dir=p.is_dir())
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

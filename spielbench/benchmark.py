@@ -126,6 +126,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from spielbench.errors import InputError
+from spielbench.fsio import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -1338,13 +1339,7 @@ def write_tables(records: Sequence[dict[str, Any]], md_path: str | Path, csv_pat
     for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     for path, text in ((md_path, render_markdown(rows, records)), (csv_path, buf.getvalue())):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return rows
 
 

@@ -76,6 +76,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 from spielbench.errors import InputError  # noqa: E402
+from spielbench.fsio import write_text_atomic  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 FORMAT = "spielbench-eval/1"
@@ -157,20 +158,6 @@ def _environment(allow_code_execution: bool) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -794,7 +781,7 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         "heldout": held,
         "seconds": {"load": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "heldout": round(t3 - t2, 3)},
     }
-    _atomic_write_text(Path(output), json.dumps(result, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+    write_text_atomic(Path(output), json.dumps(result, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
     return result
 
 

@@ -46,14 +46,15 @@ def _save(fig, path: str | Path) -> Path:
     import os
     import tempfile
 
+    from spielbench.fsio import publish_mode
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from spielbench.errors import InputError
+from spielbench.fsio import atomic_write
 
 #: Tag of the notebook cell that holds the parameter defaults.
 PARAMETERS_TAG = "parameters"
@@ -98,17 +97,8 @@ def inject_parameters(nb, parameters: dict):
 def _write_atomic(nb, path: Path) -> None:
     import nbformat
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            nbformat.write(nb, fh)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        nbformat.write(nb, fh)
 
 
 def execute_notebook(source: str | Path, destination: str | Path, parameters: dict | None = None,

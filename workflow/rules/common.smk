@@ -5,10 +5,10 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 
 import yaml
 
+from spielbench.fsio import write_text_atomic
 from spielbench.pipeline import PipelineConfigError, resolve_pipeline
 
 try:
@@ -32,14 +32,8 @@ EVAL_PATTERN = "|".join(re.escape(r) for r in EVAL_TARGETS)
 
 
 def write_yaml_atomic(path, data):
-    """Write ``data`` as YAML to ``path`` through a temp file in the same folder."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=True)
-    os.replace(tmp, path)
-
+    """Write ``data`` as YAML to ``path`` atomically (spielbench.fsio)."""
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=True))
 
 def train_launcher(method):
     """The command that starts ``-m spielbench.train`` for ``method``: plain Python, or ``accelerate launch``

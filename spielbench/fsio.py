@@ -1,0 +1,62 @@
+"""Atomic file writes shared by the harness: a reader sees the old file or the complete new one.
+
+Every output (metrics, evaluation results, tables, notebooks, assets) goes through
+:func:`atomic_write`: a temporary file in the destination folder, ``fsync``, then ``os.replace``;
+on an exception the temporary file is removed and the destination is left as it was. The file gets
+the permissions a normally created one would have (``mkstemp`` creates 0600; the umask is honoured).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def umask() -> int:
+    """The process umask (read without changing it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str | os.PathLike, is_dir: bool = False) -> None:
+    """Give a temp file/folder the permissions a normally created one would have."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~umask())
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[io.IOBase]:
+    """Open a temporary file next to ``path`` (``mode`` "w" for UTF-8 text or "wb"); on success
+    ``os.replace`` it onto ``path``. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> None:
+    """Write ``obj`` as indented JSON (plus a final newline) to ``path`` atomically.
+
+    ``dumps_kwargs`` go to :func:`json.dumps` (e.g. ``default=``, ``ensure_ascii=False``).
+    """
+    write_text_atomic(path, json.dumps(obj, indent=2, **dumps_kwargs) + "\n")
