@@ -101,6 +101,14 @@ def _open_safetensors(path: Path):
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def unwrap_spiel_model(model):
+    """The SpielModel inside a data-parallel wrapper (``DistributedDataParallel(model).module``, nested or
+    not); any other model is returned unchanged."""
+    while not callable(getattr(model, "sparse_layers", None)) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def get_spiel_model(model: nn.Module, config: SpielConfig) -> "SpielModel":
     """Wrap ``model`` (a transformers model, modified in place) with SpIEL sparse deltas.
 

@@ -595,8 +595,9 @@ def build_optimizer(
         ValueError: unknown algorithm; no trainable sparse deltas; SM3 asked to optimise a
             parameter that is not a sparse delta.
     """
-    while not callable(getattr(model, "sparse_layers", None)) and hasattr(model, "module"):
-        model = model.module  # DistributedDataParallel(model)
+    from spiel.model import unwrap_spiel_model
+
+    model = unwrap_spiel_model(model)
     algo = (algorithm or _algorithm_of(model)).lower()
     layers = [layer for _, layer in model.sparse_layers()]
     values = [layer.values for layer in layers if layer.values.requires_grad]

@@ -65,6 +65,7 @@ import torch
 from torch.optim import Optimizer
 
 from .layer import SparseDeltaLinear
+from .model import unwrap_spiel_model
 from .optim import reset_optimizer_entries
 
 __all__ = [
@@ -304,13 +305,6 @@ class _Accumulator:
     samples: int  # hook calls (micro-batches) accumulated on this rank
 
 
-def _unwrap(model: Any) -> Any:
-    """The SpielModel inside a data-parallel wrapper (``DistributedDataParallel(model).module``)."""
-    while not callable(getattr(model, "sparse_layers", None)) and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _config_of(model: Any) -> Any:
     for attr in ("spiel_config", "peft_config", "config"):
         cfg = getattr(model, attr, None)
@@ -362,7 +356,7 @@ class SpielSelector:
     def __init__(self, model: Any, optimizer: Optimizer, total_steps: int, grad_accumulation_steps: int = 1, *,
                  config: Any = None, completed_steps: int = 0, block_elements: int = 1 << 22,
                  track_overlap: bool = True) -> None:
-        model = _unwrap(model)
+        model = unwrap_spiel_model(model)
         cfg = config if config is not None else _config_of(model)
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps: expected an integer >= 1, got {total_steps!r}")

@@ -57,6 +57,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .model import unwrap_spiel_model
 from .optim import build_optimizer
 from .selection import SpielSelector
 
@@ -133,8 +134,7 @@ def load_adapter_weights(model: Any, directory: Union[str, os.PathLike]) -> None
         ValueError: (naming the file) a tensor is missing, unexpected, of the wrong shape, or holds bad
             indices; ``model`` has no ``load_adapter``.
     """
-    while not callable(getattr(model, "sparse_layers", None)) and hasattr(model, "module"):
-        model = model.module  # DistributedDataParallel(model)
+    model = unwrap_spiel_model(model)
     if not callable(getattr(model, "load_adapter", None)) or not callable(getattr(model, "sparse_layers", None)):
         raise ValueError(f"model: expected a spiel SpielModel, got {type(model).__name__}")
     model.load_adapter(directory)
@@ -241,9 +241,7 @@ class SpielTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        while not callable(getattr(model, "sparse_layers", None)) and hasattr(model, "module"):
-            model = model.module
+        model = unwrap_spiel_model(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
         model.save_pretrained(output_dir, is_main_process=True)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
