@@ -496,7 +496,7 @@ def estimate_memory(size: ModelSize, method: str, options: BenchmarkOptions) -> 
 
     Components: ``weights`` (fp32 or bf16; NF4 projections at 0.5 byte + 1/32 byte of scales per
     weight), ``trainable_state`` (parameters, gradients and AdamW moments: 16 bytes per trainable fp32
-    parameter; SpIEL adds 4 bytes of index), ``activations`` (saved tensors of every block without
+    parameter; SpIEL adds 4 bytes of index and 8 of fused-forward cache), ``activations`` (saved tensors of every block without
     checkpointing: ``tokens * (12*h + 5*ffn)`` elements per block, plus fp32 logits and their gradient),
     ``transient`` (a dense per-layer ``dW`` and weight copy), and ``total``. Conservative only in that
     it omits allocator overhead; a miss is caught at run time.
@@ -516,7 +516,9 @@ def estimate_memory(size: ModelSize, method: str, options: BenchmarkOptions) -> 
         trainable = n_params * 12  # grads + two Adam moments (fp32)
     elif family == "floor":
         trainable = 0
-    elif family in ("spiel", "lora", "shira"):
+    elif family == "spiel":  # + the fused forward's copy of η and W0[η] (8 bytes per entry)
+        trainable = size.lora_parameters(options.rank) * 28
+    elif family in ("lora", "shira"):
         trainable = size.lora_parameters(options.rank) * 20
     else:  # ia3
         trainable = size.num_hidden_layers * 4 * size.hidden_size * 16
@@ -773,6 +775,7 @@ def _adapter_state(setup: _Setup) -> dict[str, int]:
         out = dict(trainable_state_bytes(setup.model, setup.optimizer))
         out.pop("trainable_state_bytes", None)
     out["index_bytes"] = sum(layer.indices.numel() * layer.indices.element_size() for layer in setup.sparse_layers)
+    out["fused_cache_bytes"] = sum(layer.fused_cache_bytes() for layer in setup.sparse_layers)
     out["total"] = sum(out.values())
     return out
 

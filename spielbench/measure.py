@@ -12,7 +12,8 @@ Memory:
 * Exact bytes of the trainable state: trainable parameters + their gradients (same dtype and size) +
   every tensor in the optimizer state. SpIEL's transient dense gradients are not persistent state and
   are not included (they show up in the peak RSS). Sparse adapters' position indices (SpIEL, SHiRA)
-  are buffers, reported separately as ``index_bytes``.
+  are buffers, reported separately as ``index_bytes``; the copy of η and ``W0[η]`` that SpIEL's fused
+  forward keeps is ``fused_cache_bytes``.
 """
 from __future__ import annotations
 
@@ -145,6 +146,13 @@ def index_bytes(model: torch.nn.Module) -> int:
         if isinstance(shira, dict):
             total += sum(_tensor_bytes(t) for t in shira.values() if isinstance(t, torch.Tensor))
     return total
+
+
+def fused_cache_bytes(model: torch.nn.Module) -> int:
+    """Bytes SpIEL layers hold for their fused forward (a copy of η and ``W0[η]`` per layer, spiel/layer.py;
+    ``SparseDeltaLinear.fused_cache_bytes``). 0 for other adapters and for unfused (e.g. 4-bit) layers."""
+    return sum(int(module.fused_cache_bytes()) for module in model.modules()
+               if callable(getattr(module, "fused_cache_bytes", None)))
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

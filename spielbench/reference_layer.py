@@ -109,6 +109,7 @@ class ReferenceSparseDeltaLinear(SparseDeltaLinear):
         ``weight_grad_hook``). Raises ValueError if ``layer`` is merged (unmerge first)."""
         if layer.merged:
             raise ValueError("ReferenceSparseDeltaLinear.from_layer: unmerge the layer first")
+        layer.unfuse()  # the shared base weight must hold W0
         new = cls(layer.base_layer, indices=layer.indices.detach().clone(), delta_dtype=layer.values.dtype)
         with torch.no_grad():
             new.values.copy_(layer.values.detach())

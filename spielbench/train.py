@@ -510,6 +510,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
     trainer.train(resume_from_checkpoint=resume)
     state_bytes = measure.trainable_state_bytes(model, trainer.optimizer)
     state_bytes["index_bytes"] = measure.index_bytes(model)
+    state_bytes["fused_cache_bytes"] = measure.fused_cache_bytes(model)
     memory = measure.peak_memory(prep.device, rss_scope)
 
     heldout_after = None

@@ -271,7 +271,8 @@ def test_tiny_sweep_in_fresh_processes_writes_documented_json(tmp_path):
     k = ag["trainable_params"]
     # SparseAdamW: Δ 4 + grad 4 + age/m/v 12 + int32 index 4 bytes per entry
     assert ag["adapter_state"] == {"trainable_param_bytes": 4 * k, "gradient_bytes": 4 * k,
-                                   "optimizer_state_bytes": 12 * k, "index_bytes": 4 * k, "total": 24 * k}
+                                   "optimizer_state_bytes": 12 * k, "index_bytes": 4 * k,
+                                   "fused_cache_bytes": 8 * k, "total": 32 * k}  # fused: η copy + W0[η]
     # SM3: row and column accumulators only (4 bytes per row and column of each matrix)
     rows_cols = 2 * sum(i + o for _, i, o in B.SIZES["tiny"].linear_shapes())
     assert ma["adapter_state"]["optimizer_state_bytes"] >= 4 * rows_cols

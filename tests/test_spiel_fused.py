@@ -1,0 +1,194 @@
+"""The fused forward of SparseDeltaLinear: the base weight holds ``W0 + Δ`` at η between calls (spiel/layer.py
+module docstring). Asserts bit-identity with the unfused path over training steps and index changes, that
+every view of the base weight (state_dict, base_weight, disabled, merge, load_state_dict, reference layers)
+still sees ``W0``, and that no dense ``[out, in]`` temporary is allocated."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from spiel.layer import SparseDeltaLinear
+from spiel.optim import SparseAdamW
+
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class _NewAllocations(TorchDispatchMode):
+    """Records the numel of every strided tensor an aten op returns in *new* storage (views and in-place
+    results share an input's storage and are not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs or {}))
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.layout == torch.strided
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.sizes.append(t.numel())
+        return out
+
+
+def _pair(dtype=torch.float32, out=24, inp=20, k=40, seed=0):
+    """Two layers over identical copies of one base: fused (default) and unfused."""
+    torch.manual_seed(seed)
+    base = nn.Linear(inp, out).to(dtype)
+    layers = []
+    for fuse in (True, False):
+        layer = SparseDeltaLinear(copy.deepcopy(base), k, generator=torch.Generator().manual_seed(seed),
+                                  delta_dtype=torch.float32)
+        layer.fuse_delta = fuse
+        layers.append(layer)
+    return layers, base.weight.detach().clone()
+
+
+def _step(layer, opt, x, autocast_dtype=None):
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        y = layer(x)
+    loss = (y.float() ** 2).mean()
+    loss.backward()
+    grad_x = x.grad.clone()
+    x.grad = None
+    opt.step()
+    opt.zero_grad()
+    return y.detach(), grad_x
+
+
+@pytest.mark.parametrize("dtype,autocast_dtype", [(torch.float32, None), (torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, None)], ids=["fp32", "fp32-autocast-bf16", "bf16"])
+def test_fused_bit_identical_to_unfused_over_steps_and_reselection(dtype, autocast_dtype):
+    (fused, plain), w0 = _pair(dtype)
+    opts = [SparseAdamW([layer.values], lr=0.05) for layer in (fused, plain)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        x = torch.randn(3, 7, 20, generator=gen).to(dtype)
+        results = []
+        for layer, opt in zip((fused, plain), opts):
+            xi = x.clone().requires_grad_()
+            results.append(_step(layer, opt, xi, autocast_dtype))
+        assert torch.equal(results[0][0], results[1][0])  # outputs
+        assert torch.equal(results[0][1], results[1][1])  # input gradients
+        assert torch.equal(fused.values, plain.values)  # same Δ after the optimizer step
+        assert fused.fused and not plain.fused
+        if step == 2:  # reselection through the API
+            for layer in (fused, plain):
+                layer.replace_entries(torch.tensor([0, 5]), torch.tensor([3, 200]))
+        if step == 4:  # an in-place write to η behind the layer's back
+            for layer in (fused, plain):
+                with torch.no_grad():
+                    layer.indices[7] = 11 if int(layer.indices[7]) != 11 else 12
+                    layer.values[7] = 0
+    assert torch.equal(fused.base_weight(), w0)  # unfusing restores every touched position exactly
+    assert torch.equal(plain.base_layer.weight.detach(), w0)
+
+
+def test_fused_weight_holds_delta_and_every_view_sees_w0():
+    (layer, _), w0 = _pair()
+    with torch.no_grad():
+        layer.values.normal_()
+    x = torch.randn(5, 20)
+    y = layer(x)
+    expected = (w0.reshape(-1).clone())
+    expected[layer.indices.long()] = w0.reshape(-1)[layer.indices.long()] + layer.values.detach()
+    assert torch.equal(layer.base_layer.weight.detach().reshape(-1), expected)
+    assert layer.fused_cache_bytes() == layer.k * (4 + 4)  # int32 η copy + fp32 W0[η]
+
+    state = layer.state_dict()
+    assert torch.equal(state["base_layer.weight"], w0) and not layer.fused
+    y2 = layer(x)  # fuses again
+    assert torch.equal(y, y2) and layer.fused
+
+    with torch.no_grad():
+        layer.disabled = True
+        base_only = layer(x)
+        layer.disabled = False
+    assert torch.equal(base_only, nn.functional.linear(x, w0, layer.bias))
+
+    layer(x)
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight.detach().reshape(-1), expected)
+    assert torch.equal(layer(x), y)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight.detach(), w0)
+
+
+def test_load_state_dict_and_deepcopy_and_dtype_moves():
+    (layer, _), w0 = _pair()
+    with torch.no_grad():
+        layer.values.normal_()
+    x = torch.randn(4, 20)
+    y = layer(x)
+    saved = layer.state_dict()
+
+    other, _ = _pair(seed=5)[0]  # a different η, Δ and base
+    other(x)
+    other.load_state_dict(saved)
+    assert torch.equal(other(x), y)
+    assert torch.equal(other.base_weight(), w0)
+
+    twin = copy.deepcopy(layer)  # copies the fused weight and its cache
+    assert torch.equal(twin(x), y)
+    assert torch.equal(twin.base_weight(), w0)
+
+    layer(x)
+    layer.double()  # the fused weight and the cached W0[η] are converted alike
+    y64 = layer(x.double())
+    assert torch.allclose(y64, y.double(), atol=1e-6)
+    assert torch.equal(layer.base_weight(), w0.double())
+
+
+def test_inference_mode_then_training():
+    (layer, plain), _ = _pair()
+    with torch.no_grad():
+        layer.values.normal_()
+        plain.values.copy_(layer.values)
+    x = torch.randn(4, 20)
+    with torch.inference_mode():
+        y_inf = layer(x)
+    y = layer(x.clone().requires_grad_())
+    y.sum().backward()
+    assert torch.equal(y_inf, y.detach())
+    y_plain = plain(x.clone().requires_grad_())
+    y_plain.sum().backward()
+    assert torch.equal(layer.values.grad, plain.values.grad)
+
+
+def test_fused_step_allocates_no_dense_weight():
+    (layer, _), _ = _pair(out=64, inp=48, k=50)
+    x = torch.randn(2, 16, 48, requires_grad=True)
+    layer(x).sum().backward()  # takes the fused state
+    dense = layer.dense_numel
+    with _NewAllocations() as mode:
+        layer(x).sum().backward()
+    assert dense not in mode.sizes, "a dense [out, in] tensor was allocated in a fused step"
+    layer.fuse_delta = False
+    with _NewAllocations() as mode:
+        layer(x).sum().backward()
+    assert mode.sizes.count(dense) >= 2  # the unfused path materialises W0 + Δ in forward and backward
+
+
+def test_backward_after_unfuse_between_forward_and_backward():
+    """A base-only pass (e.g. a reference model via disable) between forward and backward must not change
+    the gradient: the backward fuses again before using the weight."""
+    (layer, plain), _ = _pair()
+    with torch.no_grad():
+        layer.values.normal_()
+        plain.values.copy_(layer.values)
+    x = torch.randn(4, 20)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = layer(xa)
+    layer.disabled = True
+    with torch.no_grad():
+        layer(x)
+    layer.disabled = False
+    assert not layer.fused
+    ya.sum().backward()
+    plain(xb).sum().backward()
+    assert torch.equal(xa.grad, xb.grad) and torch.equal(layer.values.grad, plain.values.grad)
