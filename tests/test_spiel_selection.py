@@ -521,3 +521,62 @@ def test_resume_state_with_closed_phase_and_from_step_count():
     bad = dict(state, accumulators={"model.nope": {}})
     with pytest.raises(ValueError, match="model.nope"):
         sel3.load_state_dict(bad)
+
+
+def _brute_top_inactive(row, col, active, n):
+    dense = torch.outer(row.float(), col.float()).reshape(-1)
+    taken = set(active.tolist())
+    inactive = [i for i in range(dense.numel()) if i not in taken]
+    best = sorted(inactive, key=lambda i: (-dense[i].item(), i))[:n]  # ties: lower position first
+    return best, dense[best]
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "zero-rows", "tiny-n", "all-inactive"])
+def test_top_inactive_scores_threshold_and_blockwise_paths_agree_with_brute_force(case):
+    from spiel import selection as sel
+
+    gen = torch.Generator().manual_seed(7)
+    out_f, in_f, k, n = 23, 31, 90, 60
+    row, col = torch.rand(out_f, generator=gen), torch.rand(in_f, generator=gen)
+    if case == "ties":  # quantised accumulators: many equal products
+        row, col = torch.randint(1, 4, (out_f,), generator=gen).float(), torch.randint(1, 4, (in_f,), generator=gen).float()
+    if case == "zero-rows":
+        row[::3] = 0.0
+    if case == "tiny-n":
+        n = 1
+    active = torch.randperm(out_f * in_f, generator=gen)[:k].to(torch.int32)
+    if case == "all-inactive":
+        n = out_f * in_f - k + 5
+    want_pos, want_scores = _brute_top_inactive(row, col, active, n)
+    active_sorted = active.long().sort().values
+    got = sel.top_inactive_scores(row, col, active, n)
+    blockwise = sel._top_inactive_blockwise(row, col, active_sorted, n, block_elements=40)
+    for pos, scores in (got, blockwise):
+        assert pos.tolist() == want_pos
+        assert torch.equal(scores, want_scores)
+    fast = sel._top_inactive_by_threshold(row, col, active_sorted, n)
+    if case in ("random", "tiny-n", "zero-rows"):
+        assert fast is not None  # the threshold path is the one taken for positive accumulators
+        assert fast[0].tolist() == want_pos
+
+
+def test_top_inactive_scores_threshold_path_at_model_shape():
+    """A SmolLM2-1.7B MLP shape (8192 x 2048), LoRA-r16 budget, 10% regrown: same positions as scoring
+    every position (blockwise), and the threshold path is taken."""
+    from spiel import selection as sel
+
+    gen = torch.Generator().manual_seed(3)
+    out_f, in_f = 8192, 2048
+    k = 16 * (out_f + in_f)
+    row = torch.rand(out_f, generator=gen) ** 4  # skewed, as squared-gradient sums are
+    col = torch.rand(in_f, generator=gen) ** 4
+    from spiel.layer import random_indices
+
+    active = random_indices(out_f * in_f, k, gen).to(torch.int32)
+    n = k // 10
+    active_sorted = active.long().sort().values
+    fast = sel._top_inactive_by_threshold(row, col, active_sorted, n)
+    assert fast is not None
+    slow = sel._top_inactive_blockwise(row, col, active_sorted, n, block_elements=1 << 22)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    assert not torch.isin(fast[0], active_sorted).any()
