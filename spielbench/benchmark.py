@@ -22,23 +22,26 @@ Selection phases in their natural proportion (the *schedule-weighted* estimate)
 Under the reference schedule (S = ``reselection_steps`` = 20, γ = ``selection_accumulation_steps`` = 5,
 SPIEL_SPEC.md §3) a steady-state period of S update steps holds, for SpIEL-AG, γ + 1 steps of an
 open selection phase (the selector collects candidate gradients): one *phase-start* step (a dense
-``dW`` per layer and the top-k candidate choice), γ − 1 *phase* steps (accumulation at the candidates)
-and one *select* step (accumulation, then drop/grow); then one *after-select* step (the layers
-rebuild their cached CSR pattern of η) and ``S−γ−2`` *plain* steps (sampled ``dΔ`` only). SpIEL-MA
+``dW`` per layer and the top-k candidate choice), one *phase-first* step (the first sampled at the
+candidates: the layers build the CSR pattern of η ∪ candidates), γ − 2 *phase* steps (accumulation at
+the candidates, pattern cached) and one *select* step (accumulation, then drop/grow); then one
+*after-select* step (the layers rebuild their cached CSR pattern of η and re-take the fused ``W0[η]``)
+and ``S−γ−2`` *plain* steps (sampled ``dΔ`` only). SpIEL-MA
 has one after-select, ``S−2`` plain and one select step (drop/grow by the SM3 scores). A few timed
 steps cannot cover a period of 20, so:
 
 1. ``warmup_steps`` ordinary steps run first, before a selector is attached (they warm the sampled
    path, the allocator and the optimizer state). Then the selector is attached on a compressed
    schedule whose period is the timed window, ``S_b = steps`` (the natural S when ``steps`` is a
-   multiple of it), with ``γ_b = clip(round(γ·S_b/S), min(γ, 2), S_b−3)`` (AG; MA ``[0, S_b−1]``), at
+   multiple of it), with ``γ_b = clip(round(γ·S_b/S), min(γ, 3), S_b−3)`` (AG; MA ``[0, S_b−1]``), at
    ``completed_steps = c0 = S_b + γ_b − 1``, and one untimed *entry* step ends with a reselection. The
-   timed window is then exactly one period, ``[after-select, plain…, phase-start, phase…, select]``,
-   after the p = 1 first reselection. Every kind must be timed, so ``steps`` is raised to 5 for AG
-   (4 if γ = 1, 3 if γ = 0) and to 3 for MA when smaller (the record's ``steps`` is the number timed);
+   timed window is then exactly one period, ``[after-select, plain…, phase-start, phase-first,
+   phase…, select]``, after the p = 1 first reselection. Every kind must be timed, so ``steps`` is
+   raised to 6 for AG (5 if γ = 2, 4 if γ = 1, 3 if γ = 0) and to 3 for MA when smaller (the record's
+   ``steps`` is the number timed);
 2. every timed step is labelled with its kind; ``step_time_mean_s`` is ``Σ_kind w_kind · mean(kind)``
    with the natural weights ``w`` (AG: after-select ``1/S``, plain ``(S−γ−2)/S``, phase-start ``1/S``,
-   phase ``(γ−1)/S``, select ``1/S``; MA: ``1/S, (S−2)/S, 1/S``; every other method: plain 1), and
+   phase-first ``1/S``, phase ``(γ−2)/S``, select ``1/S``; MA: ``1/S, (S−2)/S, 1/S``; every other method: plain 1), and
    ``step_time_p50_s`` is the median of the same weighted distribution (each sample of a kind weighs
    ``w_kind / n_kind``). With ``steps = S`` the window *is* a natural period and the weighted mean
    equals the plain mean.
@@ -400,10 +403,11 @@ def natural_weights(algorithm: Optional[str], period: int, accumulation: int) ->
     """Fraction of steady-state steps of each kind under the natural schedule (S, γ) (SPIEL_SPEC.md §3).
 
     SpIEL-AG, hooks on in the γ + 1 steps ``t ≡ 0 … γ (mod S)``: ``phase-start 1/S`` (the first hooked
-    step: a dense ``dW`` and the top-k candidate choice), ``phase (γ−1)/S`` (dense ``dW``, accumulated at
-    the candidates), ``select 1/S`` (hooked, then drop/grow), ``after-select 1/S`` (the next step: the
-    layers rebuild their cached index pattern), ``plain (S−γ−2)/S``. With γ = 0 the select step is also
-    the first hooked one. SpIEL-MA: ``after-select 1/S``, ``plain (S−2)/S``, ``select 1/S``. Any other
+    step: a dense ``dW`` and the top-k candidate choice), ``phase-first 1/S`` (the first step sampled at
+    the candidates: it builds the layers' CSR pattern of η ∪ candidates), ``phase (γ−2)/S`` (sampled at
+    the candidates, pattern cached), ``select 1/S`` (hooked, then drop/grow), ``after-select 1/S`` (the
+    next step: the layers rebuild their cached index pattern), ``plain (S−γ−2)/S``. With γ = 0 the select
+    step is also the first hooked one; with γ = 1 there is no phase-first step. SpIEL-MA: ``after-select 1/S``, ``plain (S−2)/S``, ``select 1/S``. Any other
     method: ``plain 1``. Kinds with weight 0 are left out.
 
     Raises ValueError if S is too short (AG: S >= γ + 2; MA: S >= 2).
@@ -412,7 +416,7 @@ def natural_weights(algorithm: Optional[str], period: int, accumulation: int) ->
         if period < accumulation + 2:
             raise ValueError(f"reselection_steps: SpIEL-AG needs S >= γ + 2, got S={period}, γ={accumulation}")
         w = {"after-select": 1, "plain": period - accumulation - 2, "phase-start": 1 if accumulation >= 1 else 0,
-             "phase": max(accumulation - 1, 0), "select": 1}
+             "phase-first": 1 if accumulation >= 2 else 0, "phase": max(accumulation - 2, 0), "select": 1}
     elif algorithm == "ma":
         if period < 2:
             raise ValueError(f"reselection_steps: SpIEL-MA needs S >= 2 for the benchmark, got {period}")
@@ -424,9 +428,9 @@ def natural_weights(algorithm: Optional[str], period: int, accumulation: int) ->
 
 def timed_steps(algorithm: Optional[str], steps: int, accumulation: int = 5) -> int:
     """Timed steps actually run: ``steps``, raised so that every step kind of the schedule is measured
-    (SpIEL-AG: 5, or 4 when γ = 1, 3 when γ = 0; SpIEL-MA: 3)."""
+    (SpIEL-AG: 6, or 5 when γ = 2, 4 when γ = 1, 3 when γ = 0; SpIEL-MA: 3)."""
     if algorithm == "ag":
-        return max(steps, 3 + min(accumulation, 2))
+        return max(steps, 3 + min(accumulation, 3))
     if algorithm == "ma":
         return max(steps, 3)
     return steps
@@ -444,7 +448,7 @@ def driving_schedule(algorithm: Optional[str], options: BenchmarkOptions) -> Dri
     else:
         period = n
         if algorithm == "ag":
-            lo = min(gamma, 2)  # a phase-start and a phase step need γ_b >= 2
+            lo = min(gamma, 3)  # phase-start, phase-first and phase steps need γ_b >= 3
             acc = min(max(int(round(gamma * n / S)), lo), n - 3)
         else:
             acc = min(max(int(round(gamma * n / S)), 0), n - 1)
@@ -782,7 +786,8 @@ def _adapter_state(setup: _Setup) -> dict[str, int]:
 
 def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = None) -> tuple[dict[str, float], str]:
     """One training step; returns ({phase: seconds}, kind): "select" (ended with a reselection),
-    "phase-start" (gradient hooks on, the first such step of a phase), "phase" (hooks on),
+    "phase-start" (gradient hooks on, the first such step of a phase), "phase-first" (the second),
+    "phase" (hooks on, later),
     "after-select" (the step after a "select"), else "plain"."""
     import torch
     from torch.profiler import record_function
@@ -822,7 +827,8 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
     if selected:
         kind = "select"
     elif hooks_on:
-        kind = "phase" if previous_kind in ("phase-start", "phase") else "phase-start"
+        kind = {"phase-start": "phase-first", "phase-first": "phase", "phase": "phase"}.get(previous_kind,
+                                                                                          "phase-start")
     else:
         kind = "after-select" if previous_kind == "select" else "plain"
     return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "selector": t4 - t3, "total": t4 - t0,

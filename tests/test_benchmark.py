@@ -100,10 +100,12 @@ def test_to_reference_layers_keeps_logits_and_converts_every_layer(tiny_llama):
 # ---------------------------------------------------------------------------------- schedule
 def test_natural_weights_are_the_reference_schedule_proportions():
     ag = B.natural_weights("ag", 20, 5)
-    assert ag == pytest.approx({"after-select": 0.05, "plain": 0.65, "phase-start": 0.05, "phase": 0.2,
-                                "select": 0.05})
+    assert ag == pytest.approx({"after-select": 0.05, "plain": 0.65, "phase-start": 0.05, "phase-first": 0.05,
+                                "phase": 0.15, "select": 0.05})
     # hooks are on in 6 of 20 steps (γ + 1), as SPIEL_SPEC.md §3 describes
-    assert (ag["phase-start"] + ag["phase"] + ag["select"]) * 20 == pytest.approx(6)
+    assert (ag["phase-start"] + ag["phase-first"] + ag["phase"] + ag["select"]) * 20 == pytest.approx(6)
+    assert B.natural_weights("ag", 20, 1) == pytest.approx({"after-select": 0.05, "plain": 0.85,
+                                                           "phase-start": 0.05, "select": 0.05})
     assert B.natural_weights("ag", 20, 0) == pytest.approx({"after-select": 0.05, "plain": 0.9, "select": 0.05})
     assert B.natural_weights("ma", 20, 5) == pytest.approx({"after-select": 0.05, "plain": 0.9, "select": 0.05})
     assert B.natural_weights(None, 20, 5) == {"plain": 1.0}
@@ -112,7 +114,7 @@ def test_natural_weights_are_the_reference_schedule_proportions():
 
 
 @pytest.mark.parametrize("steps,warmup,gamma", [(3, 1, 5), (4, 0, 5), (5, 2, 5), (7, 1, 5), (20, 3, 5), (40, 1, 5),
-                                                (3, 1, 1), (6, 1, 0)])
+                                                (3, 1, 1), (6, 1, 0), (3, 1, 2), (5, 1, 3)])
 def test_driving_schedule_makes_the_window_one_period(steps, warmup, gamma):
     from spiel.selection import phase_open_after
 
@@ -128,7 +130,7 @@ def test_driving_schedule_makes_the_window_one_period(steps, warmup, gamma):
             if t % S == g:
                 kind = "select"
             elif hooks:
-                kind = "phase" if prev in ("phase-start", "phase") else "phase-start"
+                kind = {"phase-start": "phase-first", "phase-first": "phase", "phase": "phase"}.get(prev, "phase-start")
             else:
                 kind = "after-select" if prev == "select" else "plain"
             kinds.append(kind)
@@ -267,7 +269,8 @@ def test_tiny_sweep_in_fresh_processes_writes_documented_json(tmp_path):
         assert rec["trainable_params"] == pytest.approx(n, abs=14)  # floor() per matrix
         assert rec["reselections_timed"] == 1 and rec["step_kinds"][0] == "after-select"
         assert rec["step_kinds"][-1] == "select"
-    assert ag["step_kinds"] == ["after-select", "plain", "phase-start", "phase", "select"] and ma["steps"] == 3
+    assert ag["step_kinds"] == ["after-select", "plain", "phase-start", "phase-first", "phase", "select"]
+    assert ma["steps"] == 3
     k = ag["trainable_params"]
     # SparseAdamW: Δ 4 + grad 4 + age/m/v 12 + int32 index 4 bytes per entry
     assert ag["adapter_state"] == {"trainable_param_bytes": 4 * k, "gradient_bytes": 4 * k,
