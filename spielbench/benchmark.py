@@ -1309,7 +1309,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
         f"batch {first.get('batch_size')} × {first.get('seq_len')} tokens, dtype {first.get('dtype')}, "
         f"rank {next((r.get('rank') for r in records if r.get('rank')), None)}; "
         f"{first.get('warmup_steps')} warm-up + {min((r.get('steps') or 0) for r in records)}–"
-        f"{max((r.get('steps') or 0) for r in records)} timed steps per run (SpIEL-AG at least 5, SpIEL-MA at "
+        f"{max((r.get('steps') or 0) for r in records)} timed steps per run (SpIEL-AG at least 6 when γ ≥ 3, SpIEL-MA at "
         f"least 3), each run in a fresh process; weights: {first.get('model_source')}.",
         f"1-minute load average during the runs: {min(loads):.2f}–{max(loads):.2f} (other work on the machine "
         "disturbs timings)." if loads else "",
@@ -1317,7 +1317,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
         "S=20, γ=5; see `spielbench/benchmark.py`). Peak memory: CUDA max allocated, else peak RSS of the worker "
         "after model build. Ratios \"/LoRA\" divide by LoRA of the same size (4-bit methods: by qLoRA); "
         "\"/floor\" by the frozen-weight float floor. "
-        "Adapter state: trainable parameters + gradients + optimizer state + SpIEL indices. "
+        "Adapter state: trainable parameters + gradients + optimizer state + SpIEL indices and fused-forward cache. "
         "CPU-time/LoRA: ratio of process CPU time per step (steadier than wall time when other work shares "
         "the machine).",
         "",
@@ -1366,7 +1366,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, help=f"sequences per step (default {d.batch_size})")
     p.add_argument("--seq-len", dest="seq_len", type=int, help=f"tokens per sequence (default {d.seq_len})")
     p.add_argument("--warmup-steps", dest="warmup_steps", type=int, help=f"untimed steps (default {d.warmup_steps})")
-    p.add_argument("--steps", type=int, help=f"timed steps (default {d.steps}; AG needs >= 3)")
+    p.add_argument("--steps", type=int, help=f"timed steps (default {d.steps}; raised to cover every step kind: "
+                                             "SpIEL-AG 6 when γ >= 3, MA 3)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default float32)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--threads", type=int, help="torch CPU threads per worker (default: torch's)")
