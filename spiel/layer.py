@@ -74,6 +74,29 @@ __all__ = [
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
+# id(base weight Parameter) -> (weak ref to that Parameter, weak ref to the SparseDeltaLinear whose Δ is fused
+# into it). Kept outside the Parameter so that pickling a model (torch.save(model)) never meets a weak
+# reference; keyed by id because tensors do not compare as dictionary keys. An entry leaves with its Parameter.
+_FUSED_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _fused_owner(weight: torch.Tensor) -> Optional["SparseDeltaLinear"]:
+    """The layer whose Δ is fused into ``weight``, or None."""
+    entry = _FUSED_OWNERS.get(id(weight))
+    if entry is None or entry[0]() is not weight:
+        return None
+    return entry[1]()
+
+
+def _set_fused_owner(weight: torch.Tensor, layer: Optional["SparseDeltaLinear"]) -> None:
+    """Record (or, with None, forget) the layer fused into ``weight``."""
+    key = id(weight)
+    if layer is None:
+        _FUSED_OWNERS.pop(key, None)
+        return
+    _FUSED_OWNERS[key] = (weakref.ref(weight, lambda _ref, key=key: _FUSED_OWNERS.pop(key, None)),
+                          weakref.ref(layer))
+
 
 def index_dtype_for(numel: int) -> torch.dtype:
     """The dtype of η for a weight of ``numel`` elements: ``int32`` if ``numel < 2**31`` else ``int64`` (spec §2)."""
@@ -367,9 +390,8 @@ class SparseDeltaLinear(nn.Module):
         if self._fused_weight is None:
             return
         weight = self.base_layer.weight
-        owner = getattr(weight, "_spiel_fused_owner", None)
-        if owner is not None and owner() is self:
-            weight._spiel_fused_owner = None
+        if _fused_owner(weight) is self:
+            _set_fused_owner(weight, None)
         # Restore into the *current* base weight: a Parameter replaced since the fuse is a copy of the fused
         # one (nn.DataParallel replicas, accelerate device moves), and writing W0 into a fresh W0 is a no-op.
         if weight.numel() == self.dense_numel and weight.is_floating_point():
@@ -380,10 +402,9 @@ class SparseDeltaLinear(nn.Module):
     def _release_base(self) -> None:
         """Make the base weight hold ``W0``: unfuse this layer and any other layer fused over the same base
         Parameter (layers sharing a base, e.g. :class:`spielbench.reference_layer.ReferenceSparseDeltaLinear`
-        built from this one). The owner is recorded on the Parameter as a weak reference."""
+        built from this one). Owners are kept in a weak mapping from the base Parameter."""
         self.unfuse()
-        owner = getattr(self.base_layer.weight, "_spiel_fused_owner", None)
-        other = owner() if owner is not None else None
+        other = _fused_owner(self.base_layer.weight)
         if other is not None and other is not self:
             other.unfuse()
 
@@ -402,7 +423,7 @@ class SparseDeltaLinear(nn.Module):
                 self._fused_base = flat[indices]
             self._fused_weight = weight
             self._fused_key = (indices, indices._version)
-            weight._spiel_fused_owner = weakref.ref(self)
+            _set_fused_owner(weight, self)
         flat = weight.view(-1)
         if self._fused_base.device != flat.device or self._fused_base.dtype != flat.dtype:  # after .to()
             self._fused_base = self._fused_base.to(device=flat.device, dtype=flat.dtype)

@@ -192,3 +192,38 @@ def test_backward_after_unfuse_between_forward_and_backward():
     ya.sum().backward()
     plain(xb).sum().backward()
     assert torch.equal(xa.grad, xb.grad) and torch.equal(layer.values.grad, plain.values.grad)
+
+
+def test_pickle_round_trip_while_fused():
+    import io
+
+    (layer, _), w0 = _pair()
+    with torch.no_grad():
+        layer.values.normal_()
+    x = torch.randn(3, 20)
+    y = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # the whole module, fused weight included
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert torch.equal(restored(x), y)
+    assert torch.equal(restored.base_weight(), w0)
+
+
+def test_two_layers_sharing_one_base_each_see_w0():
+    torch.manual_seed(0)
+    base = nn.Linear(20, 24)
+    w0 = base.weight.detach().clone()
+    a = SparseDeltaLinear(base, 30, generator=torch.Generator().manual_seed(1))
+    b = SparseDeltaLinear(base, 30, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a.values.normal_()
+        b.values.normal_()
+    x = torch.randn(4, 20)
+    ya, yb = a(x), b(x)  # b's fuse must first restore a's positions
+    assert a.fused is False and b.fused
+    for layer, y in ((a, ya), (b, yb)):
+        dense = w0 + layer.delta_weight()
+        torch.testing.assert_close(y, nn.functional.linear(x, dense, base.bias), rtol=0, atol=1e-6)
+    assert torch.equal(a.base_weight(), w0)  # releases b as well
+    assert not b.fused
