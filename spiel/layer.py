@@ -19,6 +19,14 @@ detected by tensor identity and version, and the old positions are restored from
 SmolLM2-1.7B shapes at 128 tokens (1 thread): the 7 projections of one step 14.9 s with a fresh
 temporary per forward and backward, 8.9 s fused, 8.6 s with frozen weights (README, Performance).
 Reading ``base_layer.weight`` directly between forwards shows ``W0 + Δ`` at η: call ``unfuse()`` first.
+Tensors returned by ``state_dict()`` alias the live weight (as for any module): save or clone them before
+the next forward, which writes ``W0 + Δ`` into that storage again. Other code's changes to the base are
+respected: ``.to()``/``.half()``/``.cuda()`` unfuse first; an in-place write to the base weight by
+anything else (its version changes), or a new Parameter that does not hold the fused values at η, is
+taken as a new ``W0``; a new Parameter that does (an ``nn.DataParallel`` replica) is adopted. A disabled
+forward under autograd goes through the same function with Δ = 0, so that nothing saved for its backward
+aliases the base weight. :func:`spiel.model.get_spiel_model` turns fusion off for a weight that another
+module also reads (tied input embeddings and ``lm_head``).
 
 Forward, unfused (a 4-bit base, ``fuse_delta=False``, or a compute dtype the fused weight cannot give
 exactly, e.g. fp16 autocast over a bf16 base): ``W0 + Δ`` is materialised densely for this layer only
@@ -171,7 +179,7 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, values, indices, layer, compute_dtype):
+    def forward(ctx, x, values, indices, layer, compute_dtype, use_hooks=True):
         with _no_autocast(x.device.type):
             xc = x.to(compute_dtype)
             weight = layer._compute_weight(compute_dtype, values, indices)
@@ -182,6 +190,7 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
         ctx.layer = layer
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
+        ctx.use_hooks = use_hooks
         return y
 
     @staticmethod
@@ -193,8 +202,8 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
         with _no_autocast(grad_out.device.type):
             g = grad_out.reshape(-1, layer.out_features)
             # hooks are read once: a hook may switch the layer to sampled candidates for later backwards
-            dense_hook = layer.weight_grad_hook
-            sample_hook = layer.grad_sample_hook
+            dense_hook = layer.weight_grad_hook if ctx.use_hooks else None
+            sample_hook = layer.grad_sample_hook if ctx.use_hooks else None
             sample_at = layer.grad_sample_indices if sample_hook is not None else None
             if ctx.needs_input_grad[1] or dense_hook is not None or sample_at is not None:
                 x2d = xc.reshape(-1, layer.in_features)
@@ -220,23 +229,24 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
                 weight = layer._compute_weight(compute_dtype, values, indices)
                 grad_x = (g.to(compute_dtype) @ weight).view(*grad_out.shape[:-1], layer.in_features)
                 grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, grad_values, None, None, None
+        return grad_x, grad_values, None, None, None, None
 
 
 def sparse_delta_linear(layer: "SparseDeltaLinear", x: torch.Tensor, values: Optional[torch.Tensor] = None,
-                        compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                        compute_dtype: Optional[torch.dtype] = None, use_hooks: bool = True) -> torch.Tensor:
     """The functional form of :meth:`SparseDeltaLinear.forward` (ignores ``merged``/``disabled``).
 
     ``x [..., in]``; ``values [k]`` defaults to ``layer.values`` (pass another tensor, e.g. fp64, for
     gradchecks); ``compute_dtype`` defaults to the autocast dtype when autocast is on, else the base's
     compute dtype (the weight dtype for ``nn.Linear``; ``compute_dtype`` or ``x.dtype`` for 4-bit).
     Returns ``[..., out]`` in the compute dtype (4-bit: cast back to ``x.dtype``, as bitsandbytes does).
+    ``use_hooks=False`` keeps the layer's selection hooks out of this call's backward.
     """
     if values is None:
         values = layer.values
     if compute_dtype is None:
         compute_dtype = layer._compute_dtype(x)
-    y = _SparseDeltaLinearFunction.apply(x, values, layer.indices, layer, compute_dtype)
+    y = _SparseDeltaLinearFunction.apply(x, values, layer.indices, layer, compute_dtype, use_hooks)
     if layer.is_4bit:
         y = y.to(x.dtype)
     return y
@@ -303,6 +313,7 @@ class SparseDeltaLinear(nn.Module):
         # Fused state (module docstring): the base Parameter written, a copy of η at the time and W0 there.
         self._fused_weight: Optional[torch.Tensor] = None
         self._fused_key: Optional[tuple] = None  # (indices tensor, its version) when the state was taken
+        self._fused_version: Optional[int] = None  # the base weight's version right after our last write
         self._fused_indices: Optional[torch.Tensor] = None
         self._fused_base: Optional[torch.Tensor] = None
         self._csr_cache = None  # (key, crow, col, gather); key holds the index tensors themselves and versions
@@ -387,17 +398,52 @@ class SparseDeltaLinear(nn.Module):
     def unfuse(self) -> None:
         """Restore ``W0`` at the fused positions of the base weight (O(k)); no-op while unfused. The next
         fused forward writes ``W0 + Δ`` again. Call before reading ``base_layer.weight`` directly."""
+        self._check_fused_state()
         if self._fused_weight is None:
             return
         weight = self.base_layer.weight
+        flat = weight.view(-1)
+        flat[self._fused_indices] = self._fused_base.to(device=flat.device, dtype=flat.dtype)
+        self._forget_fused()
+
+    def _forget_fused(self) -> None:
+        """Drop the fused state without writing to the base weight."""
+        if self._fused_weight is not None and _fused_owner(self._fused_weight) is self:
+            _set_fused_owner(self._fused_weight, None)
+        weight = self.base_layer.weight
         if _fused_owner(weight) is self:
             _set_fused_owner(weight, None)
-        # Restore into the *current* base weight: a Parameter replaced since the fuse is a copy of the fused
-        # one (nn.DataParallel replicas, accelerate device moves), and writing W0 into a fresh W0 is a no-op.
-        if weight.numel() == self.dense_numel and weight.is_floating_point():
-            flat = weight.view(-1)
-            flat[self._fused_indices.to(flat.device)] = self._fused_base.to(device=flat.device, dtype=flat.dtype)
-        self._fused_weight = self._fused_key = self._fused_indices = self._fused_base = None
+        self._fused_weight = self._fused_key = self._fused_version = None
+        self._fused_indices = self._fused_base = None
+
+    @torch.no_grad()
+    def _check_fused_state(self) -> None:
+        """Forget the fused state where the base weight no longer holds what this layer wrote into it:
+
+        * the same Parameter written in place by other code since (``load_state_dict`` on the base layer
+          alone, a manual edit): its contents are taken as the new ``W0``;
+        * a different Parameter: adopted if it holds the fused values at η (a copy of the fused weight,
+          e.g. an ``nn.DataParallel`` replica), else taken as a new ``W0``."""
+        old = self._fused_weight
+        if old is None:
+            return
+        weight = self.base_layer.weight
+        if weight is old:
+            if weight._version != self._fused_version:
+                self._forget_fused()
+            return
+        copy = False
+        if weight.shape == old.shape and weight.dtype == old.dtype and weight.is_floating_point():
+            idx = self._fused_indices
+            copy = torch.equal(weight.reshape(-1)[idx.to(weight.device)],
+                               old.detach().reshape(-1)[idx.to(old.device)].to(weight.device))
+        if not copy:
+            self._forget_fused()
+            return
+        self._fused_indices = self._fused_indices.to(weight.device)
+        self._fused_base = self._fused_base.to(weight.device)
+        self._fused_weight, self._fused_version = weight, weight._version
+        _set_fused_owner(weight, self)
 
     def _release_base(self) -> None:
         """Make the base weight hold ``W0``: unfuse this layer and any other layer fused over the same base
@@ -413,9 +459,12 @@ class SparseDeltaLinear(nn.Module):
         """Write ``W[η] = W0[η] + Δ`` (fp32 sum, one rounding) into the base weight and return it. Re-takes
         ``W0[η]`` (restoring the previously fused positions first) when η changed since the last call."""
         weight = self.base_layer.weight
+        self._check_fused_state()
         key = self._fused_key
-        if (self._fused_weight is not weight or key is None or key[0] is not indices
-                or key[1] != indices._version):
+        if self._fused_weight is not None and (key[0] is not indices or key[1] != indices._version
+                                               or not torch.equal(self._fused_indices, indices)):
+            self.unfuse()  # η changed (also through ``.data``, which keeps the version): restore the old positions
+        if self._fused_weight is None:
             self._release_base()
             with torch.inference_mode(False):  # the cached tensors outlive any inference-mode region
                 flat = weight.view(-1)
@@ -425,10 +474,9 @@ class SparseDeltaLinear(nn.Module):
             self._fused_key = (indices, indices._version)
             _set_fused_owner(weight, self)
         flat = weight.view(-1)
-        if self._fused_base.device != flat.device or self._fused_base.dtype != flat.dtype:  # after .to()
-            self._fused_base = self._fused_base.to(device=flat.device, dtype=flat.dtype)
         acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
         flat[indices] = (self._fused_base.to(acc) + values.detach().to(acc)).to(flat.dtype)
+        self._fused_version = weight._version
         return weight
 
     def _compute_weight(self, dtype: torch.dtype, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -440,6 +488,10 @@ class SparseDeltaLinear(nn.Module):
             return weight if weight.dtype == dtype else weight.to(dtype)
         self._release_base()
         return self._effective_weight(dtype, values, indices)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._release_base()  # dtype/device conversions (.to, .half, .cuda) see W0; the next forward fuses again
+        return super()._apply(fn, *args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._release_base()  # the base layer's entries (saved after this module's own) must hold W0
@@ -553,6 +605,12 @@ class SparseDeltaLinear(nn.Module):
                 raise RuntimeError("SparseDeltaLinear: cannot run disabled while merged; call unmerge() first")
             return self.base_layer(x)
         if self.disabled:
+            if torch.is_grad_enabled() and self._can_fuse(self._compute_dtype(x)):
+                # Through the autograd function with Δ = 0: nothing saved for backward refers to the base
+                # weight, so a fused forward of this layer between this forward and its backward cannot
+                # invalidate it (the backward rewrites W0 + 0 at η before use).
+                zeros = torch.zeros_like(self.values, requires_grad=False)
+                return sparse_delta_linear(self, x, values=zeros, use_hooks=False)
             self._release_base()
             return self.base_layer(x)
         return sparse_delta_linear(self, x)

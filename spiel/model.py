@@ -78,6 +78,11 @@ def _inject(model: nn.Module, config: SpielConfig,
         param.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
     dtype = config.torch_delta_dtype
+    # A weight also read by another module (tied input embeddings and lm_head) must keep W0 between calls:
+    # such layers build W0 + Δ per call instead of keeping it fused in the base weight (spiel/layer.py).
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
     for name, module in modules:
         if indices is not None:
             try:
@@ -86,6 +91,8 @@ def _inject(model: nn.Module, config: SpielConfig,
                 raise ValueError(f"module {name!r}: {exc}") from None
         else:
             layer = SparseDeltaLinear(module, num_deltas[name], delta_dtype=dtype, generator=generator)
+        if uses.get(id(module.weight), 0) > 1:
+            layer.fuse_delta = False
         _replace_submodule(model, name, layer)
     base_name = config.base_model_name_or_path or getattr(model, "name_or_path", None) or None
     return config.replace(num_deltas=num_deltas, base_model_name_or_path=base_name)

@@ -235,6 +235,10 @@ def _top_n_ordered(pos: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[tor
     return pos[order], scores[order]
 
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+_FP32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal: below it relative rounding error grows
+
+
 def _top_inactive_by_threshold(row32: torch.Tensor, col32: torch.Tensor, active_sorted: torch.Tensor,
                                n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The threshold path of :func:`top_inactive_scores`; None where it does not apply."""
@@ -258,6 +262,8 @@ def _top_inactive_by_threshold(row32: torch.Tensor, col32: torch.Tensor, active_
         return per_row, int((act_exact >= t).sum())
 
     hi = float(r64.max()) * float(c64.max())
+    if not hi < _FP32_MAX:
+        return None  # fp32 scores overflow to inf: ties the exact products would break differently
     positive_scores = (r64 > 0).sum() * (c64 > 0).sum()
     if hi <= 0.0 or int(positive_scores) - int((act_exact > 0).sum()) < n:
         return None  # zeros would have to fill the top-n: ties everywhere, use the blockwise path
@@ -283,6 +289,8 @@ def _top_inactive_by_threshold(row32: torch.Tensor, col32: torch.Tensor, active_
             break
     # Enumerate at a slightly lower threshold so that fp32 rounding of the scores cannot drop a position
     # tied with, or just above, the n-th inactive score.
+    if lo * (1.0 - 1e-6) < _FP32_TINY:
+        return None  # fp32 scores near the threshold are subnormal or zero: rounding creates ties
     per_row, _ = counts(lo * (1.0 - 1e-6))
     total = int(per_row.sum())
     if total > 4 * (n + active_sorted.numel()) + (1 << 20):
@@ -310,6 +318,7 @@ def _top_inactive_blockwise(row32: torch.Tensor, col32: torch.Tensor, active_sor
     for r0 in range(0, out_f, rows_per_block):
         r1 = min(out_f, r0 + rows_per_block)
         block = torch.outer(row32[r0:r1], col32).view(-1)
+        block.masked_fill_(block.isnan(), float("-inf"))  # a NaN score ranks last, not hiding the block
         base = r0 * in_f
         bounds = torch.searchsorted(active_sorted, torch.tensor([base, r1 * in_f], device=device))
         lo, hi = int(bounds[0]), int(bounds[1])

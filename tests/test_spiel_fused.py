@@ -227,3 +227,88 @@ def test_two_layers_sharing_one_base_each_see_w0():
         torch.testing.assert_close(y, nn.functional.linear(x, dense, base.bias), rtol=0, atol=1e-6)
     assert torch.equal(a.base_weight(), w0)  # releases b as well
     assert not b.fused
+
+
+# ------------------------------------------------------------------- the base weight touched by others
+def test_disabled_forward_with_grad_then_fused_forward_backward_matches_unfused():
+    """A base-only pass kept for backward (e.g. a reference output inside the loss) and an adapted pass
+    of the same layer: the fused write must not invalidate the base-only pass's saved tensors."""
+    results = []
+    for layer in _pair()[0]:
+        with torch.no_grad():
+            layer.values.copy_(torch.linspace(-1, 1, layer.k))
+        x = torch.randn(3, 20, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        layer.disabled = True
+        y0 = layer(x)
+        layer.disabled = False
+        y1 = layer(x)
+        ((y1 - y0) ** 2).sum().backward()
+        results.append((y0.detach(), y1.detach(), x.grad, layer.values.grad))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_indices_written_through_data_are_detected():
+    (layer, _), w0 = _pair()
+    with torch.no_grad():
+        layer.values.normal_()
+    x = torch.randn(4, 20)
+    layer(x)
+    new = layer.indices.clone()
+    new[:5] = torch.tensor([i for i in range(480) if i not in set(layer.indices.tolist())][:5], dtype=new.dtype)
+    layer.indices.data.copy_(new)  # .data keeps the version counter
+    y = layer(x)
+    dense = w0 + layer.delta_weight()
+    torch.testing.assert_close(y, nn.functional.linear(x, dense, layer.bias), rtol=0, atol=1e-6)
+    assert torch.equal(layer.base_weight(), w0)
+
+
+def test_base_weight_replaced_or_reloaded_while_fused_is_taken_as_new_base():
+    (layer, _), _ = _pair()
+    with torch.no_grad():
+        layer.values.normal_()
+    x = torch.randn(4, 20)
+    layer(x)
+    w1 = torch.randn(24, 20)
+    layer.base_layer.weight = nn.Parameter(w1.clone(), requires_grad=False)  # a new Parameter
+    y = layer(x)
+    torch.testing.assert_close(y, nn.functional.linear(x, w1 + layer.delta_weight(), layer.bias), rtol=0, atol=1e-6)
+    assert torch.equal(layer.base_weight(), w1)
+    layer(x)
+    w2 = torch.randn(24, 20)
+    layer.base_layer.load_state_dict({"weight": w2, "bias": layer.bias.detach().clone()})  # in place, same Parameter
+    y = layer(x)
+    torch.testing.assert_close(y, nn.functional.linear(x, w2 + layer.delta_weight(), layer.bias), rtol=0, atol=1e-6)
+    assert torch.equal(layer.base_weight(), w2)
+
+
+def test_dtype_round_trip_while_fused_matches_unfused():
+    outs = []
+    for layer in _pair()[0]:
+        with torch.no_grad():
+            layer.values.copy_(torch.linspace(-1, 1, layer.k))
+        x = torch.randn(4, 20, generator=torch.Generator().manual_seed(2))
+        layer(x)
+        layer.to(torch.bfloat16)
+        layer.to(torch.float32)
+        outs.append((layer(x), layer.base_weight().clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_tied_weights_are_not_fused():
+    """A targeted lm_head tied to the input embeddings: the embedding lookup must keep reading W0."""
+    import spiel
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(0, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    w0 = model.model.embed_tokens.weight.detach().clone()
+    sm = spiel.get_spiel_model(model, spiel.SpielConfig(num_tunable_weights=500, target_modules=["lm_head", "q_proj"]))
+    layers = dict(sm.sparse_layers())
+    assert layers["lm_head"].fuse_delta is False and layers["model.layers.0.self_attn.q_proj"].fuse_delta is True
+    with torch.no_grad():
+        layers["lm_head"].values.fill_(1.0)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        a, b = sm(input_ids=ids).logits, sm(input_ids=ids).logits
+    assert torch.equal(a, b) and torch.equal(model.model.embed_tokens.weight, w0)

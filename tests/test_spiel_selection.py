@@ -580,3 +580,22 @@ def test_top_inactive_scores_threshold_path_at_model_shape():
     slow = sel._top_inactive_blockwise(row, col, active_sorted, n, block_elements=1 << 22)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     assert not torch.isin(fast[0], active_sorted).any()
+
+
+@pytest.mark.parametrize("case", ["underflow", "overflow", "nan"])
+def test_top_inactive_scores_fp32_ties_and_nan(case):
+    """Scores are fp32 products: where they underflow to 0 or overflow to inf, ties go to the lower position
+    (the threshold path steps aside); a NaN accumulator only loses its own positions."""
+    if case == "underflow":
+        row, col = torch.tensor([1e-30, 2e-30, 3e-30]), torch.tensor([1e-20, 3e-20, 2e-20, 4e-20])
+    elif case == "overflow":
+        row, col = torch.tensor([1e20, 3e20]), torch.tensor([1e19, 2e19, 3e19])
+    else:
+        row, col = torch.tensor([float("nan"), 1.0, 2.0]), torch.tensor([1.0, 2.0])
+    active = torch.tensor([], dtype=torch.int64)
+    pos, scores = top_inactive_scores(row, col, active, 2)
+    if case == "nan":
+        assert pos.tolist() == [5, 3] and scores.tolist() == [4.0, 2.0]  # 2.0 at 3 and 4: the lower wins
+    else:
+        want, want_scores = _brute_top_inactive(row, col, active, 2)
+        assert pos.tolist() == want and torch.equal(scores, want_scores)
