@@ -106,6 +106,9 @@ def _check_resume(cfg: RunConfig, output_dir: Path, restart_if_changed: bool = F
     With ``restart_if_changed`` (the pipeline's choice: a changed setting means a new run), checkpoints
     of a run with another config are moved aside to ``checkpoints.stale/`` (replacing an older one) and
     training starts from scratch; without it, a mismatch raises :class:`InputError` naming the field.
+    A last checkpoint at or past ``max_steps`` belongs to a finished run: it is moved aside the same way
+    and the run trains again from scratch (the Hugging Face Trainer would otherwise run one step past
+    ``max_steps`` when resumed there, and end with a different adapter than the uninterrupted run).
     """
     checkpoints = complete_checkpoints(output_dir / CHECKPOINTS_DIR)
     if not checkpoints:
@@ -128,6 +131,14 @@ def _check_resume(cfg: RunConfig, output_dir: Path, restart_if_changed: bool = F
                 raise InputError(
                     f"{key}: {output_dir} holds checkpoints of a run with {key}={saved.get(key)!r}, this config "
                     f"has {current.get(key)!r}; use another --output-dir or delete {output_dir / CHECKPOINTS_DIR}")
+    last_step = int(checkpoints[-1].name.split("-")[1])
+    if last_step >= cfg.max_steps:
+        stale = output_dir / (CHECKPOINTS_DIR + ".stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(output_dir / CHECKPOINTS_DIR, stale)
+        print(f"note: {output_dir} holds a finished run (checkpoint at step {last_step}, max_steps "
+              f"{cfg.max_steps}); its checkpoints moved to {stale}, training again from scratch", file=sys.stderr)
+        return None
     return checkpoints[-1]
 
 

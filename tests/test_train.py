@@ -116,6 +116,19 @@ def test_killed_run_resumes_to_the_same_adapter(method, tiny_run_files, tmp_path
         assert resumed["selector_history"] == whole["selector_history"]
 
 
+def test_rerun_of_a_finished_run_trains_again_to_the_same_adapter(tiny_run_files, tmp_path):
+    """A forced rerun over a finished run's output (its last checkpoint at max_steps) must not resume
+    there: the Trainer would run a step past max_steps."""
+    cfg = tiny_run_config(tiny_run_files, "spiel-ag", heldout_examples=2)
+    first = train(cfg, tmp_path, progress=False)
+    again = train(cfg, tmp_path, progress=False)
+    assert again["steps"] == first["steps"] == cfg.max_steps
+    assert again["training"]["resumed_from_step"] is None
+    assert [p["step"] for p in again["loss_curve"]] == list(range(1, cfg.max_steps + 1))
+    assert again["loss_curve"] == first["loss_curve"]
+    assert (tmp_path / "checkpoints.stale").is_dir()
+
+
 def test_resume_refuses_a_different_config(tiny_run_files, tmp_path):
     cfg = tiny_run_config(tiny_run_files, "lora", max_steps=3, save_steps=1, heldout_examples=2)
     with pytest.raises(Killed):
