@@ -122,24 +122,25 @@ def _check_resume(cfg: RunConfig, output_dir: Path, restart_if_changed: bool = F
                 continue
             if saved.get(key) != current.get(key):
                 if restart_if_changed:
-                    stale = output_dir / (CHECKPOINTS_DIR + ".stale")
-                    shutil.rmtree(stale, ignore_errors=True)
-                    os.replace(output_dir / CHECKPOINTS_DIR, stale)
-                    print(f"note: {key} changed ({saved.get(key)!r} -> {current.get(key)!r}); checkpoints of the "
-                          f"old run moved to {stale}, training from scratch", file=sys.stderr)
+                    _move_checkpoints_aside(output_dir, f"{key} changed ({saved.get(key)!r} -> {current.get(key)!r})")
                     return None
                 raise InputError(
                     f"{key}: {output_dir} holds checkpoints of a run with {key}={saved.get(key)!r}, this config "
                     f"has {current.get(key)!r}; use another --output-dir or delete {output_dir / CHECKPOINTS_DIR}")
     last_step = int(checkpoints[-1].name.split("-")[1])
     if last_step >= cfg.max_steps:
-        stale = output_dir / (CHECKPOINTS_DIR + ".stale")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(output_dir / CHECKPOINTS_DIR, stale)
-        print(f"note: {output_dir} holds a finished run (checkpoint at step {last_step}, max_steps "
-              f"{cfg.max_steps}); its checkpoints moved to {stale}, training again from scratch", file=sys.stderr)
+        _move_checkpoints_aside(output_dir, f"the run finished (checkpoint at step {last_step}, max_steps "
+                                            f"{cfg.max_steps})")
         return None
     return checkpoints[-1]
+
+
+def _move_checkpoints_aside(output_dir: Path, reason: str) -> None:
+    """Move ``output_dir/checkpoints`` to ``checkpoints.stale`` (replacing an older one) and say why on stderr."""
+    stale = output_dir / (CHECKPOINTS_DIR + ".stale")
+    shutil.rmtree(stale, ignore_errors=True)
+    os.replace(output_dir / CHECKPOINTS_DIR, stale)
+    print(f"note: {reason}; checkpoints of the old run moved to {stale}, training from scratch", file=sys.stderr)
 
 
 def _meta_model(model_dir: Path):
