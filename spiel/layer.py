@@ -312,7 +312,6 @@ class SparseDeltaLinear(nn.Module):
         self._merge_backup: Optional[torch.Tensor] = None
         # Fused state (module docstring): the base Parameter written, a copy of η at the time and W0 there.
         self._fused_weight: Optional[torch.Tensor] = None
-        self._fused_key: Optional[tuple] = None  # (indices tensor, its version) when the state was taken
         self._fused_version: Optional[int] = None  # the base weight's version right after our last write
         self._fused_indices: Optional[torch.Tensor] = None
         self._fused_base: Optional[torch.Tensor] = None
@@ -413,7 +412,7 @@ class SparseDeltaLinear(nn.Module):
         weight = self.base_layer.weight
         if _fused_owner(weight) is self:
             _set_fused_owner(weight, None)
-        self._fused_weight = self._fused_key = self._fused_version = None
+        self._fused_weight = self._fused_version = None
         self._fused_indices = self._fused_base = None
 
     @torch.no_grad()
@@ -460,10 +459,9 @@ class SparseDeltaLinear(nn.Module):
         ``W0[η]`` (restoring the previously fused positions first) when η changed since the last call."""
         weight = self.base_layer.weight
         self._check_fused_state()
-        key = self._fused_key
-        if self._fused_weight is not None and (key[0] is not indices or key[1] != indices._version
-                                               or not torch.equal(self._fused_indices, indices)):
-            self.unfuse()  # η changed (also through ``.data``, which keeps the version): restore the old positions
+        # a value comparison (O(k)) also catches η written through ``.data``, which keeps the version counter
+        if self._fused_weight is not None and not torch.equal(self._fused_indices, indices):
+            self.unfuse()  # η changed: restore the old positions
         if self._fused_weight is None:
             self._release_base()
             with torch.inference_mode(False):  # the cached tensors outlive any inference-mode region
@@ -471,7 +469,6 @@ class SparseDeltaLinear(nn.Module):
                 self._fused_indices = indices.detach().clone()
                 self._fused_base = flat[indices]
             self._fused_weight = weight
-            self._fused_key = (indices, indices._version)
             _set_fused_owner(weight, self)
         flat = weight.view(-1)
         acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
@@ -486,8 +483,7 @@ class SparseDeltaLinear(nn.Module):
         if self._can_fuse(dtype):
             weight = self._fuse(values, indices)
             return weight if weight.dtype == dtype else weight.to(dtype)
-        self._release_base()
-        return self._effective_weight(dtype, values, indices)
+        return self._effective_weight(dtype, values, indices)  # base_weight() inside restores W0 first
 
     def _apply(self, fn, *args, **kwargs):
         self._release_base()  # dtype/device conversions (.to, .half, .cuda) see W0; the next forward fuses again

@@ -88,6 +88,19 @@ def _bias_correction_table(beta1: float, beta2: float, length: int, device: torc
     return (torch.sqrt(1.0 - beta2_pow) / (1.0 - beta1_pow)).to(device=device, dtype=torch.float32)
 
 
+def _apply_update(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """``Δ -= lr · update``, then decoupled weight decay ``Δ -= lr · wd · Δ`` (SPIEL_SPEC.md §3.3, §5.1), in
+    fp32: in place for a contiguous fp32 ``p``, else through an fp32 copy written back once. ``update``
+    is fp32 ``[numel(p)]``."""
+    direct = p.dtype == torch.float32 and p.is_contiguous()
+    p32 = p.view(-1) if direct else p.detach().float().reshape(-1)
+    p32.add_(update, alpha=-lr)
+    if weight_decay != 0.0:
+        p32.add_(p32, alpha=-lr * weight_decay)
+    if not direct:
+        p.copy_(p32.view(p.shape))
+
+
 class _Scratch:
     """Reusable flat work buffers (one set per device and dtype), grown on demand, never in the state.
 
@@ -379,13 +392,7 @@ class SparseAdamW(_FP32StateMixin, Optimizer):
         bias1 = torch.mul(age, _log(beta1), out=self._scratch.get("b", n, g, torch.float32)).exp_()
         step.div_(bias1.neg_().add_(1.0)).mul_(m)
         step.div_(torch.sqrt(v, out=bias1).add_(eps))
-        direct = p.dtype == torch.float32 and p.is_contiguous()
-        p32 = p.view(-1) if direct else p.detach().float().reshape(-1)
-        p32.add_(step, alpha=-lr)
-        if wd != 0.0:
-            p32.add_(p32, alpha=-lr * wd)
-        if not direct:
-            p.copy_(p32.view(p.shape))
+        _apply_update(p, step, lr, wd)
         age.add_(1.0)
 
 
@@ -528,13 +535,7 @@ class SM3(_FP32StateMixin, Optimizer):
                         buf = state["momentum_buffer"] = torch.zeros(n, dtype=torch.float32, device=g.device)
                     update.mul_(1.0 - mu).add_(buf, alpha=mu)
                     buf.copy_(update)
-                direct = p.dtype == torch.float32 and p.is_contiguous()
-                p32 = p.view(-1) if direct else p.detach().float().reshape(-1)
-                p32.add_(update, alpha=-lr)
-                if wd != 0.0:
-                    p32.add_(p32, alpha=-lr * wd)
-                if not direct:
-                    p.copy_(p32.view(p.shape))
+                _apply_update(p, update, lr, wd)
                 state["step"] += 1
         return loss
 
