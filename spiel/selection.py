@@ -37,8 +37,9 @@ and later ones γ+1 (the reference's off-by-one, kept). Differences from the ref
   estimated on a fixed pseudo-random sample of the matrix instead of a full ``torch.topk`` (measured
   0.30 s instead of 0.72 s for the 210 SmolLM2-135M matrices, one CPU thread); only ties at the k-th
   magnitude may resolve differently.
-- §5.2 caveat: SpIEL-MA finds the top ``row[i]·col[j]`` scores over inactive positions blockwise (row
-  blocks of at most ``block_elements`` scores), never forming dense int64/bool tensors of a matrix.
+- §5.2 caveat: SpIEL-MA finds the top ``row[i]·col[j]`` scores over inactive positions by a threshold
+  search over the sorted accumulators (:func:`top_inactive_scores`), enumerating only the positions above
+  it; its fallback scores row blocks of at most ``block_elements``. No dense int64/bool tensor of a matrix.
 
 Drop (both algorithms, §3.1): per matrix, the ``n = int(k·p)`` entries with the smallest ``|Δ|``.
 Grow, SpIEL-AG (§4): candidates are the top-k ``|dW|`` positions of the first micro-batch of the phase;
@@ -249,22 +250,24 @@ def _top_inactive_by_threshold(row32: torch.Tensor, col32: torch.Tensor, active_
     if n >= out_f * in_f - active_sorted.numel():
         return None  # every inactive position is wanted: the blockwise path lists them
     r64, c64 = row32.double(), col32.double()
-    c_asc = torch.sort(c64).values
+    c_asc, c_order = torch.sort(c64)
+    c_desc_cols = c_order.flip(0)  # columns by descending accumulator: every row's positions >= t are a prefix
+    positive = r64 > 0
+    r_positive = r64[positive]
     act_rows = torch.div(active_sorted, in_f, rounding_mode="floor")
     act_exact = r64[act_rows] * c64[active_sorted - act_rows * in_f]  # exact in fp64 (24-bit mantissas)
 
     def counts(t: float) -> tuple[torch.Tensor, int]:
         """Per-row count of positions with exact score >= t (t > 0), and the active ones among them."""
         need = torch.full_like(r64, float("inf"))
-        positive = r64 > 0
-        need[positive] = t / r64[positive]
+        need[positive] = t / r_positive
         per_row = in_f - torch.searchsorted(c_asc, need, side="left")
         return per_row, int((act_exact >= t).sum())
 
     hi = float(r64.max()) * float(c64.max())
     if not hi < _FP32_MAX:
         return None  # fp32 scores overflow to inf: ties the exact products would break differently
-    positive_scores = (r64 > 0).sum() * (c64 > 0).sum()
+    positive_scores = positive.sum() * (c64 > 0).sum()
     if hi <= 0.0 or int(positive_scores) - int((act_exact > 0).sum()) < n:
         return None  # zeros would have to fill the top-n: ties everywhere, use the blockwise path
     lo = hi
@@ -295,7 +298,6 @@ def _top_inactive_by_threshold(row32: torch.Tensor, col32: torch.Tensor, active_
     total = int(per_row.sum())
     if total > 4 * (n + active_sorted.numel()) + (1 << 20):
         return None  # heavy ties at the threshold: enumeration would not save work
-    c_desc_cols = torch.argsort(c64, descending=True, stable=True)
     rows = torch.repeat_interleave(torch.arange(out_f, device=r64.device), per_row)
     starts = torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
     cols = c_desc_cols[torch.arange(total, device=r64.device) - starts]
