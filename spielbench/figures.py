@@ -18,9 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from spielbench.aggregate import (  # noqa: E402
-    FIGURE_FILES, HELDOUT, METHOD_ORDER, BenchPoint, RunRecord, _pick_setting, _settings, method_label, pool_scores,
-    task_label,
+    FIGURE_FILES, HELDOUT, BenchPoint, RunRecord, method_label, pick_setting, pool_scores, settings_of, task_label,
 )
+from spielbench.methods import table_order  # noqa: E402
 
 #: One colour per method family; 4-bit variants share their fp32 counterpart's colour (dashed lines).
 METHOD_COLORS = {
@@ -74,7 +74,7 @@ def note_figure(path: str | Path, title: str, message: str) -> Path:
 
 
 def _method_sort(method: str):
-    return (method.startswith("q"), METHOD_ORDER.get(method, len(METHOD_ORDER)), method)
+    return (method.startswith("q"), *table_order(method))
 
 
 def sweep_points(records: list[RunRecord], metric: str) -> dict[str, list[tuple[int, float, float | None]]]:
@@ -86,10 +86,10 @@ def sweep_points(records: list[RunRecord], metric: str) -> dict[str, list[tuple[
     out: dict[str, list[tuple[int, float, float | None]]] = {}
     runs = [r for r in records if r.target != "base" and r.trainable_params]
     by_budget: dict[tuple[str, int], list[list[RunRecord]]] = {}
-    for g in _settings(runs).values():
+    for g in settings_of(runs).values():
         by_budget.setdefault((g[0].method, g[0].trainable_params), []).append(g)
     for (method, n), groups in by_budget.items():
-        g = _pick_setting(groups)
+        g = pick_setting(groups)
         p = pool_scores([r.score(metric) for r in g])
         if p is not None:
             out.setdefault(method, []).append((n, p.value, p.stderr))
