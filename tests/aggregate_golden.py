@@ -43,11 +43,11 @@ def _figure_data(results: Path, tasks: list[str]) -> str:
     return json.dumps(out, indent=1, sort_keys=True) + "\n"
 
 
-def render(case: str, out: Path) -> None:
-    """Aggregate case ``case`` into ``out`` (results/, combined/, figure_data.json, written.txt)."""
+def render(case: str, out: Path, data: Path = DATA) -> None:
+    """Aggregate case ``data/case`` into ``out`` (results/, combined/, figure_data.json, written.txt)."""
     from spielbench import aggregate as agg
 
-    src = DATA / case
+    src = data / case
     spec = json.loads((src / "case.json").read_text())
     results = out / "results"
     written = agg.aggregate(src / "runs", spec["runs"], results, spec["model_name"], spec["data_name"],
