@@ -120,8 +120,11 @@ class Record:
     """Base of every record: typed fields (the modelled JSON keys) plus ``extra`` (every other key, kept)."""
 
     extra: dict = field(default_factory=dict)
+    #: where the record was read from (the ``where`` of :meth:`from_json`: a file name or path), else None
+    source: str | None = field(default=None, init=False, repr=False, compare=False, metadata={"json": False})
     #: the keys of the object this record was read from, in order (None when built in code)
-    _source_keys: tuple[str, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    _source_keys: tuple[str, ...] | None = field(default=None, init=False, repr=False, compare=False,
+                                                 metadata={"json": False})
 
     #: accepted values of a top-level record's ``format`` field (None: a nested record, no version)
     FORMATS: ClassVar[tuple[str, ...] | None] = None
@@ -129,7 +132,8 @@ class Record:
     @classmethod
     def _fields(cls) -> dict[str, Any]:
         hints = typing.get_type_hints(cls)
-        return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in ("extra", "_source_keys")}
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+                if f.name != "extra" and f.metadata.get("json", True)}
 
     @classmethod
     def json_schema(cls) -> dict:
@@ -137,8 +141,8 @@ class Record:
         props = {name: _schema_of(tp) for name, tp in cls._fields().items()}
         if cls.FORMATS:
             props["format"] = {"enum": list(cls.FORMATS)}
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        required = [f.name for f in dataclasses.fields(cls) if f.init
+                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         schema = {"type": "object", "properties": props, "additionalProperties": True}
         if required:
             schema["required"] = required
@@ -162,6 +166,7 @@ class Record:
             raise InputError(_message(err, where or cls.__name__))
         rec = cls._from_valid(obj)
         rec._check_tree(where or cls.__name__)
+        rec.source = where or None
         return rec
 
     @classmethod

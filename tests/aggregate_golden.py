@@ -6,9 +6,9 @@ Each case folder holds ``case.json`` (the resolved run table, model/data names, 
 before it became a package (single-module ``spielbench/aggregate.py``); they change only when an output is
 meant to change, with ``python tests/aggregate_golden.py --write`` (run from the repository root).
 
-Figures are compared through the data they are drawn from (``figure_data.json``: every record's and benchmark
-point's typed fields, the budget-sweep points of every metric, the benchmark's x positions), because PNG bytes
-carry matplotlib's version and rendering details.
+Figures are compared through the data they are drawn from (``figure_data.json``: every record's typed fields,
+every benchmark point's values (:data:`BENCH_FIELDS`), the budget-sweep points of every metric, the benchmark's
+x positions), because PNG bytes carry matplotlib's version and rendering details.
 """
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data" / "aggregate"
 CASES = ("synthetic", "smoke")
+#: figure_data.json name -> attribute of a benchmark point (``spielbench.records.BenchmarkPoint``)
+BENCH_FIELDS = {
+    "size": "size", "method": "method", "status": "status", "detail": "detail", "rank": "rank",
+    "trainable_params": "trainable_params", "model_params": "n_params_model", "step_time_mean_s": "step_time_mean_s",
+    "step_time_p50_s": "step_time_p50_s", "tokens_per_s": "tokens_per_s", "peak_memory_bytes": "peak_memory_bytes",
+    "peak_memory_kind": "peak_memory_kind", "state_bytes": "adapter_state_bytes",
+}
 
 
 def _figure_data(results: Path, tasks: list[str]) -> str:
@@ -33,10 +40,13 @@ def _figure_data(results: Path, tasks: list[str]) -> str:
         return json.loads(json.dumps(d, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
                                      else str(o)))
 
+    def point(b) -> dict:  # the benchmark values the figures and tables use, under the golden file's names
+        return {name: getattr(b, attr) for name, attr in BENCH_FIELDS.items()} | {"file": Path(b.source).name}
+
     metrics = figures._metrics_of(records, tasks)
     out = {
         "records": [plain(r) for r in records],
-        "benchmarks": [plain(b) for b in benchmarks],
+        "benchmarks": [point(b) for b in benchmarks],
         "sweep_points": {m: figures.sweep_points(records, m) for m in metrics},
         "bench_size_x": figures._bench_size_x(benchmarks),
     }

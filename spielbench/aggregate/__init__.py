@@ -34,7 +34,7 @@ from spielbench.aggregate.evidence import (
 )
 from spielbench.aggregate.formatting import fmt_bytes, fmt_count, fmt_float, fmt_score, method_label, task_label
 from spielbench.aggregate.loading import (
-    HELDOUT, BenchPoint, Reselection, RunRecord, Score, load_benchmarks, load_records, make_record, parse_benchmark,
+    HELDOUT, Reselection, RunRecord, Score, load_benchmarks, load_records, make_record, parse_benchmark,
     parse_heldout, parse_score, read_json,
 )
 from spielbench.aggregate.publish import (
@@ -47,7 +47,7 @@ from spielbench.aggregate.stats import (
 from spielbench.aggregate.tables import Table, efficiency_table, main_table, quantized_table, score_table, write_table
 
 __all__ = [
-    "BenchPoint", "Claim", "Comparison", "FIGURE_FILES", "HELDOUT", "INCONCLUSIVE", "MIXED", "NOT_MEASURED",
+    "Claim", "Comparison", "FIGURE_FILES", "HELDOUT", "INCONCLUSIVE", "MIXED", "NOT_MEASURED",
     "NOT_REPRODUCED", "REPRODUCED", "Reselection", "RunRecord", "Score", "SettingScore", "TABLE_FORMATS",
     "TABLE_STEMS", "Table", "VERDICT_RULES", "aggregate", "claims_markdown", "copy_raw", "decide",
     "efficiency_table", "evaluate_claims", "fmt_bytes", "fmt_count", "fmt_float", "fmt_score", "load_benchmarks",

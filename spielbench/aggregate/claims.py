@@ -15,10 +15,11 @@ from spielbench.aggregate.evidence import (
     settings_of, stat_comparisons,
 )
 from spielbench.aggregate.formatting import fmt_float, task_label
-from spielbench.aggregate.loading import HELDOUT, BenchPoint, RunRecord
+from spielbench.aggregate.loading import HELDOUT, RunRecord
 from spielbench.aggregate.stats import Z95
 from spielbench.aggregate.tables import ratio
 from spielbench.methods import fp32_twin, method_label
+from spielbench.records import BenchmarkPoint
 
 
 def claim_better(key: str, statement: str, source: str, records: list[RunRecord], method_a: str,
@@ -39,7 +40,7 @@ def claim_better(key: str, statement: str, source: str, records: list[RunRecord]
     return claim
 
 
-def claim_ma_lighter(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Claim:
+def claim_ma_lighter(records: list[RunRecord], benchmarks: list[BenchmarkPoint]) -> Claim:
     """SpIEL-MA needs less memory than SpIEL-AG at the same budget (state bytes; peak memory)."""
     claim = Claim("ma-lighter",
                   statement="SpIEL-MA is lighter in memory than SpIEL-AG at the same number of trainable parameters.",
@@ -70,7 +71,7 @@ def _memory_comparison(label: str, lighter: float, heavier: float, kind: str | N
                       kind="bytes", outcome=outcome, detail="ratio")
 
 
-def _bench_pairs(benchmarks: list[BenchPoint], method_a: str, method_b: str):
+def _bench_pairs(benchmarks: list[BenchmarkPoint], method_a: str, method_b: str):
     """Completed benchmark points of ``method_a`` and ``method_b`` at the same model size."""
     ok = [b for b in benchmarks if b.ok]
     for a in ok:
@@ -81,16 +82,17 @@ def _bench_pairs(benchmarks: list[BenchPoint], method_a: str, method_b: str):
                 yield a, b
 
 
-def _bench_memory(benchmarks: list[BenchPoint], lighter: str, heavier: str) -> list[Comparison]:
+def _bench_memory(benchmarks: list[BenchmarkPoint], lighter: str, heavier: str) -> list[Comparison]:
     out = []
     for a, b in _bench_pairs(benchmarks, lighter, heavier):
         if a.peak_memory_bytes is not None and b.peak_memory_bytes is not None:
             out.append(_memory_comparison(f"benchmark {a.size}: {method_label(lighter)} vs {method_label(heavier)}",
                                           a.peak_memory_bytes, b.peak_memory_bytes, a.peak_memory_kind))
-        if a.state_bytes is not None and b.state_bytes is not None:
+        if a.adapter_state_bytes is not None and b.adapter_state_bytes is not None:
             out.append(Comparison(f"benchmark {a.size}: {method_label(lighter)} vs {method_label(heavier)}",
-                                  "state bytes", a.state_bytes, b.state_bytes, ratio(a.state_bytes, b.state_bytes),
-                                  kind="bytes", outcome="supports" if a.state_bytes < b.state_bytes else "contradicts",
+                                  "state bytes", a.adapter_state_bytes, b.adapter_state_bytes,
+                                  ratio(a.adapter_state_bytes, b.adapter_state_bytes), kind="bytes",
+                                  outcome="supports" if a.adapter_state_bytes < b.adapter_state_bytes else "contradicts",
                                   detail="ratio MA ÷ AG"))
     return out
 
@@ -103,7 +105,7 @@ def _runtime_outcome(ratio: float) -> str:
     return "undecided"
 
 
-def claim_runtime(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Claim:
+def claim_runtime(records: list[RunRecord], benchmarks: list[BenchmarkPoint]) -> Claim:
     """SpIEL's step time is comparable to LoRA's at the same budget (rule 2 of :data:`VERDICT_RULES`)."""
     claim = Claim("runtime", statement="SpIEL's run time is comparable to LoRA's.",
                   source="paper abstract (\"comparable in terms of run time\")",
@@ -130,7 +132,7 @@ def claim_runtime(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Cla
     return claim
 
 
-def claim_memory_scaling(records: list[RunRecord], benchmarks: list[BenchPoint]) -> Claim:
+def claim_memory_scaling(records: list[RunRecord], benchmarks: list[BenchmarkPoint]) -> Claim:
     """SpIEL's memory overhead scales with the number of tuned parameters, not with the model size."""
     claim = Claim("memory-scaling",
                   statement="SpIEL's memory overhead scales with the number of tuned parameters rather than with "
@@ -170,7 +172,7 @@ def claim_memory_scaling(records: list[RunRecord], benchmarks: list[BenchPoint])
     return claim
 
 
-def _bench_scaling(benchmarks: list[BenchPoint]) -> list[Comparison]:
+def _bench_scaling(benchmarks: list[BenchmarkPoint]) -> list[Comparison]:
     """Per method, growth of (peak − floor peak) from the smallest to the largest completed model size."""
     out = []
     ok = [b for b in benchmarks if b.ok]
@@ -181,11 +183,11 @@ def _bench_scaling(benchmarks: list[BenchPoint]) -> list[Comparison]:
             f = floors.get(b.size)
             if b.method != method or f is None:
                 continue
-            if None in (b.peak_memory_bytes, f.peak_memory_bytes, b.trainable_params, b.model_params):
+            if None in (b.peak_memory_bytes, f.peak_memory_bytes, b.trainable_params, b.n_params_model):
                 continue
             if b.peak_memory_bytes <= f.peak_memory_bytes or not b.trainable_params:
                 continue
-            pts.append((b.model_params, b.trainable_params, b.peak_memory_bytes - f.peak_memory_bytes, b.size))
+            pts.append((b.n_params_model, b.trainable_params, b.peak_memory_bytes - f.peak_memory_bytes, b.size))
         if len(pts) < 2:
             continue
         pts.sort()
@@ -272,7 +274,7 @@ def claim_checkpointing(records: list[RunRecord]) -> Claim:
     return claim
 
 
-def evaluate_claims(records: list[RunRecord], benchmarks: list[BenchPoint] | None = None) -> list[Claim]:
+def evaluate_claims(records: list[RunRecord], benchmarks: list[BenchmarkPoint] | None = None) -> list[Claim]:
     """All claims of the paper checked by this suite, in the order of ``results/claims.md``."""
     benchmarks = benchmarks or []
     return [

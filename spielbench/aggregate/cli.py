@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from spielbench.aggregate.claims import claims_markdown, evaluate_claims
-from spielbench.aggregate.loading import BenchPoint, RunRecord, load_benchmarks, load_records
+from spielbench.aggregate.loading import RunRecord, load_benchmarks, load_records
 from spielbench.aggregate.publish import copy_raw, load_results_dir, relativize
 from spielbench.aggregate.tables import efficiency_table, main_table, quantized_table, write_table
 from spielbench.errors import InputError
@@ -25,7 +25,7 @@ from spielbench.records import BenchmarkPoint
 log = logging.getLogger("spielbench.aggregate")
 
 
-def write_results(records: list[RunRecord], benchmarks: list[BenchPoint], results_dir: str | Path,
+def write_results(records: list[RunRecord], benchmarks: list[BenchmarkPoint], results_dir: str | Path,
                   tasks: list[str] | None = None, context: str = "") -> list[Path]:
     """Write the three tables and claims.md for ``records`` into ``results_dir``; returns the paths."""
     results_dir = Path(results_dir)

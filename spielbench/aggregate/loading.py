@@ -3,7 +3,7 @@ of :mod:`spielbench.records`, into the views the tables, claims and figures use.
 
 A :class:`RunRecord` is one evaluated target (the base model or a training run) with its run config; a
 :class:`Score` is one measured number with its standard error and, when the evaluation kept them, its
-per-item values; a :class:`BenchPoint` is one (model size, method) point of the efficiency benchmark.
+per-item values. Benchmark points stay :class:`~spielbench.records.BenchmarkPoint` records.
 Units: seconds, bytes, tokens; task scores are fractions in [0, 1], losses nats per token.
 """
 from __future__ import annotations
@@ -335,58 +335,17 @@ def load_records(runs_dir: str | Path, runs: dict[str, dict], model_name: str, d
     return records
 
 
-@dataclass
-class BenchPoint:
-    """One (model size, method) point of the efficiency benchmark (``spielbench.benchmark``).
-
-    Attributes (units in the names): ``status`` is "ok", "oom", "unsupported", "error" or "timeout";
-    timings and peaks are None unless "ok". ``peak_memory_bytes`` is CUDA max allocated on a GPU, else the
-    CPU peak RSS (``peak_memory_kind`` says which); ``state_bytes`` = trainable parameters + gradients +
-    optimizer state + SpIEL index buffers; ``model_params`` = parameters of the base model.
-    """
-
-    size: str
-    method: str
-    status: str
-    file: str
-    detail: str | None = None
-    rank: int | None = None
-    trainable_params: int | None = None
-    model_params: int | None = None
-    step_time_mean_s: float | None = None
-    step_time_p50_s: float | None = None
-    tokens_per_s: float | None = None
-    peak_memory_bytes: int | None = None
-    peak_memory_kind: str | None = None
-    state_bytes: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the point completed (timings and peak memory are valid)."""
-        return self.status == "ok"
-
-
-def bench_point(b: BenchmarkPoint, name: str) -> BenchPoint:
-    """The :class:`BenchPoint` of one benchmark record (``name`` = its file name)."""
-    return BenchPoint(
-        size=b.size, method=b.method, status=b.status, file=name, detail=b.detail, rank=b.rank,
-        trainable_params=b.trainable_params, model_params=b.n_params_model, step_time_mean_s=b.step_time_mean_s,
-        step_time_p50_s=b.step_time_p50_s, tokens_per_s=b.tokens_per_s, peak_memory_bytes=b.peak_memory_bytes,
-        peak_memory_kind=b.peak_memory_kind, state_bytes=b.adapter_state_bytes,
-    )
-
-
-def parse_benchmark(d: dict, name: str) -> BenchPoint:
-    """:func:`bench_point` of one benchmark JSON object (validated as :class:`BenchmarkPoint`).
+def parse_benchmark(d: dict, name: str) -> BenchmarkPoint:
+    """One benchmark JSON object as a :class:`~spielbench.records.BenchmarkPoint` (``source`` = ``name``).
 
     Raises:
         InputError: ``size``/``method``/``status`` missing, or a field of the wrong type (names ``name``).
     """
-    return bench_point(BenchmarkPoint.from_json(d, name), name)
+    return BenchmarkPoint.from_json(d, name)
 
 
-def load_benchmarks(paths: Iterable[str | Path]) -> list[BenchPoint]:
-    """Read benchmark result files ``<size>__<method>.json`` (sorted by file name).
+def load_benchmarks(paths: Iterable[str | Path]) -> list[BenchmarkPoint]:
+    """Read benchmark result files ``<size>__<method>.json`` (sorted by file name; ``source`` = the file name).
 
     Raises:
         InputError: a file is missing, not JSON, or malformed (the message names it).

@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from spielbench.aggregate.loading import BenchPoint, RunRecord, load_benchmarks, make_record, read_json
+from spielbench.aggregate.loading import RunRecord, load_benchmarks, make_record, read_json
 from spielbench.aggregate.tables import task_columns
 from spielbench.errors import InputError
 from spielbench.fsio import write_json_atomic, write_text_atomic
-from spielbench.records import EvalResult, RunMetrics
+from spielbench.records import BenchmarkPoint, EvalResult, RunMetrics
 
 #: Keys of a run config that look like local paths (never copied into results/, see runs/index.json).
 _PATH_KEYS = {"model", "train_data", "heldout_data"}
@@ -76,7 +76,7 @@ def results_tasks(results_dir: str | Path) -> list[str]:
     return list(read_json(Path(results_dir) / "runs" / "index.json").get("tasks", []))
 
 
-def load_results_dir(results_dir: str | Path) -> tuple[list[RunRecord], list[BenchPoint]]:
+def load_results_dir(results_dir: str | Path) -> tuple[list[RunRecord], list[BenchmarkPoint]]:
     """Read back what :func:`aggregate` wrote: the records (from ``runs/``) and the benchmark points.
 
     This is what ``analysis/figures.ipynb`` uses: nothing outside ``results_dir`` is read.

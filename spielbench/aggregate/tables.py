@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from spielbench.aggregate.formatting import fmt_bytes, fmt_count, fmt_float, fmt_score, tex_escape, task_label
-from spielbench.aggregate.loading import HELDOUT, BenchPoint, RunRecord
+from spielbench.aggregate.loading import HELDOUT, RunRecord
 from spielbench.fsio import write_text_atomic
 from spielbench.methods import fp32_twin, lora_reference, method_label, table_order
+from spielbench.records import BenchmarkPoint
 
 
 @dataclass
@@ -170,7 +171,24 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def efficiency_table(records: list[RunRecord], benchmarks: list[BenchPoint] | None = None) -> Table:
+def _cost_row(x, source: str, model: str, run: str, state_bytes: int | None, ref_state_bytes: int | None, ref,
+              floor=None, steps: int | None = None, gradient_checkpointing: bool = False, status: str = "ok") -> dict:
+    """One numeric row of the efficiency table for a run or a benchmark point ``x``, with its ratios to the
+    LoRA reference ``ref`` and to the ``floor`` (either may be None: no ratio)."""
+    return {"source": source, "model": model, "method": x.method, "run": run, "rank": x.rank,
+            "trainable_params": x.trainable_params, "steps": steps, "gradient_checkpointing": gradient_checkpointing,
+            "step_time_mean_s": x.step_time_mean_s, "step_time_p50_s": x.step_time_p50_s,
+            "tokens_per_s": x.tokens_per_s, "peak_memory_bytes": x.peak_memory_bytes,
+            "peak_memory_kind": x.peak_memory_kind, "state_bytes": state_bytes,
+            "step_time_vs_lora": ratio(x.step_time_mean_s, ref and ref.step_time_mean_s),
+            "peak_memory_vs_lora": ratio(x.peak_memory_bytes, ref and ref.peak_memory_bytes),
+            "state_bytes_vs_lora": ratio(state_bytes, ref_state_bytes),
+            "step_time_vs_floor": ratio(x.step_time_mean_s, floor and floor.step_time_mean_s),
+            "peak_memory_vs_floor": ratio(x.peak_memory_bytes, floor and floor.peak_memory_bytes),
+            "status": status}
+
+
+def efficiency_table(records: list[RunRecord], benchmarks: list[BenchmarkPoint] | None = None) -> Table:
     """Training cost per run (from metrics.json) and per benchmark point (from results/benchmark).
 
     Columns: source ("run"/"benchmark"), model/size, method, rank, trainable params, steps, mean and
@@ -194,38 +212,18 @@ def efficiency_table(records: list[RunRecord], benchmarks: list[BenchPoint] | No
 
     for r in runs:
         ref = lora_of(r)
-        d = {"source": "run", "model": r.model_name, "method": r.method, "run": r.target, "rank": r.rank,
-             "trainable_params": r.trainable_params, "steps": r.steps,
-             "gradient_checkpointing": r.gradient_checkpointing,
-             "step_time_mean_s": r.step_time_mean_s, "step_time_p50_s": r.step_time_p50_s,
-             "tokens_per_s": r.tokens_per_s, "peak_memory_bytes": r.peak_memory_bytes,
-             "peak_memory_kind": r.peak_memory_kind, "state_bytes": r.state_bytes,
-             "step_time_vs_lora": ratio(r.step_time_mean_s, ref and ref.step_time_mean_s),
-             "peak_memory_vs_lora": ratio(r.peak_memory_bytes, ref and ref.peak_memory_bytes),
-             "state_bytes_vs_lora": ratio(r.state_bytes, ref and ref.state_bytes),
-             "step_time_vs_floor": None, "peak_memory_vs_floor": None, "status": "ok"}
-        rows_d.append(d)
+        rows_d.append(_cost_row(r, "run", r.model_name, r.target, r.state_bytes, ref and ref.state_bytes, ref,
+                                steps=r.steps, gradient_checkpointing=r.gradient_checkpointing))
     bench = benchmarks or []
 
-    def bench_ref(b: BenchPoint, method: str) -> BenchPoint | None:
+    def bench_ref(b: BenchmarkPoint, method: str) -> BenchmarkPoint | None:
         return next((x for x in bench if x.size == b.size and x.method == method and x.ok), None)
 
     for b in bench:
         lref = bench_ref(b, lora_reference(b.method))
         floor = bench_ref(b, "floor")
-        rows_d.append({
-            "source": "benchmark", "model": b.size, "method": b.method, "run": b.file, "rank": b.rank,
-            "trainable_params": b.trainable_params, "steps": None, "gradient_checkpointing": False,
-            "step_time_mean_s": b.step_time_mean_s, "step_time_p50_s": b.step_time_p50_s,
-            "tokens_per_s": b.tokens_per_s, "peak_memory_bytes": b.peak_memory_bytes,
-            "peak_memory_kind": b.peak_memory_kind, "state_bytes": b.state_bytes,
-            "step_time_vs_lora": ratio(b.step_time_mean_s, lref and lref.step_time_mean_s),
-            "peak_memory_vs_lora": ratio(b.peak_memory_bytes, lref and lref.peak_memory_bytes),
-            "state_bytes_vs_lora": ratio(b.state_bytes, lref and lref.state_bytes),
-            "step_time_vs_floor": ratio(b.step_time_mean_s, floor and floor.step_time_mean_s),
-            "peak_memory_vs_floor": ratio(b.peak_memory_bytes, floor and floor.peak_memory_bytes),
-            "status": b.status,
-        })
+        rows_d.append(_cost_row(b, "benchmark", b.size, b.source, b.adapter_state_bytes,
+                                lref and lref.adapter_state_bytes, lref, floor, status=b.status))
     for d in rows_d:
         rows_s.append({
             "Source": "training runs" if d["source"] == "run" else "benchmark", "Model": d["model"],
