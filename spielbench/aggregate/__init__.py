@@ -32,7 +32,7 @@ from spielbench.aggregate.evidence import (
     INCONCLUSIVE, MIXED, NOT_MEASURED, NOT_REPRODUCED, REPRODUCED, VERDICT_RULES, Claim, Comparison, decide,
     matched_pairs, pick_setting, settings_of,
 )
-from spielbench.aggregate.formatting import fmt_bytes, fmt_count, fmt_float, fmt_score, method_label, task_label
+from spielbench.aggregate.formatting import fmt_bytes, fmt_count, fmt_float, fmt_score, task_label
 from spielbench.aggregate.loading import (
     HELDOUT, Reselection, RunRecord, Score, load_benchmarks, load_records, make_record, parse_benchmark,
     parse_heldout, parse_score, read_json,
@@ -45,6 +45,7 @@ from spielbench.aggregate.stats import (
     SettingScore, paired_stderr, pool_scores, proportion_stderr_floor, ratio_stderr, stat_outcome, z_critical,
 )
 from spielbench.aggregate.tables import Table, efficiency_table, main_table, quantized_table, score_table, write_table
+from spielbench.methods import method_label
 
 __all__ = [
     "Claim", "Comparison", "FIGURE_FILES", "HELDOUT", "INCONCLUSIVE", "MIXED", "NOT_MEASURED",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from spielbench.methods import method_label  # noqa: F401 (re-exported: one name for tables, claims, figures)
 
 if TYPE_CHECKING:
     from spielbench.aggregate.loading import Score

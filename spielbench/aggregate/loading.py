@@ -17,7 +17,7 @@ from typing import Iterable
 from spielbench.aggregate.stats import proportion_stderr_floor, ratio_stderr
 from spielbench.errors import InputError
 from spielbench.methods import is_quantized
-from spielbench.records import BenchmarkPoint, EvalResult, HeldoutResult, RunMetrics, TaskResult
+from spielbench.records import BenchmarkPoint, EvalResult, HeldoutResult, RunMetrics, TaskResult, read_json
 
 #: The metric name of the held-out loss next to the task names.
 HELDOUT = "heldout_loss"
@@ -144,24 +144,6 @@ class RunRecord:
     def score(self, metric: str) -> Score | None:
         """The score of a task, or the held-out loss for ``metric == "heldout_loss"``."""
         return self.heldout if metric == HELDOUT else self.scores.get(metric)
-
-
-def read_json(path: str | Path) -> dict:
-    """Read a JSON object from ``path`` (the aggregation's own ``runs/index.json``).
-
-    Raises:
-        InputError: the file is missing, is not valid JSON, or does not hold an object.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: file does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{p}: not valid JSON (line {err.lineno}: {err.msg})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{p}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def task_score(task: TaskResult | None, metric: str = "") -> Score:

@@ -1,15 +1,9 @@
-"""Typed result records: the run metrics (``metrics.json``), the evaluation result (``eval.json``) and one
-efficiency-benchmark point (``results/benchmark/<size>__<method>.json``).
+"""The machinery of every result record: a dataclass's JSON schema generated from its type hints, reading
+(validated with ``jsonschema``, one :class:`~spielbench.errors.InputError` naming the file and the field)
+and writing back (a file read and written back is unchanged).
 
-Each record is a dataclass whose fields are the JSON keys its readers use; its JSON schema is generated
-from the dataclass (:meth:`Record.json_schema`), so the dataclass is the format's one home. Reading
-(:meth:`Record.from_json`) validates the object against that schema with ``jsonschema`` and raises one
-:class:`~spielbench.errors.InputError` naming the file and the field; keys a record does not model are
-kept in ``extra`` and written back by :meth:`Record.to_json`. The three top-level records carry a
-``format`` version; files written before the field existed (metrics and benchmark points) read as
-version 1.
-
-Units are in the key names (``_s`` seconds, ``_bytes`` bytes); losses are nats per token.
+Field types a record may use: int, float, str, bool, Any, list[X], dict[str, X], another Record, and
+``X | None``; an int field accepts a JSON integer (``3.0`` too), a float field any JSON number.
 """
 from __future__ import annotations
 
@@ -185,14 +179,7 @@ class Record:
             InputError: the file is missing, is not valid JSON, or does not match the schema (names the file).
         """
         p = Path(path)
-        if not p.is_file():
-            raise InputError(f"{p}: file does not exist")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise InputError(f"{p}: not valid JSON (line {err.lineno}: {err.msg})") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{p}: expected a JSON object, got {type(data).__name__}")
+        data = read_json(p)
         return cls.from_json(data, str(p))
 
     def to_json(self) -> dict:
@@ -244,196 +231,20 @@ def _dump(value):
     return value
 
 
-# ------------------------------------------------------------------------------------------ metrics.json
 
+def read_json(path: str | Path) -> dict:
+    """Read a JSON object from ``path``.
 
-@dataclass(kw_only=True)
-class Budget(Record):
-    """The trainable-parameter budget of a run (``budget`` of metrics.json)."""
-
-    rank: int | None = None
-    requested_density: float | None = None
-    trainable_params: int | None = None
-
-
-@dataclass(kw_only=True)
-class TrainingSettings(Record):
-    """The training settings a run recorded (``training`` of metrics.json); learning rate as used."""
-
-    seed: int | None = None
-    learning_rate: float | None = None
-    gradient_checkpointing: bool | None = None
-
-
-@dataclass(kw_only=True)
-class Memory(Record):
-    """Peak memory and exact state bytes (``memory`` of metrics.json), in bytes.
-
-    ``trainable_state_bytes`` = trainable parameters + their gradients + optimizer state.
+    Raises:
+        InputError: the file is missing, is not valid JSON, or does not hold an object (names the file).
     """
-
-    cuda_max_allocated_bytes: int | None = None
-    peak_rss_bytes: int | None = None
-    trainable_state_bytes: int | None = None
-
-
-@dataclass(kw_only=True)
-class LossPoint(Record):
-    """One logged training loss (nats per target token) at an optimizer step."""
-
-    step: int | None = None
-    loss: float | None = None
-
-
-@dataclass(kw_only=True)
-class ReselectionEvent(Record):
-    """One drop/grow event of a SpIEL run (docs/METHOD.md §3): rate p(t), indices replaced and active
-    (over all matrices), and the fraction of the index set still in the initial one."""
-
-    step: int | None = None
-    rate: float | None = None
-    num_replaced: int | None = None
-    num_active: int | None = None
-    overlap_initial: float | None = None
-
-
-@dataclass(kw_only=True)
-class RunMetrics(Record):
-    """One training run's ``metrics.json`` (written by ``spielbench.train``; its timings from ``spielbench.measure``).
-
-    ``device`` is ``measure.device_description``'s object (``{"device", "name", ...}``) or a bare string;
-    ``heldout_loss`` is the trainer's own held-out loss after training (nats/token);
-    ``selector_history`` is None for methods without reselection.
-    """
-
-    VERSION: ClassVar[str] = "spielbench-metrics/1"
-    FORMATS: ClassVar[tuple[str, ...]] = (VERSION,)
-
-    format: str = VERSION
-    run_id: str | None = None
-    method: str | None = None
-    budget: Budget | None = None
-    training: TrainingSettings | None = None
-    steps: int | None = None
-    tokens_seen: int | None = None
-    wall_time_s: float | None = None
-    step_time_mean_s: float | None = None
-    step_time_p50_s: float | None = None
-    tokens_per_s: float | None = None
-    memory: Memory | None = None
-    adapter_bytes: int | None = None
-    loss_curve: list[LossPoint] | None = None
-    heldout_loss: float | None = None
-    selector_history: list[ReselectionEvent] | None = None
-    device: Any = None
-
-    @property
-    def device_name(self) -> str | None:
-        """The device string (``cpu``, ``cuda:0``) whichever form ``device`` has."""
-        return self.device.get("device") if isinstance(self.device, dict) else self.device
-
-
-# ------------------------------------------------------------------------------------------ eval.json
-
-
-@dataclass(kw_only=True)
-class TaskResult(Record):
-    """One task of eval.json: the headline metric over ``n`` items, or ``skipped`` with a ``note``.
-
-    ``value`` is a fraction in [0, 1]; ``stderr`` lm-eval's standard error (None when it reports none);
-    ``doc_ids``/``item_scores`` give the headline metric per item, for paired comparisons.
-    """
-
-    metric: str | None = None
-    value: float | None = None
-    stderr: float | None = None
-    n: int | None = None
-    skipped: bool | None = None
-    note: str | None = None
-    item_scores: list[float] | None = None
-    doc_ids: list | None = None
-
-
-@dataclass(kw_only=True)
-class HeldoutResult(Record):
-    """The held-out loss of eval.json: token-mean cross-entropy (nats/token) over ``n_examples`` examples.
-
-    ``example_nll`` (summed nats per example) and ``example_tokens`` (label tokens per example) are given
-    together or not at all; ``loss = Σ example_nll / Σ example_tokens``.
-    """
-
-    loss: float | None = None
-    n_examples: int | None = None
-    n_tokens: int | None = None
-    stderr: float | None = None
-    example_nll: list[float] | None = None
-    example_tokens: list[int] | None = None
-
-    def check(self, where: str) -> None:
-        """Raises InputError when only one per-example list is given, or their lengths differ."""
-        a, b = self.example_nll, self.example_tokens
-        if (a is None) != (b is None) or (a is not None and len(a) != len(b)):
-            raise InputError(f"{where}: example_nll and example_tokens must both be given, with equal lengths")
-
-
-@dataclass(kw_only=True)
-class EvalResult(Record):
-    """One evaluated model's ``eval.json`` (written by ``spielbench.evaluate``): task results and held-out loss."""
-
-    VERSION: ClassVar[str] = "spielbench-eval/1"
-    FORMATS: ClassVar[tuple[str, ...]] = (VERSION,)
-
-    format: str = VERSION
-    run_id: str | None = None
-    method: str | None = None
-    tasks: dict[str, TaskResult | None] = field(default_factory=dict)
-    heldout: HeldoutResult | None = None
-
-
-# ------------------------------------------------------------------------------------------ benchmark
-
-
-@dataclass(kw_only=True)
-class BenchmarkPoint(Record):
-    """One (model size, method) point of the efficiency benchmark (written by ``spielbench.benchmark``).
-
-    ``status`` is "ok", "oom", "unsupported", "error" or "timeout" (``detail`` says why); timings and peaks
-    are None unless "ok". ``peak_memory_bytes`` is CUDA max allocated when ``cuda_max_allocated_bytes`` is
-    set, else the CPU peak RSS; ``adapter_state_bytes`` = trainable parameters + gradients + optimizer state
-    + SpIEL index buffers; ``n_params_model`` = parameters of the base model.
-    """
-
-    VERSION: ClassVar[str] = "spielbench-benchmark/1"
-    FORMATS: ClassVar[tuple[str, ...]] = (VERSION,)
-
-    format: str = VERSION
-    size: str
-    method: str
-    status: str
-    detail: str | None = None
-    rank: int | None = None
-    trainable_params: int | None = None
-    n_params_model: int | None = None
-    step_time_mean_s: float | None = None
-    step_time_p50_s: float | None = None
-    tokens_per_s: float | None = None
-    peak_memory_bytes: int | None = None
-    cuda_max_allocated_bytes: int | None = None
-    adapter_state_bytes: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the point completed (timings and peak memory are valid)."""
-        return self.status == "ok"
-
-    @property
-    def peak_memory_kind(self) -> str | None:
-        """What ``peak_memory_bytes`` measures ("CUDA max allocated" or "CPU peak RSS"); None without a peak."""
-        if self.peak_memory_bytes is None:
-            return None
-        return "CUDA max allocated" if self.cuda_max_allocated_bytes is not None else "CPU peak RSS"
-
-
-#: The record types by the file they describe (for schema export and tests).
-RECORDS: dict[str, type[Record]] = {"metrics.json": RunMetrics, "eval.json": EvalResult,
-                                    "benchmark": BenchmarkPoint}
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: file does not exist")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{p}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    return data
