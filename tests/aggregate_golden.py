@@ -6,7 +6,7 @@ Each case folder holds ``case.json`` (the resolved run table, model/data names, 
 before it became a package (single-module ``spielbench/aggregate.py``); they change only when an output is
 meant to change, with ``python tests/aggregate_golden.py --write`` (run from the repository root).
 
-Figures are compared through the data they are drawn from (``figure_data.json``: every record's typed fields,
+Figures are compared through the data they are drawn from (``figure_data.json``: every record's values (:data:`RECORD_FIELDS`),
 every benchmark point's values (:data:`BENCH_FIELDS`), the budget-sweep points of every metric, the benchmark's
 x positions), because PNG bytes carry matplotlib's version and rendering details.
 """
@@ -20,6 +20,13 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data" / "aggregate"
 CASES = ("synthetic", "smoke")
+#: the attributes of a run record (``spielbench.aggregate.RunRecord``) that tables, claims and figures read
+RECORD_FIELDS = (
+    "target", "method", "model_name", "data_name", "config", "rank", "density", "seed", "learning_rate",
+    "gradient_checkpointing", "trainable_params", "steps", "tokens_seen", "wall_time_s", "step_time_mean_s",
+    "step_time_p50_s", "tokens_per_s", "device", "peak_memory_bytes", "peak_memory_kind", "state_bytes",
+    "adapter_bytes", "loss_curve", "reselections", "scores", "heldout",
+)
 #: figure_data.json name -> attribute of a benchmark point (``spielbench.records.BenchmarkPoint``)
 BENCH_FIELDS = {
     "size": "size", "method": "method", "status": "status", "detail": "detail", "rank": "rank",
@@ -36,7 +43,7 @@ def _figure_data(results: Path, tasks: list[str]) -> str:
     records, benchmarks = agg.load_results_dir(results)
 
     def plain(rec) -> dict:
-        d = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec) if f.name not in ("metrics", "evaluation")}
+        d = {name: getattr(rec, name) for name in RECORD_FIELDS}
         return json.loads(json.dumps(d, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o)
                                      else str(o)))
 

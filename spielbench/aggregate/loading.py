@@ -101,22 +101,27 @@ class RunRecord:
     learning_rate: float | None = None
     gradient_checkpointing: bool = False
     trainable_params: int | None = None
-    steps: int | None = None
-    tokens_seen: int | None = None
-    wall_time_s: float | None = None
-    step_time_mean_s: float | None = None
-    step_time_p50_s: float | None = None
-    tokens_per_s: float | None = None
-    device: str | None = None
     peak_memory_bytes: int | None = None
     peak_memory_kind: str | None = None
     state_bytes: int | None = None
-    adapter_bytes: int | None = None
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     reselections: list[Reselection] = field(default_factory=list)
     # from the evaluation
     scores: dict[str, Score] = field(default_factory=dict)
     heldout: Score | None = None
+
+    def _recorded(self, name: str):
+        return None if self.metrics is None else getattr(self.metrics, name)
+
+    steps = property(lambda self: self._recorded("steps"), doc="Optimizer steps trained (None without metrics).")
+    tokens_seen = property(lambda self: self._recorded("tokens_seen"), doc="Training tokens seen.")
+    wall_time_s = property(lambda self: self._recorded("wall_time_s"), doc="Wall time of the run [s].")
+    step_time_mean_s = property(lambda self: self._recorded("step_time_mean_s"), doc="Mean optimizer-step time [s].")
+    step_time_p50_s = property(lambda self: self._recorded("step_time_p50_s"), doc="Median optimizer-step time [s].")
+    tokens_per_s = property(lambda self: self._recorded("tokens_per_s"), doc="Training throughput [tokens/s].")
+    adapter_bytes = property(lambda self: self._recorded("adapter_bytes"), doc="Size of the saved adapter [bytes].")
+    device = property(lambda self: None if self.metrics is None else self.metrics.device_name,
+                      doc="The device the run trained on (``cpu``, ``cuda:0``).")
 
     @property
     def quantized(self) -> bool:
@@ -219,10 +224,6 @@ def _fill_metrics(rec: RunRecord, m: RunMetrics) -> None:
     if "gradient_checkpointing" not in rec.config:
         rec.gradient_checkpointing = bool(training is not None and training.gradient_checkpointing)
     rec.trainable_params = None if budget is None else budget.trainable_params
-    for name in ("steps", "tokens_seen", "wall_time_s", "step_time_mean_s", "step_time_p50_s", "tokens_per_s",
-                 "adapter_bytes"):
-        setattr(rec, name, getattr(m, name))
-    rec.device = m.device_name
     cuda_peak = None if memory is None else memory.cuda_max_allocated_bytes
     rss_peak = None if memory is None else memory.peak_rss_bytes
     if cuda_peak is not None:
