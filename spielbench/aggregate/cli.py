@@ -101,7 +101,9 @@ def _config_from_file(path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring). Exit status 0 ok, 2 bad input (the message names the file)."""
-    ap = argparse.ArgumentParser(prog="python -m spielbench.aggregate", description=__doc__.splitlines()[0])
+    import spielbench.aggregate as package
+
+    ap = argparse.ArgumentParser(prog="python -m spielbench.aggregate", description=package.__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="pipeline config YAML; aggregates its runs_dir into its results_dir")
     src.add_argument("--from-results", nargs="+", metavar="RESULTS_DIR",
