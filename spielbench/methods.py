@@ -1,5 +1,10 @@
 """The method registry: every fine-tuning method the suite compares, selectable by name.
 
+:data:`REGISTRY` is the one home of what a method is: besides its builder below, its label, table
+order, 4-bit twin, LoRA reference and benchmark entry, read by the aggregation and the figures
+(:func:`method_label`, :func:`table_order`, :func:`fp32_twin`, :func:`lora_reference`,
+:func:`benchmark_methods`). :data:`METHODS` is its trainable part, the names a run config may use.
+
 Each :class:`MethodSpec` knows how to
 * check a run config's budget against the model's layer shapes *before* any weight is loaded
   (:meth:`MethodSpec.check_budget`, on a model built on the ``meta`` device);
