@@ -10,9 +10,8 @@ from spielbench.aggregate import FIGURE_FILES, TABLE_FORMATS, TABLE_STEMS
 # The code that computes the tables and draws the figures is an input too: changing it reruns the stage.
 # That is the aggregate package, the records it reads the files with, and the registry (labels, order).
 _SPIELBENCH = os.path.relpath(os.path.dirname(os.path.dirname(spielbench.aggregate.__file__)))
-AGGREGATE_CODE = sorted(str(p) for p in Path(_SPIELBENCH, "aggregate").glob("*.py")) + [
-    os.path.join(_SPIELBENCH, name) for name in ("records.py", "methods.py")
-]
+AGGREGATE_CODE = sorted(str(p) for package in ("aggregate", "records") for p in Path(_SPIELBENCH, package).glob("*.py"))
+AGGREGATE_CODE.append(os.path.join(_SPIELBENCH, "methods.py"))
 FIGURES_CODE = os.path.join(_SPIELBENCH, "figures.py")
 
 AGGREGATE_TABLES = [f"{RESULTS}/tables/{stem}.{fmt}" for stem in TABLE_STEMS for fmt in TABLE_FORMATS]
