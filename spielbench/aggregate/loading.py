@@ -137,8 +137,7 @@ class RunRecord:
         if self.target == "base":
             return f"base|{self.model_name}|{self.data_name}"
         source = self.config
-        recorded = self.metrics.to_json() if self.metrics is not None else {}
-        if not source and recorded:  # no run config (e.g. a lone metrics.json): what the run recorded
+        if not source and self.metrics is not None and self.metrics.to_json():  # no run config: what the run recorded
             training = self.metrics.training
             source = {"method": self.method, "rank": self.rank, "density": self.density,
                       **(training.to_json() if training is not None else {})}

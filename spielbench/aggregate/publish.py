@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from spielbench.aggregate.loading import RunRecord, load_benchmarks, make_record, read_json
+from spielbench.aggregate.loading import RunRecord, load_benchmarks, make_record
 from spielbench.aggregate.tables import task_columns
 from spielbench.errors import InputError
 from spielbench.fsio import write_json_atomic, write_text_atomic
-from spielbench.records import BenchmarkPoint, EvalResult, RunMetrics
+from spielbench.records import BenchmarkPoint, EvalResult, IndexEntry, ResultsIndex, RunMetrics
 
 #: Keys of a run config that look like local paths (never copied into results/, see runs/index.json).
 _PATH_KEYS = {"model", "train_data", "heldout_data"}
@@ -50,30 +50,30 @@ def copy_raw(records: list[RunRecord], results_dir: str | Path, root: str | Path
     runs = Path(results_dir) / "runs"
     root = str(Path(root or Path.cwd()).resolve())
     written = []
-    index = {"tasks": list(tasks) if tasks else task_columns(records), "targets": []}
+    index = ResultsIndex(tasks=list(tasks) if tasks else task_columns(records))
     for r in records:
         d = runs / r.target
-        entry = {"target": r.target, "method": r.method, "model_name": r.model_name, "data_name": r.data_name,
-                 "config": _public_config(r.config), "files": []}
+        entry = IndexEntry(target=r.target, method=r.method, model_name=r.model_name, data_name=r.data_name,
+                           config=_public_config(r.config))
         for name, obj in (("metrics.json", r.metrics), ("eval.json", r.evaluation)):
             if obj is not None:
                 write_json_atomic(d / name, relativize(obj.to_json(), root), default=str)
                 written.append(d / name)
-                entry["files"].append(name)
-        index["targets"].append(entry)
+                entry.files.append(name)
+        index.targets.append(entry)
     keep = {r.target for r in records}
     if runs.is_dir():
         for child in runs.iterdir():
             if child.is_dir() and child.name not in keep:
                 shutil.rmtree(child)
-    write_json_atomic(runs / "index.json", index, default=str)
+    write_json_atomic(runs / "index.json", index.to_json(), default=str)
     written.append(runs / "index.json")
     return written
 
 
 def results_tasks(results_dir: str | Path) -> list[str]:
     """The configured evaluation tasks recorded in ``<results_dir>/runs/index.json`` (column order)."""
-    return list(read_json(Path(results_dir) / "runs" / "index.json").get("tasks", []))
+    return ResultsIndex.read(Path(results_dir) / "runs" / "index.json").tasks
 
 
 def load_results_dir(results_dir: str | Path) -> tuple[list[RunRecord], list[BenchmarkPoint]]:
@@ -85,14 +85,13 @@ def load_results_dir(results_dir: str | Path) -> tuple[list[RunRecord], list[Ben
         InputError: ``runs/index.json`` is missing (the aggregation has not run) or a listed file is.
     """
     results_dir = Path(results_dir)
-    index = read_json(results_dir / "runs" / "index.json")
+    index = ResultsIndex.read(results_dir / "runs" / "index.json")
     records = []
-    for e in index.get("targets", []):
-        d = results_dir / "runs" / e["target"]
-        metrics = RunMetrics.read(d / "metrics.json") if "metrics.json" in e.get("files", []) else None
-        evaluation = EvalResult.read(d / "eval.json") if "eval.json" in e.get("files", []) else None
-        records.append(make_record(e["target"], e.get("config", {}), e["model_name"], e["data_name"], metrics,
-                                   evaluation, f"{d}/"))
+    for e in index.targets:
+        d = results_dir / "runs" / e.target
+        metrics = RunMetrics.read(d / "metrics.json") if "metrics.json" in e.files else None
+        evaluation = EvalResult.read(d / "eval.json") if "eval.json" in e.files else None
+        records.append(make_record(e.target, e.config, e.model_name, e.data_name, metrics, evaluation, f"{d}/"))
     return records, load_benchmarks((results_dir / "benchmark").glob("*.json"))
 
 

@@ -1,5 +1,6 @@
 """Typed result records: the run metrics (``metrics.json``), the evaluation result (``eval.json``) and one
-efficiency-benchmark point (``results/benchmark/<size>__<method>.json``).
+efficiency-benchmark point (``results/benchmark/<size>__<method>.json``), and the aggregation's
+``results/runs/index.json``.
 
 Each record is a dataclass whose fields are the JSON keys its readers use; its JSON schema is generated
 from the dataclass (:meth:`Record.json_schema`), so the dataclass is the format's one home. Reading
@@ -14,11 +15,12 @@ Units are in the key names (``_s`` seconds, ``_bytes`` bytes); losses are nats p
 from spielbench.records.base import Record, read_json
 from spielbench.records.benchmark import BenchmarkPoint
 from spielbench.records.evaluation import EvalResult, HeldoutResult, TaskResult
+from spielbench.records.index import IndexEntry, ResultsIndex
 from spielbench.records.run import Budget, LossPoint, Memory, ReselectionEvent, RunMetrics, TrainingSettings
 
 #: The record types by the file they describe (for schema export and tests).
 RECORDS: dict[str, type[Record]] = {"metrics.json": RunMetrics, "eval.json": EvalResult,
-                                    "benchmark": BenchmarkPoint}
+                                    "benchmark": BenchmarkPoint, "runs/index.json": ResultsIndex}
 
-__all__ = ["RECORDS", "BenchmarkPoint", "Budget", "EvalResult", "HeldoutResult", "LossPoint", "Memory", "Record",
-           "ReselectionEvent", "RunMetrics", "TaskResult", "TrainingSettings", "read_json"]
+__all__ = ["RECORDS", "BenchmarkPoint", "Budget", "EvalResult", "HeldoutResult", "IndexEntry", "LossPoint", "Memory",
+           "Record", "ReselectionEvent", "ResultsIndex", "RunMetrics", "TaskResult", "TrainingSettings", "read_json"]
