@@ -108,3 +108,17 @@ def test_heldout_lists_are_checked_only_together():
     assert HeldoutResult.from_json({"loss": 2.0}, "h").example_nll is None
     with pytest.raises(InputError, match="example_nll and example_tokens"):
         HeldoutResult.from_json({"loss": 2.0, "example_tokens": [3]}, "h")
+
+
+def test_schema_command_prints_every_schema():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "spielbench.records"], capture_output=True, text=True, cwd=REPO,
+                         check=True)
+    schemas = json.loads(out.stdout)
+    assert sorted(schemas) == sorted(RECORDS)
+    assert schemas["eval.json"]["properties"]["tasks"]["additionalProperties"]["properties"]["value"] == \
+        {"type": ["number", "null"]}
+    bad = subprocess.run([sys.executable, "-m", "spielbench.records", "nope"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "unknown record 'nope'" in bad.stderr

@@ -8,6 +8,7 @@ Field types a record may use: int, float, str, bool, Any, list[X], dict[str, X],
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -124,6 +125,7 @@ class Record:
     FORMATS: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
+    @functools.cache
     def _fields(cls) -> dict[str, Any]:
         hints = typing.get_type_hints(cls)
         return {f.name: hints[f.name] for f in dataclasses.fields(cls)
@@ -145,6 +147,13 @@ class Record:
         return schema
 
     @classmethod
+    @functools.cache
+    def _validator(cls):
+        import jsonschema
+
+        return jsonschema.Draft202012Validator(cls.json_schema())
+
+    @classmethod
     def from_json(cls: type[R], obj: Any, where: str = "") -> R:
         """Validate ``obj`` (a parsed JSON object) against :meth:`json_schema` and build the record.
 
@@ -154,8 +163,7 @@ class Record:
         """
         import jsonschema
 
-        validator = jsonschema.Draft202012Validator(cls.json_schema())
-        err = jsonschema.exceptions.best_match(validator.iter_errors(obj))
+        err = jsonschema.exceptions.best_match(cls._validator().iter_errors(obj))
         if err is not None:
             raise InputError(_message(err, where or cls.__name__))
         rec = cls._from_valid(obj)
