@@ -26,6 +26,9 @@ MEMORY_TIE_FRACTION = 0.01
 #: as "proportional to the number of tuned parameters".
 STATE_PER_PARAM_SPREAD_MAX = 1.05
 
+# Printed in claims.md. It still names the module the rules lived in before the package split, so that
+# claims.md stays byte-identical to tests/data/aggregate/*/golden; the thresholds are the constants above
+# and stats.FAMILY_ALPHA.
 VERDICT_RULES = f"""\
 How the verdicts are computed (spielbench/aggregate.py; every threshold is a constant there):
 
