@@ -18,9 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from spielbench.aggregate import (  # noqa: E402
-    FIGURE_FILES, HELDOUT, METHOD_ORDER, BenchPoint, RunRecord, _pick_setting, _settings, method_label, pool_scores,
-    task_label,
+    FIGURE_FILES, HELDOUT, RunRecord, method_label, pick_setting, pool_scores, settings_of, task_label,
 )
+from spielbench.methods import table_order  # noqa: E402
+from spielbench.records import BenchmarkPoint  # noqa: E402
 
 #: One colour per method family; 4-bit variants share their fp32 counterpart's colour (dashed lines).
 METHOD_COLORS = {
@@ -74,7 +75,7 @@ def note_figure(path: str | Path, title: str, message: str) -> Path:
 
 
 def _method_sort(method: str):
-    return (method.startswith("q"), METHOD_ORDER.get(method, len(METHOD_ORDER)), method)
+    return (method.startswith("q"), *table_order(method))
 
 
 def sweep_points(records: list[RunRecord], metric: str) -> dict[str, list[tuple[int, float, float | None]]]:
@@ -86,10 +87,10 @@ def sweep_points(records: list[RunRecord], metric: str) -> dict[str, list[tuple[
     out: dict[str, list[tuple[int, float, float | None]]] = {}
     runs = [r for r in records if r.target != "base" and r.trainable_params]
     by_budget: dict[tuple[str, int], list[list[RunRecord]]] = {}
-    for g in _settings(runs).values():
+    for g in settings_of(runs).values():
         by_budget.setdefault((g[0].method, g[0].trainable_params), []).append(g)
     for (method, n), groups in by_budget.items():
-        g = _pick_setting(groups)
+        g = pick_setting(groups)
         p = pool_scores([r.score(metric) for r in g])
         if p is not None:
             out.setdefault(method, []).append((n, p.value, p.stderr))
@@ -184,16 +185,16 @@ def plot_efficiency_runs(records: list[RunRecord], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def _bench_size_x(benchmarks: list[BenchPoint]) -> tuple[dict[str, float], bool]:
+def _bench_size_x(benchmarks: list[BenchmarkPoint]) -> tuple[dict[str, float], bool]:
     """x position of each model size: its parameter count when every size has one, else its rank order."""
     sizes = list(dict.fromkeys(b.size for b in benchmarks))
-    params = {b.size: float(b.model_params) for b in benchmarks if b.model_params}
+    params = {b.size: float(b.n_params_model) for b in benchmarks if b.n_params_model}
     if len(params) == len(sizes):
         return params, True
     return {s: float(i) for i, s in enumerate(sizes)}, False
 
 
-def plot_benchmark_scaling(benchmarks: list[BenchPoint], path: str | Path) -> Path:
+def plot_benchmark_scaling(benchmarks: list[BenchmarkPoint], path: str | Path) -> Path:
     """Peak memory [GiB] and mean step time [s] vs model size, one line per method (benchmark results).
 
     Points that did not complete (status "oom", "unsupported", ...) are marked with a cross on the x axis.
@@ -299,7 +300,7 @@ def plot_spiel_dynamics(records: list[RunRecord], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def draw_all(records: list[RunRecord], benchmarks: list[BenchPoint], out_dir: str | Path,
+def draw_all(records: list[RunRecord], benchmarks: list[BenchmarkPoint], out_dir: str | Path,
              tasks: list[str] | None = None) -> list[Path]:
     """Write every figure of :data:`FIGURE_FILES` (``aggregate.FIGURE_FILES``) into ``out_dir``; returns the paths."""
     out = Path(out_dir)

@@ -1,5 +1,10 @@
 """The method registry: every fine-tuning method the suite compares, selectable by name.
 
+:data:`REGISTRY` is the one home of what a method is: besides its builder below, its label, table
+order, 4-bit twin, LoRA reference and benchmark entry, read by the aggregation and the figures
+(:func:`method_label`, :func:`table_order`, :func:`fp32_twin`, :func:`lora_reference`,
+:func:`benchmark_methods`). :data:`METHODS` is its trainable part, the names a run config may use.
+
 Each :class:`MethodSpec` knows how to
 * check a run config's budget against the model's layer shapes *before* any weight is loaded
   (:meth:`MethodSpec.check_budget`, on a model built on the ``meta`` device);
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,15 +61,30 @@ class MethodSpec:
         default_learning_rate: used when the run config leaves ``learning_rate`` unset; chosen for the
             CPU-scale default model (SmolLM2-135M), not the paper's 7B/13B grids.
         description: one line for tables and help text.
+        label: display name in tables, claims and figures.
+        order: position in tables (the paper's main-table order, then the ablations, then the 4-bit
+            methods, then the benchmark-only entries); ties are broken by name.
+        fp32_twin: for a 4-bit method, the fp32 method it is compared with at the same rank.
+        lora_reference: the method whose cost (step time, memory) this one's is divided by at the same
+            rank in the efficiency table (qLoRA for the 4-bit methods, LoRA otherwise).
+        benchmark: whether the efficiency benchmark (``spielbench.benchmark``) has an entry for it.
+        trainable: whether a run config may name it (False for the untuned ``base`` model and the
+            benchmark-only ``floor`` and ``spiel-reference``).
     """
 
     name: str
     family: str
     quantized: bool
-    default_learning_rate: float
+    default_learning_rate: float | None
     description: str
     selection_algorithm: str | None = None
     reselection_rate_policy: str | None = None
+    label: str = ""
+    order: int = 0
+    fp32_twin: str | None = None
+    lora_reference: str = "lora"
+    benchmark: bool = True
+    trainable: bool = True
 
     @property
     def takes_rank(self) -> bool:
@@ -336,28 +357,85 @@ class MethodSpec:
         (directory / "method.json").write_text(json.dumps({"method": self.name, "family": self.family}) + "\n")
 
 
-def _spec(name, family, lr, description, quantized=False, algorithm=None, policy=None) -> MethodSpec:
+def _spec(name, family, lr, description, label, order, quantized=False, algorithm=None, policy=None,
+          **facts) -> MethodSpec:
     return MethodSpec(name=name, family=family, quantized=quantized, default_learning_rate=lr,
-                      description=description, selection_algorithm=algorithm, reselection_rate_policy=policy)
+                      description=description, selection_algorithm=algorithm, reselection_rate_policy=policy,
+                      label=label, order=order, **facts)
 
 
-#: Every method the suite compares, by name.
-METHODS: dict[str, MethodSpec] = {
+#: Every name the suite knows, trainable or not: the one home of labels, table order, 4-bit twins,
+#: LoRA references and benchmark entries (``spielbench.aggregate``, ``spielbench.figures`` read them here).
+REGISTRY: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        _spec("spiel-ag", "spiel", 1e-3, "SpIEL, accumulated-gradient growth", algorithm="ag", policy="linear"),
-        _spec("spiel-ma", "spiel", 2e-3, "SpIEL, momentum-approximation growth (SM3)", algorithm="ma", policy="linear"),
+        _spec("spiel-ag", "spiel", 1e-3, "SpIEL, accumulated-gradient growth", "SpIEL-AG", 30,
+              algorithm="ag", policy="linear"),
+        _spec("spiel-ma", "spiel", 2e-3, "SpIEL, momentum-approximation growth (SM3)", "SpIEL-MA", 40,
+              algorithm="ma", policy="linear"),
         _spec("spiel-static", "spiel", 1e-3, "SpIEL without reselection (fixed random indices)",
-              algorithm="ag", policy="none"),
-        _spec("qspiel-ag", "spiel", 1e-3, "SpIEL-AG on an NF4 base", quantized=True, algorithm="ag", policy="linear"),
-        _spec("qspiel-ma", "spiel", 2e-3, "SpIEL-MA on an NF4 base", quantized=True, algorithm="ma", policy="linear"),
-        _spec("lora", "lora", 1e-3, "LoRA (peft), all seven projections"),
-        _spec("qlora", "lora", 1e-3, "LoRA on an NF4 base (qLoRA)", quantized=True),
-        _spec("ia3", "ia3", 3e-3, "(IA)3 (peft)"),
-        _spec("shira", "shira", 1e-3, "SHiRA (peft): static random sparse at LoRA's budget"),
-        _spec("full", "full", 2e-5, "full fine-tuning"),
+              "SpIEL static mask (ablation)", 60, algorithm="ag", policy="none"),
+        _spec("qspiel-ag", "spiel", 1e-3, "SpIEL-AG on an NF4 base", "qSpIEL-AG", 90, quantized=True,
+              algorithm="ag", policy="linear", fp32_twin="spiel-ag", lora_reference="qlora"),
+        _spec("qspiel-ma", "spiel", 2e-3, "SpIEL-MA on an NF4 base", "qSpIEL-MA", 100, quantized=True,
+              algorithm="ma", policy="linear", fp32_twin="spiel-ma", lora_reference="qlora"),
+        _spec("lora", "lora", 1e-3, "LoRA (peft), all seven projections", "LoRA", 10),
+        _spec("qlora", "lora", 1e-3, "LoRA on an NF4 base (qLoRA)", "qLoRA", 80, quantized=True,
+              fp32_twin="lora", lora_reference="qlora"),
+        _spec("ia3", "ia3", 3e-3, "(IA)3 (peft)", "(IA)3", 20),
+        _spec("shira", "shira", 1e-3, "SHiRA (peft): static random sparse at LoRA's budget", "SHiRA (ablation)", 70),
+        _spec("full", "full", 2e-5, "full fine-tuning", "Full FT", 50),
+        _spec("base", "base", None, "the base model, not fine-tuned (evaluation only)", "Base model", 0,
+              benchmark=False, trainable=False),
+        _spec("floor", "floor", None, "frozen weights, gradient to the inputs only (benchmark only)",
+              "Floor (frozen weights)", 110, trainable=False),
+        _spec("spiel-reference", "spiel", None, "SpIEL-AG with the reference-style layer (benchmark only)",
+              "SpIEL (reference-style layer)", 120, algorithm="ag", policy="linear", trainable=False),
     )
 }
+
+#: Every method a run config may name (the trainable entries of :data:`REGISTRY`), by name.
+METHODS: dict[str, MethodSpec] = {name: s for name, s in REGISTRY.items() if s.trainable}
+
+
+def method_label(name: str) -> str:
+    """Display name of a registry entry (the name itself when it is not registered)."""
+    spec = REGISTRY.get(name)
+    return spec.label if spec is not None else name
+
+
+def table_order(name: str) -> tuple[float, str]:
+    """Sort key of a method name in tables: (registry ``order``, name); unregistered names sort last."""
+    spec = REGISTRY.get(name)
+    return (spec.order if spec is not None else math.inf, name)
+
+
+def fp32_twin(name: str) -> str | None:
+    """The fp32 method a 4-bit method is compared with at the same rank (None for fp32 or unknown names)."""
+    spec = REGISTRY.get(name)
+    return spec.fp32_twin if spec is not None else None
+
+
+def is_quantized(name: str) -> bool:
+    """Whether ``name`` is a registered 4-bit (NF4 base) method."""
+    spec = REGISTRY.get(name)
+    return spec is not None and spec.quantized
+
+
+def lora_reference(name: str) -> str:
+    """The method whose step time and memory ``name``'s are divided by at the same rank ("lora" when unknown)."""
+    spec = REGISTRY.get(name)
+    return spec.lora_reference if spec is not None else "lora"
+
+
+def benchmark_methods() -> tuple[str, ...]:
+    """Every entry the efficiency benchmark has, in table order."""
+    return tuple(sorted((n for n, s in REGISTRY.items() if s.benchmark), key=table_order))
+
+
+def ranked_methods() -> tuple[str, ...]:
+    """The trainable methods whose budget is a LoRA rank (:attr:`MethodSpec.takes_rank`), in table order."""
+    return tuple(sorted((n for n, s in METHODS.items() if s.takes_rank), key=table_order))
 
 
 def get_method(name: str) -> MethodSpec:

@@ -8,8 +8,11 @@ import spielbench.aggregate
 from spielbench.aggregate import FIGURE_FILES, TABLE_FORMATS, TABLE_STEMS
 
 # The code that computes the tables and draws the figures is an input too: changing it reruns the stage.
-AGGREGATE_CODE = os.path.relpath(spielbench.aggregate.__file__)
-FIGURES_CODE = os.path.join(os.path.dirname(AGGREGATE_CODE), "figures.py")
+# That is the aggregate package, the records it reads the files with, and the registry (labels, order).
+_SPIELBENCH = os.path.relpath(os.path.dirname(os.path.dirname(spielbench.aggregate.__file__)))
+AGGREGATE_CODE = sorted(str(p) for package in ("aggregate", "records") for p in Path(_SPIELBENCH, package).glob("*.py"))
+AGGREGATE_CODE.append(os.path.join(_SPIELBENCH, "methods.py"))
+FIGURES_CODE = os.path.join(_SPIELBENCH, "figures.py")
 
 AGGREGATE_TABLES = [f"{RESULTS}/tables/{stem}.{fmt}" for stem in TABLE_STEMS for fmt in TABLE_FORMATS]
 AGGREGATE_CLAIMS = f"{RESULTS}/claims.md"
@@ -65,7 +68,7 @@ rule figures:
         notebook="analysis/figures.ipynb",
         raw=AGGREGATE_RAW,
         benchmarks=_benchmark_files,
-        code=[AGGREGATE_CODE, FIGURES_CODE],
+        code=[*AGGREGATE_CODE, FIGURES_CODE],
     output:
         figures=[
             report(p, caption=f"../report/{Path(p).stem}.rst", category="Figures", labels={"figure": Path(p).stem})

@@ -1,0 +1,16 @@
+"""``python -m spielbench.records [FILE ...]``: print the JSON schema of each record (all when none named).
+
+FILE is a key of :data:`spielbench.records.RECORDS` (``metrics.json``, ``eval.json``, ``benchmark``,
+``runs/index.json``). Exit status 2 for an unknown name.
+"""
+import json
+import sys
+
+from spielbench.records import RECORDS
+
+names = sys.argv[1:] or list(RECORDS)
+unknown = [n for n in names if n not in RECORDS]
+if unknown:
+    print(f"error: unknown record {unknown[0]!r}; known: {', '.join(RECORDS)}", file=sys.stderr)
+    sys.exit(2)
+print(json.dumps({n: RECORDS[n].json_schema() for n in names}, indent=2))
