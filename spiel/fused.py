@@ -11,8 +11,8 @@ backward, 8.9 s fused, 8.6 s with frozen weights (README, Performance).
 
 When fusion is updated (docs/METHOD.md §6): Δ is written on every forward and backward, so any change to
 Δ (the optimizer step, ``load_adapter``, a user's write, even through ``.data``) is in the next call. η
-changes at reselection (:meth:`SparseDeltaLinear.replace_entries` restores ``W0`` at the old positions at
-once) or by any in-place write to ``indices`` (loading): its version counter moves, and the next call
+changes at reselection (:meth:`SparseDeltaLinear.replace_entries`) or by any other in-place write to
+``indices`` (loading): its version counter moves, and the next call (or anything that needs ``W0``)
 restores the old positions from the copy and re-takes ``W0`` at the new ones (an O(1) check). A write to
 η through ``.data`` is invisible to version counters: call :meth:`SparseDeltaLinear.refresh` after it.
 

@@ -463,7 +463,6 @@ class SparseDeltaLinear(FusedWeightMixin, nn.Module):
             raise ValueError(f"replace_entries: slots must lie in [0, {self.k})")
         if int(new_indices.min()) < 0 or int(new_indices.max()) >= self.dense_numel:
             raise ValueError(f"replace_entries: new indices must lie in [0, {self.dense_numel})")
-        self.unfuse()  # the old positions get W0 back now; the next forward fuses at the new η
         self.indices[slots] = new_indices.to(self.indices.dtype)
         self.values[slots] = 0
         if self.values.grad is not None:

@@ -9,8 +9,10 @@ JSON. A step is forward + backward + optimizer update + ``SpielSelector.step()``
 
 Methods: every name of :data:`spielbench.methods.METHODS` (``spiel-ag``, ``spiel-ma``,
 ``spiel-static``, ``qspiel-ag``, ``qspiel-ma``, ``lora``, ``qlora``, ``ia3``, ``shira``, ``full``) plus
-``floor`` (frozen weights, gradient to the inputs only: the cost no fine-tuning method can go below)
-and ``spiel-reference`` (SpIEL-AG with :mod:`spielbench.reference_layer`: a dense ``dW`` in every
+``floor`` (frozen weights, gradient to the inputs only: the cost no fine-tuning method can go below),
+``lora-dropout0`` (LoRA without dropout: the registry's ``lora`` keeps the reference's dropout 0.1,
+which costs LoRA a large share of its step on CPU, so both rows are reported; tables give ratios to
+both) and ``spiel-reference`` (SpIEL-AG with :mod:`spielbench.reference_layer`: a dense ``dW`` in every
 backward, as the original code, SPIEL_SPEC.md §6). 4-bit methods are recorded ``"unsupported"`` when
 bitsandbytes cannot run an NF4 layer forward+backward on the device.
 
@@ -134,17 +136,22 @@ from spielbench.fsio import write_text_atomic
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Benchmark-only methods (not training methods of the registry).
-EXTRA_METHODS = ("floor", "spiel-reference")
+EXTRA_METHODS = ("floor", "spiel-reference", "lora-dropout0")
+#: Benchmark-only variants of registry methods: name -> (registry method, RunConfig overrides).
+#: ``lora-dropout0`` is LoRA without dropout, the fastest LoRA (the registry's LoRA keeps the reference's 0.1).
+VARIANTS = {"spiel-reference": ("spiel-ag", {}), "lora-dropout0": ("lora", {"lora_dropout": 0.0})}
 #: Status values of a record.
 STATUSES = ("ok", "oom", "unsupported", "error", "timeout")
 #: Canonical order of methods in tables.
-METHOD_ORDER = ("floor", "lora", "ia3", "shira", "spiel-ag", "spiel-ma", "spiel-static", "spiel-reference",
+METHOD_ORDER = ("floor", "lora", "lora-dropout0", "ia3", "shira", "spiel-ag", "spiel-ma", "spiel-static",
+                "spiel-reference",
                 "full", "qlora", "qspiel-ag", "qspiel-ma")
 #: Columns of the efficiency_benchmark table (CSV header).
 TABLE_COLUMNS = ("size", "method", "status", "step_time_mean_s", "step_time_p50_s", "tokens_per_s",
                  "step_cpu_time_mean_s", "step_cpu_time_vs_lora",
                  "peak_memory_bytes", "trainable_params", "adapter_state_bytes",
-                 "adapter_state_bytes_per_trainable_param", "step_time_vs_lora", "step_time_vs_floor",
+                 "adapter_state_bytes_per_trainable_param", "step_time_vs_lora", "step_time_vs_lora_dropout0",
+                 "step_time_vs_floor", "peak_memory_vs_lora_dropout0",
                  "peak_memory_vs_lora", "peak_memory_vs_floor", "peak_memory_over_floor_bytes",
                  "n_params_model", "device", "threads", "batch_size", "seq_len", "steps", "detail")
 
@@ -360,22 +367,18 @@ def check_pairs(sizes: Sequence[str], methods: Sequence[str], options: Benchmark
 def _method_family(method: str) -> str:
     if method == "floor":
         return "floor"
-    if method == "spiel-reference":
-        return "spiel"
     from spielbench.methods import get_method
 
-    return get_method(method).family
+    return get_method(VARIANTS.get(method, (method,))[0]).family
 
 
 def _spiel_algorithm(method: str) -> Optional[str]:
     """"ag"/"ma" for dynamic SpIEL methods (they call a selector), else None."""
-    if method == "spiel-reference":
-        return "ag"
     if method == "floor":
         return None
     from spielbench.methods import get_method
 
-    spec = get_method(method)
+    spec = get_method(VARIANTS.get(method, (method,))[0])
     return spec.selection_algorithm if spec.needs_selector else None
 
 
@@ -727,7 +730,8 @@ def _run_config(method: str, size_label: str, options: BenchmarkOptions, device:
     from spielbench.methods import get_method
     from spielbench.runconfig import RunConfig
 
-    spec = get_method("spiel-ag" if method == "spiel-reference" else method)
+    registry_name, overrides = VARIANTS.get(method, (method, {}))
+    spec = get_method(registry_name)
     spiel_opts = {}
     if spec.family == "spiel":
         spiel_opts = {"reselection_steps": options.reselection_steps,
@@ -735,7 +739,7 @@ def _run_config(method: str, size_label: str, options: BenchmarkOptions, device:
                       "initial_reselection_rate": options.initial_reselection_rate}
     cfg = RunConfig(method=spec.name, model=f"benchmark:{size_label}", train_data="benchmark:random-tokens",
                     rank=options.rank if spec.takes_rank else None, seed=options.seed, device=device,
-                    weight_decay=0.0, spiel=spiel_opts)
+                    weight_decay=0.0, spiel=spiel_opts, **overrides)
     return spec, cfg
 
 
@@ -1263,6 +1267,10 @@ def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row.update(
             step_time_vs_lora=_ratio(step, ok(s, lora, "step_time_mean_s")),
             step_time_vs_floor=_ratio(step, ok(s, "floor", "step_time_mean_s")),
+            step_time_vs_lora_dropout0=(None if r["method"].startswith("q")
+                                        else _ratio(step, ok(s, "lora-dropout0", "step_time_mean_s"))),
+            peak_memory_vs_lora_dropout0=(None if r["method"].startswith("q")
+                                          else _ratio(mem, ok(s, "lora-dropout0", "peak_memory_bytes"))),
             step_cpu_time_vs_lora=_ratio(r.get("step_cpu_time_mean_s") if step is not None else None,
                                          ok(s, lora, "step_cpu_time_mean_s")),
             peak_memory_vs_lora=_ratio(mem, ok(s, lora, "peak_memory_bytes")),
@@ -1315,15 +1323,17 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
         "disturbs timings)." if loads else "",
         "Step time: schedule-weighted mean/median (SpIEL selection phases in their natural proportion, "
         "S=20, γ=5; see `spielbench/benchmark.py`). Peak memory: CUDA max allocated, else peak RSS of the worker "
-        "after model build. Ratios \"/LoRA\" divide by LoRA of the same size (4-bit methods: by qLoRA); "
+        "after model build. Ratios \"/LoRA\" divide by LoRA of the same size (dropout 0.1 as the reference; 4-bit "
+        "methods: by qLoRA), \"/LoRA-d0\" by LoRA without dropout (`lora-dropout0`, the fastest LoRA); "
         "\"/floor\" by the frozen-weight float floor. "
         "Adapter state: trainable parameters + gradients + optimizer state + SpIEL indices and fused-forward cache. "
         "CPU-time/LoRA: ratio of process CPU time per step (steadier than wall time when other work shares "
         "the machine).",
         "",
         "| size | method | status | step [s] | p50 [s] | tokens/s | peak [GiB] | trainable | state [MiB] | "
-        "B/param | step/LoRA | step/floor | CPU-time/LoRA | mem/LoRA | mem/floor | mem over floor [GiB] |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "B/param | step/LoRA | step/LoRA-d0 | step/floor | CPU-time/LoRA | mem/LoRA | mem/LoRA-d0 | mem/floor | "
+        "mem over floor [GiB] |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('detail') or '')[:80]}"
@@ -1331,8 +1341,9 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
             r["size"], r["method"], status, _fmt(r["step_time_mean_s"], "s"), _fmt(r["step_time_p50_s"], "s"),
             _fmt(r["tokens_per_s"], "f0"), _fmt(r["peak_memory_bytes"], "gib"), _fmt(r["trainable_params"], "int"),
             _fmt(r["adapter_state_bytes"], "mib"), _fmt(r["adapter_state_bytes_per_trainable_param"], "f1"),
-            _fmt(r["step_time_vs_lora"], "x"), _fmt(r["step_time_vs_floor"], "x"),
-            _fmt(r["step_cpu_time_vs_lora"], "x"), _fmt(r["peak_memory_vs_lora"], "x"),
+            _fmt(r["step_time_vs_lora"], "x"), _fmt(r["step_time_vs_lora_dropout0"], "x"),
+            _fmt(r["step_time_vs_floor"], "x"), _fmt(r["step_cpu_time_vs_lora"], "x"),
+            _fmt(r["peak_memory_vs_lora"], "x"), _fmt(r["peak_memory_vs_lora_dropout0"], "x"),
             _fmt(r["peak_memory_vs_floor"], "x"),
             _fmt(r["peak_memory_over_floor_bytes"], "gib"),
         ]) + " |")
