@@ -102,7 +102,9 @@ OpenMP spin-waiting when threads > 1), ``step_cpu_times_s``, ``phase_mean_s`` ({
 optimizer, selector: mean [s] over timed steps}), ``schedule`` (natural S/γ, weights, driving
 S_b/γ_b/c0/T), ``adapter_state`` (byte components), ``adapter_state_bytes_per_trainable_param``,
 ``memory_estimate`` (the prediction's components [bytes]), ``memory_available_bytes``,
-``peak_rss_scope``, ``build_time_s``, ``wall_time_s``,
+``peak_rss_scope``, ``build_time_s``, ``wall_time_s``, ``gradient_checkpointing`` (the option),
+``step_time_cuda_event_mean_s``/``step_times_cuda_event_s`` (CUDA only: the same steps timed by CUDA
+events on the current stream, schedule-weighted),
 ``load_avg_start``/``load_avg_end`` (1-minute load average: other work on the machine disturbs
 timings), ``versions``, ``created_utc``, ``model_source`` (``"random-init"`` or a model folder).
 
@@ -266,6 +268,8 @@ class BenchmarkOptions:
         model_dir: benchmark a real model folder instead of a random-init size (float methods only;
             ``size`` is then only a label).
         profile_out: write a ``torch.profiler`` summary of the timed steps to this file (timings inflate).
+        gradient_checkpointing: recompute each block's activations in the backward (non-reentrant
+            ``gradient_checkpointing_enable``), as memory-bound GPU runs train.
     """
 
     rank: int = 16
@@ -285,6 +289,7 @@ class BenchmarkOptions:
     predict_oom: bool = True
     model_dir: Optional[str] = None
     profile_out: Optional[str] = None
+    gradient_checkpointing: bool = False
 
     def validate(self) -> "BenchmarkOptions":
         """Check every field; returns self. Raises InputError naming the field and what was expected."""
@@ -302,6 +307,8 @@ class BenchmarkOptions:
         if not 0.0 <= float(self.initial_reselection_rate) <= 1.0:
             raise InputError("initial_reselection_rate: expected a number in [0, 1], "
                              f"got {self.initial_reselection_rate!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise InputError(f"gradient_checkpointing: expected true or false, got {self.gradient_checkpointing!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise InputError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         dev = self.device
@@ -788,11 +795,13 @@ def _adapter_state(setup: _Setup) -> dict[str, int]:
     return out
 
 
-def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = None) -> tuple[dict[str, float], str]:
+def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = None,
+          cuda_events: bool = False) -> tuple[dict[str, float], str]:
     """One training step; returns ({phase: seconds}, kind): "select" (ended with a reselection),
     "phase-start" (gradient hooks on, the first such step of a phase), "phase-first" (the second),
     "phase" (hooks on, later),
-    "after-select" (the step after a "select"), else "plain"."""
+    "after-select" (the step after a "select"), else "plain". With ``cuda_events`` the step is also timed
+    by CUDA events on the current stream (``"cuda_event"`` [s])."""
     import torch
     from torch.profiler import record_function
 
@@ -800,8 +809,11 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
     # an AG selection phase is open: the step collects candidate gradients (dense dW or sampled candidates)
     hooks_on = sel is not None and getattr(sel, "algorithm", None) == "ag" and bool(getattr(sel, "phase_open", False))
     history = len(setup.selector.history) if setup.selector is not None else 0
+    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda_events else None
     c0 = time.process_time()
     t0 = time.perf_counter()
+    if events:
+        events[0].record()
     with record_function("bench/forward"), autocast():
         if setup.floor:
             embeds = setup.model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -824,6 +836,8 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
     with record_function("bench/selector"):
         if setup.selector is not None:
             setup.selector.step()
+    if events:
+        events[1].record()
     sync()
     t4 = time.perf_counter()
     c4 = time.process_time()
@@ -835,8 +849,11 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
                                                                                           "phase-start")
     else:
         kind = "after-select" if previous_kind == "select" else "plain"
-    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "selector": t4 - t3, "total": t4 - t0,
-            "cpu": c4 - c0}, kind
+    out = {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "selector": t4 - t3, "total": t4 - t0,
+           "cpu": c4 - c0}
+    if events:
+        out["cuda_event"] = events[0].elapsed_time(events[1]) / 1e3
+    return out, kind
 
 
 def _device_name(device: str) -> str:
@@ -1007,6 +1024,14 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
         vocab = int(base.config.vocab_size)
         setup = _build(method, base, options, device, size, schedule)
         del base
+        if options.gradient_checkpointing:
+            model = setup.model
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (and SpielModel)
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            setup.model.train()
+        record["gradient_checkpointing"] = options.gradient_checkpointing
         record["build_time_s"] = time.perf_counter() - t0
         record["trainable_params"] = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
         gen = torch.Generator(device="cpu").manual_seed(options.seed + 1)
@@ -1031,7 +1056,7 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
             profiler.__enter__()
         try:
             for i in range(timed_steps(schedule.algorithm, options.steps, options.selection_accumulation_steps)):
-                phase, kind = _step(setup, batches[i % 2], autocast, sync, previous)
+                phase, kind = _step(setup, batches[i % 2], autocast, sync, previous, cuda_events=on_cuda)
                 previous = kind
                 times.append(phase["total"])
                 cpu_times.append(phase["cpu"])
@@ -1043,6 +1068,10 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
         peaks = measure.peak_memory(device, scope)
         state = _adapter_state(setup)
         stats = weighted_step_stats(times, kinds, schedule.weights)
+        if on_cuda:
+            event_times = [p["cuda_event"] for p in phases]
+            record.update(step_times_cuda_event_s=event_times,
+                          step_time_cuda_event_mean_s=weighted_step_stats(event_times, kinds, schedule.weights)["mean"])
         cpu_stats = weighted_step_stats(cpu_times, kinds, schedule.weights)
         record.update(
             status="ok", steps=len(times),
@@ -1393,6 +1422,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-predict-oom", dest="no_predict_oom", action="store_true",
                    help="always try, even when the estimate exceeds the available memory")
     p.add_argument("--model-dir", dest="model_dir", help="benchmark a real model folder (size is then a label)")
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward (non-reentrant checkpointing)")
 
 
 def _parser() -> argparse.ArgumentParser:
