@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["DELTA_GRAD_PATHS", "CPU_SAMPLED_MAX_DENSITY", "check_path", "choose_path", "sampled_grad",
+__all__ = ["DELTA_GRAD_PATHS", "CPU_SAMPLED_MAX_DENSITY", "check_path", "choose_path", "csr_pattern", "sampled_grad",
            "dense_grad", "delta_grad", "path_decisions", "clear_decisions"]
 
 DELTA_GRAD_PATHS = ("auto", "sampled", "dense")
@@ -85,6 +85,29 @@ def _token_chunk(tokens: int, in_features: int, out_features: int) -> int:
     while chunk * 2 * max(in_features, out_features) <= _CPU_CHUNK_ELEMENTS:
         chunk *= 2
     return max(1, min(tokens, chunk))
+
+
+def csr_pattern(shape: tuple[int, int], *index_sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CSR pattern of the *distinct* flat positions of the index sets (η, then any extra positions) in an
+    ``shape = (out, in)`` matrix: ``(crow [out+1], col [u], gather [m])``, where ``u`` counts the distinct
+    positions and ``gather[i]`` is the pattern slot of entry i of ``cat(index_sets)`` (a position in several
+    sets, e.g. a SpIEL-AG candidate that is already active, is computed once). int32 where it fits."""
+    out_features, in_features = shape
+    flat = torch.cat([t.reshape(-1).long() for t in index_sets]) if len(index_sets) > 1 else index_sets[0].long()
+    perm = torch.argsort(flat)
+    ordered = flat[perm]
+    gather = torch.empty_like(perm)
+    if len(index_sets) > 1:
+        ordered, slot = torch.unique_consecutive(ordered, return_inverse=True)
+        gather[perm] = slot
+    else:  # η alone is distinct
+        gather[perm] = torch.arange(perm.numel(), device=perm.device)
+    rows = torch.div(ordered, in_features, rounding_mode="floor")
+    cols = ordered - rows * in_features
+    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=flat.device)
+    crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
+    idx_dtype = torch.int32 if max(out_features * in_features, flat.numel()) < 2**31 else torch.int64
+    return crow.to(idx_dtype), cols.to(idx_dtype), gather.to(idx_dtype)
 
 
 def _sddmm(pattern, grad_out: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
@@ -130,7 +153,7 @@ def _cpu_threads_then(key: tuple, run):
 def sampled_grad(pattern_parts: tuple, shape: tuple[int, int], grad_out: torch.Tensor,
                  x2d: torch.Tensor) -> torch.Tensor:
     """The SDDMM path: ``dW[p]`` at the distinct positions of a CSR pattern ``(crow [out+1], col [u],
-    gather [m])`` (:meth:`spiel.layer.SparseDeltaLinear._csr_pattern`), returned ``[m]`` in the order
+    gather [m])`` (:func:`csr_pattern`), returned ``[m]`` in the order
     ``gather`` gives. ``grad_out [T, out]`` and ``x2d [T, in]`` in the accumulation dtype (fp32/fp64);
     ``shape = (out, in)``."""
     crow, cols, gather = pattern_parts

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import FusedWeightMixin, fusable_weight
-from .delta_grad import check_path, delta_grad as _delta_grad, sampled_grad as _sampled_path
+from .delta_grad import check_path, csr_pattern, delta_grad as _delta_grad, sampled_grad as _sampled_path
 
 __all__ = [
     "SparseDeltaLinear",
@@ -366,21 +366,7 @@ class SparseDeltaLinear(FusedWeightMixin, nn.Module):
                 and all(t is ref and t._version == version for t, (ref, version) in zip(index_sets, cache[0]))):
             return cache[1:]
         key = tuple((t, t._version) for t in index_sets)  # strong refs: identity + version, never stale
-        flat = torch.cat([t.reshape(-1).long() for t in index_sets]) if len(index_sets) > 1 else index_sets[0].long()
-        perm = torch.argsort(flat)
-        ordered = flat[perm]
-        gather = torch.empty_like(perm)
-        if len(index_sets) > 1:
-            ordered, slot = torch.unique_consecutive(ordered, return_inverse=True)
-            gather[perm] = slot
-        else:  # η alone is distinct
-            gather[perm] = torch.arange(perm.numel(), device=perm.device)
-        rows = torch.div(ordered, self.in_features, rounding_mode="floor")
-        cols = ordered - rows * self.in_features
-        crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=flat.device)
-        crow[1:] = torch.bincount(rows, minlength=self.out_features).cumsum(0)
-        idx_dtype = torch.int32 if max(self.dense_numel, flat.numel()) < 2**31 else torch.int64
-        crow, cols, gather = crow.to(idx_dtype), cols.to(idx_dtype), gather.to(idx_dtype)
+        crow, cols, gather = csr_pattern((self.out_features, self.in_features), *index_sets)
         self._csr_cache = (key, crow, cols, gather)
         return crow, cols, gather
 
