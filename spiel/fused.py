@@ -29,8 +29,10 @@ an ``nn.DataParallel`` replica, whose weight is a copy of the fused one. Layers 
 (:class:`spielbench.reference_layer.ReferenceSparseDeltaLinear` built from another) find each other
 through a plain attribute on the base layer and unfuse each other before fusing. Fusion is off by itself
 for weights the layer cannot own (:func:`fusable_weight`): tensor subclasses (DTensor, ``Params4bit``),
-DeepSpeed ZeRO-3 partitions, views into a larger storage (FSDP flat parameters) and freed or placeholder
-storages; :func:`spiel.model.get_spiel_model` also turns it off for a weight another module reads (tied
+DeepSpeed ZeRO-3 partitions, views into a larger storage (FSDP1 flat parameters) and freed or placeholder
+storages. Under FSDP2 (``fully_shard``) the layer fuses into the unsharded Parameter FSDP gathers for each
+call, which owns its storage, and never writes the sharded parameter (the sharded DTensor is not
+fusable); every call rewrites η from the cached ``W0[η]``, so a re-gathered unsharded weight is right too; :func:`spiel.model.get_spiel_model` also turns it off for a weight another module reads (tied
 input embeddings and ``lm_head``). Under ``torch.compile`` the layer's call runs eagerly (a graph break).
 A disabled forward under autograd goes through the same function with Δ = 0, so that nothing saved for
 its backward aliases the base weight.
@@ -127,11 +129,16 @@ class FusedWeightMixin:
 
     def _valid_fused_state(self) -> Optional[_FusedState]:
         """The fused state if the base weight still holds what this layer wrote, else forget it and return
-        None. The base weight is taken as a new ``W0`` when it is another Parameter (replaced by other code:
-        fusion is then turned off for this layer, ``fuse_delta = False``, as a weight swapped between calls
-        is not one the layer can own) or the same one written by other code since (its version moved: ``load_state_dict`` on the base layer
-        alone, a manual edit). A data-parallel replica (``_is_replica``, made by ``nn.DataParallel``) holds a
-        copy of the fused weight taken with this state: the state is carried over to the copy."""
+        None. The base weight is taken as a new ``W0`` when it is another Parameter (replaced by other code;
+        if the new one is a plain Parameter, fusion is also turned off for this layer, ``fuse_delta = False``,
+        as a weight swapped between calls is not one the layer can own; a sharded one, e.g. FSDP2's DTensor
+        between calls, is simply not fused) or the same one written by other code since (its version moved:
+        ``load_state_dict`` on the base layer alone, a manual edit). A data-parallel replica (``_is_replica``,
+        made by ``nn.DataParallel``) holds a copy of the fused weight taken with this state: the state is
+        carried over to the copy.
+
+        Replace the base Parameter only while the layer is unfused (after ``unfuse()``, ``state_dict()`` or
+        ``.to()``): a copy of a fused weight put in its place would be taken as ``W0`` with Δ inside it."""
         state = self._fused
         if state is None:
             return None
@@ -146,8 +153,8 @@ class FusedWeightMixin:
             carried.positions, carried.base = state.positions.to(weight.device), state.base.to(weight.device)
             self._fused = carried
             return carried
-        if weight is not state.weight:  # swapped by other code (a sharding wrapper's unshard/reshard, a user)
-            self.fuse_delta = False
+        if weight is not state.weight and fusable_weight(weight):  # another plain Parameter swapped in by other
+            self.fuse_delta = False                                  # code (a wrapper per call, a user)
             warnings.warn("SparseDeltaLinear: the fused base weight was replaced by another Parameter behind the "
                           "layer's back (e.g. FSDP unshard/reshard); fusion is turned off for such layers and the "
                           "new weight is taken as W0", RuntimeWarning, stacklevel=3)

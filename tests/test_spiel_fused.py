@@ -415,7 +415,7 @@ def test_weight_swapped_between_calls_turns_fusion_off():
 
 def test_fully_shard_single_rank_matches_unwrapped():
     """FSDP2 (``fully_shard``) over a one-rank gloo group on CPU: outputs and dΔ equal the unwrapped layer's
-    over two steps, and the sharded parameter keeps W0."""
+    over two steps, and the sharded parameter keeps W0 (fusion writes only into FSDP's unsharded copy)."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or dist.is_initialized():
         pytest.skip("torch.distributed unavailable or already initialised in this process")
@@ -443,6 +443,8 @@ def test_fully_shard_single_rank_matches_unwrapped():
             layer.values.grad = plain.values.grad = None
         sharded = layer.base_layer.weight
         assert torch.equal(sharded.full_tensor() if hasattr(sharded, "full_tensor") else sharded.detach(), w0)
+        outer.state_dict()  # sees the sharded DTensor: nothing to restore there, fusion stays on
+        assert layer.fuse_delta is True
     finally:
         dist.destroy_process_group()
 
