@@ -515,3 +515,31 @@ def test_torch_compile_matches_eager(backend):
     assert all(layer.fused for layer in layers)
     for layer, base in zip(layers, w0):
         assert torch.equal(layer.base_weight(), base)
+
+
+def test_load_adapter_while_fused_matches_a_fresh_load(tmp_path):
+    """load_adapter writes η and Δ in place while the layers are fused: the next forward restores the old
+    positions and fuses the loaded ones (same logits as loading onto a fresh model, base back to W0)."""
+    import spiel
+    from conftest import make_tiny_llama
+
+    cfg = spiel.SpielConfig(num_tunable_weights=400, seed=1)
+    donor = spiel.get_spiel_model(make_tiny_llama(0), cfg)
+    with torch.no_grad():
+        for _, layer in donor.sparse_layers():
+            layer.values.normal_(0, 0.05)
+    donor.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    live = spiel.get_spiel_model(make_tiny_llama(0), cfg.replace(seed=2))  # other η
+    w0 = {name: layer.base_weight().clone() for name, layer in live.sparse_layers()}
+    with torch.no_grad():
+        for _, layer in live.sparse_layers():
+            layer.values.normal_(0, 0.05)
+        live(input_ids=ids)
+    assert all(layer.fused for _, layer in live.sparse_layers())
+    live.load_adapter(tmp_path / "adapter")
+    fresh = spiel.SpielModel.from_pretrained(make_tiny_llama(0), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(live(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    for name, layer in live.sparse_layers():
+        assert torch.equal(layer.base_weight(), w0[name]), name
