@@ -18,7 +18,8 @@ and the check installs them with ``pip install --no-index --find-links wheels ..
 
 What it does, in order (each section recorded even when a later one fails):
 
-1. ``pytest tests/test_cuda_spiel.py`` (the device tests; the CUDA parameters must pass, not skip);
+1. ``pytest tests/test_cuda_spiel.py`` in a child process under ``--tests-timeout-s`` (150 s) (the device
+   tests; the CUDA parameters must pass, not skip);
 2. both dΔ paths (:mod:`spiel.delta_grad`: SDDMM and dense GEMM + gather) on each distinct projection
    shape of the size at LoRA r64's per-matrix budget ``64·(in+out)`` and ``batch·seq`` tokens, bf16
    operands, with and without SpIEL-AG's extra candidate positions; times by CUDA events (median of
@@ -40,7 +41,7 @@ others, of ~0.3–1 s at 2048 tokens), 18 points ≈ 360 s. Sum ≈ 450 s. Each 
 (default 465 s after the start), and no point starts with less than ``--min-point-s`` (30 s) left: those
 points are recorded ``skipped`` with the reason, the most telling first (the order above, full
 fine-tuning last in each group). Writing the outputs takes a second, so the check ends inside 8 minutes
-(480 s) whatever a point does; only the tests, which run first, have no limit of their own.
+(480 s) whatever a point does.
 
 ``--dry-run``: the same sections on CPU with tiny shapes (size ``tiny``, 1×16 tokens, rank 2, bf16
 autocast), a subset of the tests (``-k "cpu and merge_unmerge"``), the checkpointed group for one method
@@ -57,14 +58,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
-import json
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import redirect_stdout
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,31 +96,30 @@ def install_wheels(folder: Path) -> dict:
             "rc": proc.returncode, "tail": (proc.stdout + proc.stderr)[-2000:]}
 
 
-def run_tests(dry_run: bool) -> dict:
-    """pytest on tests/test_cuda_spiel.py in this process; the counts by outcome and the output tail."""
-    import pytest
-
-    class Counter:
-        def __init__(self):
-            self.counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
-            self.cuda_skipped = 0
-
-        def pytest_runtest_logreport(self, report):
-            if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-                outcome = "error" if report.when == "setup" and report.outcome == "failed" else report.outcome
-                self.counts[outcome] = self.counts.get(outcome, 0) + 1
-                if outcome == "skipped" and "cuda" in report.nodeid.partition("[")[2]:
-                    self.cuda_skipped += 1
-
-    args = [str(REPO / "tests" / "test_cuda_spiel.py"), "-q", "-rfEs", "-p", "no:cacheprovider"]
+def run_tests(dry_run: bool, out: Path, timeout_s: float) -> dict:
+    """pytest on tests/test_cuda_spiel.py in a child process (a crash in a CUDA kernel cannot take the check
+    down; ``timeout_s`` bounds it); counts by outcome from its JUnit XML, the CUDA cases skipped, the tail."""
+    xml = out / "pytest.xml"
+    args = ["tests/test_cuda_spiel.py", "-q", "-rfEs", "-p", "no:cacheprovider"]
     if dry_run:
         args += ["-k", "cpu and merge_unmerge"]
-    counter, buffer = Counter(), io.StringIO()
-    with redirect_stdout(buffer):
-        rc = int(pytest.main(list(args), plugins=[counter]))
-    shown = ["tests/test_cuda_spiel.py", *args[1:]]  # no machine path in the outputs
-    return {"args": shown, "rc": rc, "counts": counter.counts, "cuda_skipped": counter.cuda_skipped,
-            "tail": buffer.getvalue()[-3000:].replace(str(REPO), ".")}
+    cmd = [sys.executable, "-m", "pytest", *args, f"--junitxml={xml}"]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        rc, tail = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", f"pytest exceeded {timeout_s:.0f} s\n" + str(exc.stdout or "")
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    cuda_skipped = 0
+    if xml.is_file():
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
+            outcome = {"failure": "failed"}.get(outcome, outcome)
+            counts[outcome] += 1
+            cuda_skipped += outcome == "skipped" and "cuda" in case.get("name", "").partition("[")[2]
+        xml.unlink()
+    return {"args": args, "rc": rc, "counts": counts, "cuda_skipped": cuda_skipped,
+            "tail": (tail if isinstance(tail, str) else "")[-3000:].replace(str(REPO), ".")}
 
 
 def _median_time(device: torch.device, run, reps: int) -> float:
@@ -238,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--point-timeout-s", type=float, default=90.0)
     p.add_argument("--min-point-s", type=float, default=30.0, help="start no point with less time than this left")
     p.add_argument("--micro-reps", type=int, default=10)
+    p.add_argument("--tests-timeout-s", type=float, default=150.0)
     args = p.parse_args(argv)
     started = time.perf_counter()
     out = Path(args.out)
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}, "size": size,
                "batch_size": options.batch_size, "seq_len": options.seq_len, "dtype": options.dtype,
                "rank": options.rank, "budget_s": args.budget_s, "wheels": wheels}
-    summary["tests"] = run_tests(args.dry_run)
+    summary["tests"] = run_tests(args.dry_run, out, args.tests_timeout_s)
     tokens = options.batch_size * options.seq_len
     summary["delta_grad"] = delta_grad_table(B.SIZES[size], torch.device(device), options.rank, tokens,
                                              2 if args.dry_run else args.micro_reps)
