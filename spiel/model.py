@@ -24,7 +24,7 @@ from torch import nn
 
 from .budget import compute_num_deltas, count_parameters, find_target_modules
 from .config import CONFIG_NAME, SpielConfig
-from .layer import SparseDeltaLinear
+from .layer import SparseDeltaLinear, fusable_weight
 
 __all__ = ["SpielModel", "get_spiel_model", "WEIGHTS_NAME"]
 
@@ -91,7 +91,7 @@ def _inject(model: nn.Module, config: SpielConfig,
                 raise ValueError(f"module {name!r}: {exc}") from None
         else:
             layer = SparseDeltaLinear(module, num_deltas[name], delta_dtype=dtype, generator=generator)
-        if uses.get(id(module.weight), 0) > 1:
+        if uses.get(id(module.weight), 0) > 1 or not fusable_weight(module.weight):  # shared, sharded or subclassed
             layer.fuse_delta = False
         _replace_submodule(model, name, layer)
     base_name = config.base_model_name_or_path or getattr(model, "name_or_path", None) or None
