@@ -137,8 +137,6 @@ from spielbench.fsio import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: Benchmark-only methods (not training methods of the registry).
-EXTRA_METHODS = ("floor", "spiel-reference", "lora-dropout0")
 #: Benchmark-only variants of registry methods: name -> (registry method, RunConfig overrides).
 #: ``lora-dropout0`` is LoRA without dropout, the fastest LoRA (the registry's LoRA keeps the reference's 0.1).
 VARIANTS = {"spiel-reference": ("spiel-ag", {}), "lora-dropout0": ("lora", {"lora_dropout": 0.0})}
@@ -236,11 +234,11 @@ SIZES: dict[str, ModelSize] = {s.name: s for s in (
 
 
 def all_methods() -> tuple[str, ...]:
-    """Every method name the benchmark accepts: the training registry plus :data:`EXTRA_METHODS`."""
-    from spielbench.methods import METHODS
+    """Every method name the benchmark accepts (the registry's benchmark entries), in :data:`METHOD_ORDER`."""
+    from spielbench.methods import benchmark_methods
 
-    names = list(METHODS) + [m for m in EXTRA_METHODS if m not in METHODS]
-    return tuple(sorted(names, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)))
+    return tuple(sorted(benchmark_methods(),
+                        key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)))
 
 
 # ----------------------------------------------------------------------------------------- options
@@ -372,11 +370,10 @@ def check_pairs(sizes: Sequence[str], methods: Sequence[str], options: Benchmark
 
 
 def _method_family(method: str) -> str:
-    if method == "floor":
-        return "floor"
-    from spielbench.methods import get_method
+    """The registry family of a benchmark entry ("floor", "lora", "spiel", ...)."""
+    from spielbench.methods import REGISTRY
 
-    return get_method(VARIANTS.get(method, (method,))[0]).family
+    return REGISTRY[method].family
 
 
 def _spiel_algorithm(method: str) -> Optional[str]:

@@ -389,6 +389,8 @@ REGISTRY: dict[str, MethodSpec] = {
               benchmark=False, trainable=False),
         _spec("floor", "floor", None, "frozen weights, gradient to the inputs only (benchmark only)",
               "Floor (frozen weights)", 110, trainable=False),
+        _spec("lora-dropout0", "lora", None, "LoRA without dropout, the fastest LoRA (benchmark only)",
+              "LoRA (dropout 0)", 12, trainable=False),
         _spec("spiel-reference", "spiel", None, "SpIEL-AG with the reference-style layer (benchmark only)",
               "SpIEL (reference-style layer)", 120, algorithm="ag", policy="linear", trainable=False),
     )
