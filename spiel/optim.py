@@ -603,7 +603,9 @@ def build_optimizer(
     layers = [layer for _, layer in model.sparse_layers()]
     values = [layer.values for layer in layers if layer.values.requires_grad]
     if not values:
-        raise ValueError("model: no trainable sparse deltas (every SparseDeltaLinear.values is frozen)")
+        hint = (" (loaded with SpielModel.from_pretrained: pass is_trainable=True to train it)"
+                if getattr(model, "inference_mode", False) else "")
+        raise ValueError(f"model: no trainable sparse deltas (every SparseDeltaLinear.values is frozen){hint}")
     value_ids = {id(v) for v in values}
     others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in value_ids]
     if algo in _AG_NAMES:
