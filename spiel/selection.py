@@ -754,6 +754,11 @@ class SpielSelector:
         """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError(f"selector state: expected a dict with version {_STATE_VERSION}")
+        saved_algorithm = (state.get("schedule") or {}).get("algorithm")
+        if saved_algorithm is not None and saved_algorithm != self.algorithm:
+            raise ValueError(f"selector state: saved by a SpIEL-{saved_algorithm.upper()} run, this selector is "
+                             f"SpIEL-{self.algorithm.upper()}; resume with the selection_algorithm the checkpoint was "
+                             "trained with")
         names = {name for name, _ in self.layers}
         unknown = set(state["accumulators"]) - names
         if state.get("initial_indices") is not None:
