@@ -29,7 +29,10 @@ both. ::
     trainer.train()                     # or trainer.train(resume_from_checkpoint=True)
     model.save_pretrained("out/adapter")  # reload: spiel.SpielModel.from_pretrained(base, "out/adapter")
 
-With TRL the same two arguments go to ``trl.SFTTrainer(model=model, args=SFTConfig(...), ...)``.
+With TRL the same two arguments go to ``trl.SFTTrainer(model=model, args=SFTConfig(..., loss_type="nll"),
+...)``: TRL's default ``loss_type="chunked_nll"`` replaces the model's forward with one that reads
+``model.base_model`` as the transformer backbone (on a SpielModel it is the whole causal LM), which the
+callback detects and refuses.
 :class:`SpielTrainer` is that recipe in one class (a ``Trainer`` subclass that only fills in
 ``optimizers`` and ``callbacks`` and makes ``save_model`` write the adapter folder).
 
@@ -185,8 +188,9 @@ class SpielCallback(TrainerCallback):
             ``<output_dir>/checkpoint-<global_step>``.
 
     Raises (at ``on_train_begin``):
-        ValueError: the Trainer's model is not a SpielModel, or it has no optimizer; a saved selector
-            state of the other algorithm (AG vs MA) or of another model (naming the file).
+        ValueError: the Trainer's model is not a SpielModel, or it has no optimizer; its forward was
+            replaced (TRL's chunked loss); a saved selector state of the other algorithm (AG vs MA) or of
+            another model (naming the file).
     """
 
     def __init__(self, selector: Optional[SpielSelector] = None, *, save_state: bool = True,
@@ -203,6 +207,11 @@ class SpielCallback(TrainerCallback):
         if spiel_model is None or not _is_spiel_model(spiel_model):
             raise ValueError(f"SpielCallback: the Trainer's model must be a spiel SpielModel, got "
                              f"{type(model).__name__}")
+        replaced = [vars(spiel_model).get(key) for key in ("forward", "_original_forward")]  # accelerate keeps one
+        if any(str(getattr(getattr(f, "__func__", f), "__module__", "")).startswith("trl.") for f in replaced if f):
+            raise ValueError("SpielCallback: SpielModel.forward was replaced by the trainer (TRL's loss_type="
+                             "'chunked_nll' does this, and reads model.base_model as the transformer backbone, which "
+                             "on a SpielModel is the whole causal LM); pass loss_type='nll' in SFTConfig")
         self._model = spiel_model
         resumed = int(state.global_step) > 0
         if self.selector is None:
