@@ -99,15 +99,19 @@ def check_wrappable(name: str, module: nn.Module) -> None:
 def base_record(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]) -> dict[str, Optional[str]]:
     """``{"base_model_dtype", "base_model_quantization"}`` of ``model`` and its target ``modules``.
 
-    The dtype is the one of the model's floating-point weights (its input embeddings when it has them,
-    else its first floating parameter); the quantisation is ``"nf4"``/``"fp4"`` when the targets are
-    bitsandbytes 4-bit layers, else ``"none"``."""
-    quant = "none"
+    The quantisation is ``"nf4"``/``"fp4"`` when the targets are bitsandbytes 4-bit layers, else
+    ``"none"``. The dtype is, over a 4-bit base, the 4-bit layers' compute dtype (the small unquantised
+    parameters may be upcast for training, e.g. by peft's ``prepare_model_for_kbit_training``, and are
+    not what the deltas were trained against); otherwise the dtype of the model's floating-point
+    weights (its input embeddings when it has them, else its first floating parameter)."""
+    quant, dtype = "none", None
     for _, module in modules:
         if _is_linear4bit(module):
             quant = str(getattr(module.weight, "quant_type", "nf4")).lower()
+            dtype = getattr(module, "compute_dtype", None)  # what the 4-bit layers compute in
             break
-    dtype = None
+    if dtype in _DTYPE_NAMES:
+        return {"base_model_dtype": _DTYPE_NAMES[dtype], "base_model_quantization": quant}
     get_embeddings = getattr(model, "get_input_embeddings", None)
     with contextlib.suppress(Exception):
         dtype = get_embeddings().weight.dtype if callable(get_embeddings) else None

@@ -165,3 +165,17 @@ def test_unsupported_base_layers_are_refused_at_wrap_time():
     parametrize.register_parametrization(model.model.layers[0].self_attn.v_proj, "weight", Scale())
     with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.v_proj'.*parametrized"):
         get_spiel_model(model, SpielConfig(lora_rank_equivalent=2))
+
+
+def test_the_record_of_a_4bit_base_is_its_compute_dtype():
+    """Over NF4, the small unquantised parameters may be upcast for training (peft's
+    prepare_model_for_kbit_training); the record keeps what the 4-bit layers compute in, so a GPU
+    qSpIEL adapter (bf16 compute, fp32 embeddings after the upcast) matches a freshly loaded NF4 base."""
+    import bitsandbytes as bnb
+    from spiel.adapter_io import base_record
+
+    model = make_tiny_llama()  # float32 embeddings, as after the upcast
+    layer = bnb.nn.Linear4bit(32, 32, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    assert base_record(model, [("q", layer)]) == {"base_model_dtype": "bfloat16", "base_model_quantization": "nf4"}
+    assert base_record(model, [("q", model.model.layers[0].self_attn.q_proj)]) == {
+        "base_model_dtype": "float32", "base_model_quantization": "none"}
