@@ -281,3 +281,11 @@ def test_plain_loop_of_the_docstring_matches_one_large_batch():
     for mb in micro_batches:
         (model(**mb).loss / len(micro_batches)).backward()
     assert not torch.allclose(grads(model), reference, rtol=1e-2, atol=1e-6)
+
+
+def test_spiel_trainer_overrides_no_private_trainer_method():
+    from transformers import Trainer
+
+    private = [name for name in vars(SpielTrainer) if name.startswith("_") and not name.startswith("__")
+               and callable(getattr(Trainer, name, None))]
+    assert private == []  # public API only: optimizers=, callbacks=, save_model
