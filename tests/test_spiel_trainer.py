@@ -289,3 +289,27 @@ def test_spiel_trainer_overrides_no_private_trainer_method():
     private = [name for name in vars(SpielTrainer) if name.startswith("_") and not name.startswith("__")
                and callable(getattr(Trainer, name, None))]
     assert private == []  # public API only: optimizers=, callbacks=, save_model
+
+
+@pytest.mark.slow
+def test_stock_trainer_checkpoints_real_smollm2_with_tied_embeddings(tmp_path, real_model_dir):
+    """The failure of the issue on the real model: SmolLM2 ties lm_head to the input embeddings, and a
+    stock Trainer checkpoint of the wrapped model used to stop with "Some tensors share memory"."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
+    assert base.config.tie_word_embeddings
+    model = get_spiel_model(base, SpielConfig(lora_rank_equivalent=1, reselection_steps=2,
+                                              selection_accumulation_steps=1))
+    ids = torch.randint(3, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
+    args = _args(tmp_path, max_steps=2, save_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                 learning_rate=1e-4)
+    from transformers import Trainer
+
+    Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+            optimizers=(make_optimizer(model, args), None), callbacks=[SpielCallback()]).train()
+    ckpt = tmp_path / "checkpoint-2"
+    assert set(load_file(ckpt / "model.safetensors")) == set(model.adapter_state_dict())
+    assert (ckpt / "model.safetensors").stat().st_size < 20e6  # the base alone is 538 MB in float32
