@@ -268,13 +268,15 @@ def test_plain_loop_of_the_docstring_matches_one_large_batch():
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()  # one large batch, token mean
     reference = grads(model)
 
+    import textwrap
+
+    import spiel.trainer
+
+    lines = spiel.trainer.__doc__.splitlines()  # run the docstring's own lines, from n_tokens to backward()
+    start = next(i for i, line in enumerate(lines) if "n_tokens = " in line)
+    end = next(i for i, line in enumerate(lines) if i > start and "loss.backward()" in line)
     model = _model("ag")
-    n_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
-    for mb in micro_batches:
-        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), mb["labels"][:, 1:].flatten(),
-                               ignore_index=-100, reduction="sum") / n_tokens
-        loss.backward()
+    exec(textwrap.dedent("\n".join(lines[start:end + 1])), {"F": F, "micro_batches": micro_batches, "model": model})
     torch.testing.assert_close(grads(model), reference, rtol=1e-4, atol=1e-7)
 
     model = _model("ag")  # the old example (each micro-batch's mean / GA) is off against one batch
