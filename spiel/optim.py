@@ -132,7 +132,29 @@ class _FP32StateMixin:
     class has loaded, each state tensor is replaced by a copy of the saved tensor in its saved dtype.
     """
 
+    #: ``(kind as the user knows it, the per-parameter state keys this optimizer writes)``; set per class.
+    _KIND: tuple[str, frozenset] = ("", frozenset())
+
+    def _check_kind(self, state_dict: dict[str, Any]) -> None:
+        """Refuse the state of the other SpIEL optimizer (an AG checkpoint resumed as MA, or back)."""
+        kinds = {cls._KIND[0]: cls._KIND[1] for cls in (SparseAdamW, SM3)}
+        own_name, own_keys = self._KIND
+        groups = state_dict.get("param_groups") or [{}]
+        own_group_keys = set(self.param_groups[0]) - {"params"}  # type: ignore[attr-defined]
+        for entry in (state_dict.get("state") or {}).values():
+            keys = set(entry)
+            if keys and not keys & own_keys:
+                saved = next((name for name, k in kinds.items() if keys & k), "an unknown optimizer")
+                raise ValueError(f"optimizer state: saved by {saved} (state {sorted(keys)}), but this optimizer is "
+                                 f"{own_name}; resume with the selection_algorithm the checkpoint was trained with")
+        missing = own_group_keys - set(groups[0])
+        if missing:
+            raise ValueError(f"optimizer state: its parameter groups lack {sorted(missing)}, which {own_name} needs "
+                             "(saved by another optimizer); resume with the selection_algorithm the checkpoint was "
+                             "trained with")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102 (documented on the class)
+        self._check_kind(state_dict)
         super().load_state_dict(state_dict)  # type: ignore[misc]
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
@@ -178,8 +200,11 @@ class SparseAdamW(_FP32StateMixin, Optimizer):
         weight_decay: decoupled weight decay coefficient (pulls Δ toward 0, i.e. toward W0).
 
     Raises:
-        ValueError: a hyper-parameter out of range (named in the message); a sparse gradient.
+        ValueError: a hyper-parameter out of range (named in the message); a sparse gradient;
+            ``load_state_dict`` of an SM3 state.
     """
+
+    _KIND = ("SparseAdamW (SpIEL-AG)", frozenset({"age", "exp_avg", "exp_avg_sq"}))
 
     def __init__(
         self,
@@ -426,8 +451,11 @@ class SM3(_FP32StateMixin, Optimizer):
         row_cover_only: use the row accumulator only.
 
     Raises:
-        ValueError: a parameter without a layer in ``sparse_layers``; a hyper-parameter out of range.
+        ValueError: a parameter without a layer in ``sparse_layers``; a hyper-parameter out of range;
+            ``load_state_dict`` of a SparseAdamW state.
     """
+
+    _KIND = ("SM3 (SpIEL-MA)", frozenset({"row_accumulator", "col_accumulator", "momentum_buffer"}))
 
     def __init__(
         self,
@@ -603,7 +631,9 @@ def build_optimizer(
     layers = [layer for _, layer in model.sparse_layers()]
     values = [layer.values for layer in layers if layer.values.requires_grad]
     if not values:
-        raise ValueError("model: no trainable sparse deltas (every SparseDeltaLinear.values is frozen)")
+        hint = (" (loaded with SpielModel.from_pretrained: pass is_trainable=True to train it)"
+                if getattr(model, "inference_mode", False) else "")
+        raise ValueError(f"model: no trainable sparse deltas (every SparseDeltaLinear.values is frozen){hint}")
     value_ids = {id(v) for v in values}
     others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in value_ids]
     if algo in _AG_NAMES:

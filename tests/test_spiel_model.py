@@ -96,7 +96,8 @@ def test_save_load_identical_logits_and_clear_errors(tmp_path):
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]  # no temporary files left
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "SPIEL" and saved["num_deltas"] == model.spiel_config.num_deltas
+    assert saved["spiel_format_version"] == 2 and saved["num_deltas"] == model.spiel_config.num_deltas
+    assert saved["base_model_dtype"] == "float32" and saved["base_model_quantization"] == "none"
 
     loaded = SpielModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter")
     torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)
