@@ -1,4 +1,4 @@
-"""``SpielConfig``: the hyper-parameters of a SpIEL adapter, validated at construction (SPIEL_SPEC.md §1-§3).
+"""``SpielConfig``: the hyper-parameters of a SpIEL adapter, validated at construction (docs/METHOD.md §1-§3).
 
 Serialised as ``adapter_config.json`` next to ``adapter_model.safetensors`` (see :mod:`spiel.adapter_io`),
 with ``"spiel_format_version": 2`` and the base the adapter was trained over (``base_model_dtype``,
@@ -53,7 +53,7 @@ class SpielConfig:
 
     Budget (exactly one of the three, unless ``num_deltas`` is already known, e.g. when loading):
         density: fraction in (0, 1] of ALL model parameters (embeddings and ``lm_head`` included; 4-bit
-            weights at their original shape), as the reference defines it (spec §2.2):
+            weights at their original shape), as the reference defines it (docs/METHOD.md §2.2):
             ``N = int(total_params * density)``.
         num_tunable_weights: absolute number N >= 1 of trainable entries.
         lora_rank_equivalent: r >= 1; ``N = r * Σ(in + out)`` over the targeted modules, i.e. exactly
@@ -62,10 +62,10 @@ class SpielConfig:
     Targets and selection:
         target_modules: None (every ``nn.Linear``/``Linear4bit`` under ``base_model_prefix``: the 7 LLaMA
             projections, never ``lm_head``), a list of names (each matches ``<name>`` or ``*.<name>``), or
-            a string regex matched against the full qualified module name (spec §2.1).
+            a string regex matched against the full qualified module name (docs/METHOD.md §2.1).
         selection_algorithm: ``"ag"`` (accumulated gradients; alias ``"rigl"``) or ``"ma"`` (momentum
             approximation with SM3; alias ``"sm3"``). Stored normalised.
-        reselection_steps: S >= 1, update steps between reselections (spec §3).
+        reselection_steps: S >= 1, update steps between reselections (docs/METHOD.md §3).
         selection_accumulation_steps: γ with ``0 <= γ < S``, gradient-accumulation window length.
         initial_reselection_rate: ζ in [0, 1], drop/regrow fraction at the start of the decay.
         reselection_rate_policy: ``"linear"`` (first reselection replaces everything), ``"cosine"``, or

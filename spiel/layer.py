@@ -1,4 +1,4 @@
-"""A linear layer with a trainable sparse delta: ``W = W0 + scatter(η, Δ)`` (SPIEL_SPEC.md §2, §6).
+"""A linear layer with a trainable sparse delta: ``W = W0 + scatter(η, Δ)`` (docs/METHOD.md §2, §6).
 
 :class:`SparseDeltaLinear` wraps a frozen ``nn.Linear`` or a bitsandbytes ``Linear4bit`` (NF4/FP4,
 qSpIEL). It owns
@@ -18,14 +18,14 @@ exactly, e.g. fp16 autocast over a bf16 base): ``W0 + Δ`` is materialised dense
 the forward and again in the backward. Either way only the input, Δ and η are saved for backward,
 never a dense effective weight.
 
-Backward (the lever over the reference, which forms a dense ``dW = dYᵀX`` in every step, spec §6 and
+Backward (the lever over the reference, which forms a dense ``dW = dYᵀX`` in every step, docs/METHOD.md §6 and
 §10.2.5):
 
 * ``dx = dY · (W0 + Δ)`` exactly (the fused base weight, or the effective weight recomputed);
 * ``dΔ[n] = Σ_t dY[t, row_n] · X[t, col_n]`` by the path :attr:`SparseDeltaLinear.delta_grad` and the
   per-device rule of :mod:`spiel.delta_grad` choose: a sampled product (SDDMM) at the k positions over a
   CSR pattern cached between steps (rebuilt when η changes), or a dense ``dYᵀX`` GEMM and a gather;
-* while ``weight_grad_hook`` is set (the SpIEL-AG selection phase, spec §4.1), the dense fp32
+* while ``weight_grad_hook`` is set (the SpIEL-AG selection phase, docs/METHOD.md §4.1), the dense fp32
   ``dW [out, in]`` is computed once, passed to the hook, and ``dΔ`` is gathered from it;
 * :meth:`SparseDeltaLinear.sample_weight_grad` asks for the weight gradient at extra positions (AG's
   fixed candidates after the first micro-batch of a phase) in the same product as dΔ (positions both
@@ -66,7 +66,7 @@ __all__ = [
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 def index_dtype_for(numel: int) -> torch.dtype:
-    """The dtype of η for a weight of ``numel`` elements: ``int32`` if ``numel < 2**31`` else ``int64`` (spec §2)."""
+    """The dtype of η for a weight of ``numel`` elements: ``int32`` if ``numel < 2**31`` else ``int64`` (docs/METHOD.md §2)."""
     return torch.int32 if numel < 2**31 else torch.int64
 
 
@@ -80,7 +80,7 @@ def is_linear4bit(module: nn.Module) -> bool:
 
 
 def random_indices(numel: int, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """k distinct positions drawn uniformly at random from ``range(numel)``, sorted ascending (spec §2).
+    """k distinct positions drawn uniformly at random from ``range(numel)``, sorted ascending (docs/METHOD.md §2).
 
     Returns an int64 CPU tensor ``[k]``. Memory is O(k) when ``k <= numel / 2`` (rejection sampling with
     ``randint`` + ``unique``, then a uniform subset of the distinct draws), else one ``randperm(numel)``.
@@ -202,13 +202,13 @@ def sparse_delta_linear(layer: "SparseDeltaLinear", x: torch.Tensor, values: Opt
 
 
 class SparseDeltaLinear(FusedWeightMixin, nn.Module):
-    """A frozen linear layer plus a trainable sparse delta Δ at indices η (SPIEL_SPEC.md §2, §6).
+    """A frozen linear layer plus a trainable sparse delta Δ at indices η (docs/METHOD.md §2, §6).
 
     Args:
         base_layer: ``nn.Linear`` or bitsandbytes ``Linear4bit``; its parameters are frozen here.
         k: number of trainable entries (ignored if ``indices`` is given), ``1 <= k <= out*in``.
         indices: optional initial flat indices ``[k]`` (distinct, in ``[0, out*in)``); by default k
-            distinct positions drawn uniformly at random with ``generator``, sorted (spec §2).
+            distinct positions drawn uniformly at random with ``generator``, sorted (docs/METHOD.md §2).
         delta_dtype: dtype of Δ (``torch.float32``; ``torch.bfloat16`` in the reference qSpIEL runs).
         generator: CPU ``torch.Generator`` for the random initial indices (seeded by the caller).
 
@@ -380,7 +380,7 @@ class SparseDeltaLinear(FusedWeightMixin, nn.Module):
     def sample_weight_grad(self, indices: Optional[torch.Tensor], hook: Optional[Callable[[torch.Tensor], None]]
                            ) -> None:
         """Ask each following backward for the weight gradient at extra flat positions (e.g. SpIEL-AG's
-        fixed candidates after the first micro-batch of a selection phase, spec §4.1): ``hook`` receives
+        fixed candidates after the first micro-batch of a selection phase, docs/METHOD.md §4.1): ``hook`` receives
         ``dW.flatten()[indices]`` as an fp32 tensor ``[m]``, computed in the same SDDMM as dΔ (no dense dW
         unless ``weight_grad_hook`` is also set, in which case it is gathered from that). Pass
         ``(None, None)`` to stop. ``indices`` may overlap η (shared positions are computed once).
@@ -430,7 +430,7 @@ class SparseDeltaLinear(FusedWeightMixin, nn.Module):
     @torch.no_grad()
     def replace_entries(self, slots: torch.Tensor, new_indices: torch.Tensor) -> None:
         """Write ``new_indices`` into η at positions ``slots`` and zero Δ (and any ``values.grad``) there
-        (spec §3.2: grown entries start at Δ = 0). Invalidates the cached CSR pattern.
+        (docs/METHOD.md §3.2: grown entries start at Δ = 0). Invalidates the cached CSR pattern.
 
         ``slots [n]`` are positions in ``[0, k)``; ``new_indices [n]`` flat positions in ``[0, out*in)``.
         The caller keeps η distinct (the selection rules guarantee it; not re-checked here, O(k log k)).
@@ -459,7 +459,7 @@ class SparseDeltaLinear(FusedWeightMixin, nn.Module):
     @torch.no_grad()
     def merge(self, keep_backup: bool = True) -> None:
         """Add Δ into the base weight in place: ``W[η] = (W[η] + Δ)`` computed in fp32, cast to the weight
-        dtype (spec §7). With ``keep_backup`` the original ``W0[η]`` (k values) is kept so that
+        dtype (docs/METHOD.md §7). With ``keep_backup`` the original ``W0[η]`` (k values) is kept so that
         :meth:`unmerge` restores W bit-exactly. No-op if already merged.
 
         Raises ValueError for a 4-bit base (re-quantising is lossy; evaluate 4-bit runs unmerged)."""

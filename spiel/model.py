@@ -1,4 +1,4 @@
-"""Wrap a transformers model with SpIEL sparse deltas; save, load, merge (SPIEL_SPEC.md §2, §7).
+"""Wrap a transformers model with SpIEL sparse deltas; save, load, merge (docs/METHOD.md §2, §7).
 
 :func:`get_spiel_model` freezes every base parameter and replaces each targeted linear layer with a
 :class:`~spiel.layer.SparseDeltaLinear`. The returned :class:`SpielModel` is an ``nn.Module`` whose
@@ -104,7 +104,7 @@ def get_spiel_model(model: nn.Module, config: SpielConfig) -> "SpielModel":
     Every base parameter is frozen; each targeted ``nn.Linear``/``Linear4bit`` (see
     :func:`spiel.budget.find_target_modules`) becomes a :class:`SparseDeltaLinear` with
     ``k_m = floor(N * numel_m / Σ numel)`` random distinct initial indices (seeded by ``config.seed``)
-    and zero deltas (spec §2, §2.2). Returns the :class:`SpielModel`; its ``spiel_config`` has
+    and zero deltas (docs/METHOD.md §2, §2.2). Returns the :class:`SpielModel`; its ``spiel_config`` has
     ``num_deltas`` filled in.
 
     Raises:
@@ -262,7 +262,7 @@ class SpielModel(nn.Module):
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
-        """Merge Δ into the base weights (fp32 sum, cast to the weight dtype; spec §7) and put the
+        """Merge Δ into the base weights (fp32 sum, cast to the weight dtype; docs/METHOD.md §7) and put the
         original ``nn.Linear`` modules back. Returns the plain transformers model; this SpielModel is
         unusable afterwards. As in peft: ``safe_merge=True`` first computes every merged weight and
         checks it is finite (raising before any weight changes); ``progressbar`` is accepted and shows

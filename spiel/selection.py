@@ -1,6 +1,6 @@
 """SpIEL reselection: the drop/grow schedule and the SpIEL-AG and SpIEL-MA growth rules.
 
-Schedule (SPIEL_SPEC.md §3), with S = ``reselection_steps``, γ = ``selection_accumulation_steps``,
+Schedule (docs/METHOD.md §3), with S = ``reselection_steps``, γ = ``selection_accumulation_steps``,
 ζ = ``initial_reselection_rate`` and T = ``total_steps``; ``t`` counts completed optimizer updates and
 :meth:`SpielSelector.step` is called after each one::
 
@@ -162,7 +162,7 @@ def drop_slots(values: torch.Tensor, n: int) -> torch.Tensor:
 
 def choose_ag_growth(indices: torch.Tensor, outgoing: torch.Tensor, candidates: torch.Tensor,
                      scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SpIEL-AG's swap decision for one matrix (SPIEL_SPEC.md §4.2, steps 2–5).
+    """SpIEL-AG's swap decision for one matrix (docs/METHOD.md §4.2, steps 2–5).
 
     Args:
         indices: current η ``[k]`` (int32/int64).
@@ -357,7 +357,7 @@ def _sample_positions(numel: int, device: str) -> torch.Tensor:
 
 def topk_abs_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     """Flat positions of the ``k`` largest ``|values|`` (unordered), as ``torch.topk(values.abs(), k)``
-    gives them (SPIEL_SPEC.md §4.1, the SpIEL-AG candidate set), without a full top-k of the matrix.
+    gives them (docs/METHOD.md §4.1, the SpIEL-AG candidate set), without a full top-k of the matrix.
 
     The k-th magnitude is bracketed from below by a generous quantile of a fixed pseudo-random sample of
     ``_SAMPLE_SIZE`` magnitudes; the exact top-k is then taken among the positions at or above that
@@ -415,7 +415,7 @@ def _config_of(model: Any) -> Any:
 
 
 class SpielSelector:
-    """Runs the SpIEL drop/grow schedule on a wrapped model (SPIEL_SPEC.md §3–§5).
+    """Runs the SpIEL drop/grow schedule on a wrapped model (docs/METHOD.md §3–§5).
 
     Call :meth:`step` after every optimizer update (not after every micro-batch). SpIEL-AG installs a
     ``weight_grad_hook`` on every :class:`~spiel.layer.SparseDeltaLinear` when a selection phase opens;

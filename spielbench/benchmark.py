@@ -13,7 +13,7 @@ Methods: every name of :data:`spielbench.methods.METHODS` (``spiel-ag``, ``spiel
 ``lora-dropout0`` (LoRA without dropout: the registry's ``lora`` keeps the reference's dropout 0.1,
 which costs LoRA a large share of its step on CPU, so both rows are reported; tables give ratios to
 both) and ``spiel-reference`` (SpIEL-AG with :mod:`spielbench.reference_layer`: a dense ``dW`` in every
-backward, as the original code, SPIEL_SPEC.md §6). 4-bit methods are recorded ``"unsupported"`` when
+backward, as the original code, docs/METHOD.md §6). 4-bit methods are recorded ``"unsupported"`` when
 bitsandbytes cannot run an NF4 layer forward+backward on the device.
 
 Sizes (:data:`SIZES`): ``tiny`` (tests), ``smollm2-135m``, ``smollm2-360m``, ``smollm2-1.7b`` (CPU
@@ -22,7 +22,7 @@ default), ``llama2-7b``, ``llama2-13b`` (the paper's models, for GPUs).
 Selection phases in their natural proportion (the *schedule-weighted* estimate)
 -----------------------------------------------------------------------------
 Under the reference schedule (S = ``reselection_steps`` = 20, γ = ``selection_accumulation_steps`` = 5,
-SPIEL_SPEC.md §3) a steady-state period of S update steps holds, for SpIEL-AG, γ + 1 steps of an
+docs/METHOD.md §3) a steady-state period of S update steps holds, for SpIEL-AG, γ + 1 steps of an
 open selection phase (the selector collects candidate gradients): one *phase-start* step (a dense
 ``dW`` per layer and the top-k candidate choice), one *phase-first* step (the first sampled at the
 candidates: the layers build the CSR pattern of η ∪ candidates), γ − 2 *phase* steps (accumulation at
@@ -256,7 +256,7 @@ class BenchmarkOptions:
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         threads: CPU threads (``torch.set_num_threads``) in each worker; None = torch's default.
         reselection_steps, selection_accumulation_steps, initial_reselection_rate: the natural SpIEL
-            schedule S, γ, ζ whose proportions the weighted step time reproduces (SPIEL_SPEC.md §3).
+            schedule S, γ, ζ whose proportions the weighted step time reproduces (docs/METHOD.md §3).
         seed: seed of the random weights, indices and token batches.
         timeout_s: wall-clock limit of one worker [s] (status "timeout" past it).
         memory_limit_bytes: treat at most this much as available (prediction) and cap the worker to it
@@ -407,7 +407,7 @@ class DrivingSchedule:
 
 
 def natural_weights(algorithm: Optional[str], period: int, accumulation: int) -> dict[str, float]:
-    """Fraction of steady-state steps of each kind under the natural schedule (S, γ) (SPIEL_SPEC.md §3).
+    """Fraction of steady-state steps of each kind under the natural schedule (S, γ) (docs/METHOD.md §3).
 
     SpIEL-AG, hooks on in the γ + 1 steps ``t ≡ 0 … γ (mod S)``: ``phase-start 1/S`` (the first hooked
     step: a dense ``dW`` and the top-k candidate choice), ``phase-first 1/S`` (the first step sampled at

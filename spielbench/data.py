@@ -1,6 +1,6 @@
 """Instruction data for training: chat-template rendering, response-only labels, truncation, collation.
 
-Follows the reference's data handling (SPIEL_SPEC.md §8.1, open-instruct's ``encode_with_messages_format``)
+Follows the reference's data handling (docs/METHOD.md §8.1, open-instruct's ``encode_with_messages_format``)
 with the model's own chat template in place of the Tülu format:
 
 * a conversation is rendered with ``tokenizer.apply_chat_template`` and tokenized once;
@@ -44,7 +44,7 @@ class EncodeStats:
 
 
 
-#: The open-instruct/Tülu format of the reference runs (SPIEL_SPEC.md §8.1), used for tokenizers that
+#: The open-instruct/Tülu format of the reference runs (docs/METHOD.md §8.1), used for tokenizers that
 #: ship no chat template: ``<|user|>\n{content}\n<|assistant|>\n{content}</s>\n``.
 TULU_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -77,7 +77,7 @@ def assistant_char_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list
         the conversation has no prompt to answer and gets no span (it stays context).
 
     A tokenizer without a chat template (a base model such as Llama-2-7b-hf) gets the Tülu format the
-    reference runs trained with (:data:`TULU_CHAT_TEMPLATE`, SPIEL_SPEC.md §8.1).
+    reference runs trained with (:data:`TULU_CHAT_TEMPLATE`, docs/METHOD.md §8.1).
 
     Raises:
         InputError: the template does not render prefixes of the conversation as prefixes of the full

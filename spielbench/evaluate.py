@@ -1,6 +1,6 @@
 """Evaluate a base model or a trained run with lm-eval, offline, and write one result JSON per run.
 
-The benchmarks are the paper's where they can be had offline (SPIEL_SPEC.md §8.5) plus the
+The benchmarks are the paper's where they can be had offline (docs/METHOD.md §8.5) plus the
 multiple-choice tasks whose data the asset rules ship; each is an lm-eval task in
 ``spielbench/lm_eval_tasks/`` reading ``<eval_dir>/<file>.jsonl``:
 
@@ -360,7 +360,7 @@ def load_for_eval(base: str | os.PathLike, adapter: str | os.PathLike | None = N
                   device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
     """Load a model ready for evaluation: the base, with the run's adapter applied.
 
-    SpIEL adapters (SPIEL_SPEC.md §7) and peft adapters are merged into a float32 base
+    SpIEL adapters (docs/METHOD.md §7) and peft adapters are merged into a float32 base
     (``SpielModel.from_pretrained(...).merge_and_unload()`` / ``PeftModel.from_pretrained(...)
     .merge_and_unload()``); for 4-bit methods (``qspiel-*``, ``qlora``) the base is loaded in NF4
     (``baselines.quant.load_nf4_model``) and the adapter stays unmerged, as merging into 4-bit weights

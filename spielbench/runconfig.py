@@ -4,7 +4,7 @@ A run config is a flat mapping (docs/DESIGN.md, "One training run"); the pipelin
 from config/*.yaml, and people write them by hand. Every field has a default except ``method``,
 ``model`` and ``train_data``. Unknown keys, wrong types and out-of-range values raise
 :class:`spielbench.errors.InputError` naming the field. Defaults follow the reference runs
-(SPIEL_SPEC.md §8.2) where they fit a CPU machine: linear schedule, warm-up ratio 0.03, seed 42,
+(docs/METHOD.md §8.2) where they fit a CPU machine: linear schedule, warm-up ratio 0.03, seed 42,
 no gradient clipping, checkpoints every 50 steps.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ All methods go through the same Hugging Face ``Trainer`` loop, data, schedule an
 only in the adapter (``spielbench.methods``). SpIEL methods use ``spiel.trainer`` (the Trainer
 integration that runs the ``SpielSelector`` after each update and checkpoints its state).
 
-Order of work (SPIEL_SPEC.md §8.2 for the training settings):
+Order of work (docs/METHOD.md §8.2 for the training settings):
 1. :func:`prepare_run` checks everything that can be checked without the weights: config fields, method,
    budget against the layer shapes (a model built on the ``meta`` device), data files, tokenization and
    filtering. Bad input raises :class:`spielbench.errors.InputError` here, and nothing has been written.

@@ -102,7 +102,7 @@ def test_natural_weights_are_the_reference_schedule_proportions():
     ag = B.natural_weights("ag", 20, 5)
     assert ag == pytest.approx({"after-select": 0.05, "plain": 0.65, "phase-start": 0.05, "phase-first": 0.05,
                                 "phase": 0.15, "select": 0.05})
-    # hooks are on in 6 of 20 steps (γ + 1), as SPIEL_SPEC.md §3 describes
+    # hooks are on in 6 of 20 steps (γ + 1), as docs/METHOD.md §3 describes
     assert (ag["phase-start"] + ag["phase-first"] + ag["phase"] + ag["select"]) * 20 == pytest.approx(6)
     assert B.natural_weights("ag", 20, 1) == pytest.approx({"after-select": 0.05, "plain": 0.85,
                                                            "phase-start": 0.05, "select": 0.05})

@@ -1,5 +1,5 @@
 """SpielConfig validation and serialisation; parameter counting, targeting and budget allocation
-(SPIEL_SPEC.md §1, §2.1, §2.2)."""
+(docs/METHOD.md §1, §2.1, §2.2)."""
 from __future__ import annotations
 
 import json
@@ -134,7 +134,7 @@ def test_allocate_hand_computed_and_errors():
         allocate(5, {"big": 1000, "small": 10})
     with pytest.raises(ValueError, match="'a' k = 20 > its 10"):
         allocate(40, {"a": 10, "b": 10})
-    # spec §2.2 table: LLaMA-2-7B at r=8 (N = 8 * 2,498,560)
+    # docs/METHOD.md §2.2 table: LLaMA-2-7B at r=8 (N = 8 * 2,498,560)
     h, f, layers = 4096, 11008, 32
     sizes = {}
     for i in range(layers):

@@ -26,3 +26,11 @@ def test_every_cited_section_exists_in_method_md():
     missing = sorted(c for c in cited if c not in headings
                      and not (c.startswith("10.2.") and c.split(".")[2] in items))
     assert not missing, f"cited but not in docs/METHOD.md: {missing}"
+
+
+def test_no_citation_points_outside_the_repository():
+    """Docstrings cite docs/METHOD.md, never the spec file that a clone does not have."""
+    outside = [str(p.relative_to(REPO)) for folder in ("spiel", "spielbench", "baselines", "benchmarks", "workflow")
+               for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".smk")
+               and "SPIEL_SPEC" in p.read_text(encoding="utf-8")]
+    assert not outside, f"these files cite SPIEL_SPEC.md: {outside}"

@@ -1,5 +1,5 @@
 """SparseDeltaLinear: forward/backward numerics (fp64 gradcheck, bf16 autocast, 4-bit base),
-the sampled gradient path, caches, merge/unmerge and index replacement (SPIEL_SPEC.md §2, §6, §7, §11)."""
+the sampled gradient path, caches, merge/unmerge and index replacement (docs/METHOD.md §2, §6, §7, §11)."""
 from __future__ import annotations
 
 import pytest
@@ -342,7 +342,7 @@ def test_sampled_grad_chunked_over_tokens(monkeypatch):
 
 def test_dense_hook_can_switch_to_sampled_candidates():
     """The AG pattern: the first backward of a phase gives the dense dW, the hook picks candidates and
-    switches the layer to sampled candidate gradients for the rest of the phase (spec §4.1)."""
+    switches the layer to sampled candidate gradients for the rest of the phase (docs/METHOD.md §4.1)."""
     layer = _layer(out=10, inp=8, k=12, dtype=torch.float32)
     sums = {}
 

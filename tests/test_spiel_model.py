@@ -1,5 +1,5 @@
 """SpielModel on a tiny LLaMA: wrapping, delegation, save/load, merge/unmerge, disable, gradient
-checkpointing, autocast, memory (SPIEL_SPEC.md §2, §6, §7, §11)."""
+checkpointing, autocast, memory (docs/METHOD.md §2, §6, §7, §11)."""
 from __future__ import annotations
 
 import json
@@ -282,7 +282,7 @@ def test_no_tensor_of_model_size_in_a_training_step():
 
 
 def test_qspiel_on_a_4bit_model(tmp_path):
-    """qSpIEL (spec §6): NF4 base via transformers' BitsAndBytesConfig, bf16 compute and deltas; the base
+    """qSpIEL (docs/METHOD.md §6): NF4 base via transformers' BitsAndBytesConfig, bf16 compute and deltas; the base
     stays quantised, gradients flow (also checkpointed), save/load reproduces logits, merging is refused."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -1,4 +1,4 @@
-"""SpIEL reselection (SPIEL_SPEC.md §3–§5): the schedule, drop, SpIEL-AG and SpIEL-MA growth checked by
+"""SpIEL reselection (docs/METHOD.md §3–§5): the schedule, drop, SpIEL-AG and SpIEL-MA growth checked by
 brute force, invariants of the index sets, training progress and exact resume."""
 from __future__ import annotations
 

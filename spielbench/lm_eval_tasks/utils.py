@@ -1,4 +1,4 @@
-"""Data loading, prompt building and scoring for the suite's lm-eval tasks (SPIEL_SPEC.md §8.5).
+"""Data loading, prompt building and scoring for the suite's lm-eval tasks (docs/METHOD.md §8.5).
 
 The task YAMLs in this folder name these functions with ``!function
 spielbench.lm_eval_tasks.utils.<name>``: ``custom_dataset`` loaders read the local JSONL files
@@ -328,13 +328,13 @@ def load_task(data_file: str, row_format: str, shuffle_seed: int | None = None, 
 
 
 def mmlu_question_block(doc: dict) -> str:
-    """``"<question>\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"`` (SPIEL_SPEC.md §8.5, MMLU)."""
+    """``"<question>\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"`` (docs/METHOD.md §8.5, MMLU)."""
     lines = [doc["question"]] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, doc["choices"])]
     return "\n".join(lines) + "\nAnswer:"
 
 
 def mmlu_prompt(doc: dict, exemplars: list[dict]) -> str:
-    """The k-shot MMLU prompt of SPIEL_SPEC.md §8.5: subject header, exemplars with answers, the question."""
+    """The k-shot MMLU prompt of docs/METHOD.md §8.5: subject header, exemplars with answers, the question."""
     subject = doc["subject"].replace("_", " ")
     header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     shots = "".join(f"{mmlu_question_block(ex)} {LETTERS[ex['answer']]}\n\n" for ex in exemplars)
@@ -405,7 +405,7 @@ def _as_decimal(text: str) -> Decimal | None:
 
 
 def last_number(text: str) -> str | None:
-    """The last number in ``text`` after removing commas (SPIEL_SPEC.md §8.5, GSM8K), or None."""
+    """The last number in ``text`` after removing commas (docs/METHOD.md §8.5, GSM8K), or None."""
     found = _NUMBER.findall(text.replace(",", ""))
     return found[-1] if found else None
 
