@@ -16,6 +16,8 @@ K`` free device slots, sets ``CUDA_VISIBLE_DEVICES`` to them, and replaces itsel
 
 Usage: ``python scripts/gpu_slot.py --gpus K [--lock-dir DIR] -- COMMAND [ARGS...]``. Exit status 2
 when K is larger than the number of visible devices (the job could never start).
+``python scripts/gpu_slot.py --count`` prints the number of visible devices (run.sh passes it to
+Snakemake as ``--resources gpu=N``).
 """
 from __future__ import annotations
 
@@ -91,10 +93,16 @@ def acquire(devices: list[str], count: int, lock_dir: Path, poll_s: float = 1.0,
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (see the module docstring); replaces itself with the command."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--gpus", type=int, default=None)
+    parser.add_argument("--count", action="store_true", help="print the number of visible GPUs and exit")
     parser.add_argument("--lock-dir", type=Path, default=None)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.count:
+        print(len(visible_devices()))
+        return 0
+    if args.gpus is None:
+        parser.error("--gpus is required")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given after --")

@@ -111,11 +111,7 @@ def run_program(source: str, timeout_s: float, limits: SandboxLimits = SandboxLi
                 )
             finally:
                 os.close(write_fd)
-            timed_out = False
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            timed_out = not _wait_unreaped(proc.pid, timeout_s)
             try:
                 with os.fdopen(read_fd, "rb") as status_pipe:
                     # the child closes its end before the program runs; after the kill below nobody holds it
@@ -135,6 +131,21 @@ def run_program(source: str, timeout_s: float, limits: SandboxLimits = SandboxLi
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(private, ignore_errors=True)
+
+
+def _wait_unreaped(pid: int, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` seconds for child ``pid`` to exit, leaving it unreaped (a zombie), so that
+    its pid, which is also the sandbox's process group and session id, cannot be reused before the
+    sweep in :func:`_kill_all`. Returns whether it exited."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def _head(path: Path, chars: int) -> str:

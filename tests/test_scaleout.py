@@ -55,6 +55,8 @@ def test_a_job_needing_more_gpus_than_visible_fails_and_cpu_or_slurm_jobs_run_un
     too_many = subprocess.run(SLOT + ["--gpus", "4", "--lock-dir", str(tmp_path), "--", "true"],
                               capture_output=True, text=True, env=_env(CUDA_VISIBLE_DEVICES="0,1"))
     assert too_many.returncode == 2 and "needs 4 GPU(s) but only 2" in too_many.stderr
+    count = subprocess.run(SLOT + ["--count"], capture_output=True, text=True, env=_env(CUDA_VISIBLE_DEVICES="0,2,5"))
+    assert count.stdout.strip() == "3"
     for extra in ({"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "3", "SLURM_JOB_ID": "12"}):
         res = subprocess.run(SLOT + ["--gpus", "1", "--lock-dir", str(tmp_path), "--", sys.executable, "-c",
                                      PRINT_DEVICE, "0"], capture_output=True, text=True, env=_env(**extra))
@@ -76,7 +78,9 @@ def _config(tmp_path, **changes):
 
 def test_local_gpu_jobs_share_the_cores_and_take_gpu_slots(tmp_path):
     cfg = _config(tmp_path)
-    res = _snakemake("-n", "-p", "--cores", "8", "--resources", "gpu=2", "--configfile", str(cfg))
+    # ./run.sh counts the visible GPUs (here 2) and passes them as the `gpu` resource
+    res = subprocess.run(["bash", str(REPO / "run.sh"), "-n", "-p", "--cores", "8", "--configfile", str(cfg)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=_env(CUDA_VISIBLE_DEVICES="0,1"))
     assert res.returncode == 0, res.stderr[-3000:]
     blocks = res.stdout.split("\n\n")
     train = [b for b in blocks if re.search(r"^rule train:", b, re.M)]
