@@ -5,8 +5,9 @@ ends; after ``kill -9`` they stay, and the next run stops with a LockException. 
 only when it is sure no live process of this pipeline uses this directory:
 
 1. the lock files are listed first (a run that starts later writes new ones, which are kept);
-2. the record of the last ``run.sh`` start (``.snakemake/run_sh.owner``: host and pid) must name this
-   host, or be absent: a run started on another host sharing the folder cannot be checked from here;
+2. the record of ``run.sh`` starts since the last start without a lock (``.snakemake/run_sh.owner``:
+   host and pid per line) must name only this host, or be absent: a run started on another host
+   sharing the folder cannot be checked from here;
 3. no live process may look like this pipeline's (an argument whose name starts with ``snakemake``,
    a path under ``.snakemake/``, or a ``spielbench.*`` module: the jobs a dead Snakemake left running)
    with this directory, or a folder under it, as its working directory. A process whose working
@@ -72,40 +73,45 @@ def holders(workdir: Path, exclude: set[int]) -> list[str]:
 def clear(workdir: Path, record_owner: int | None = None) -> str:
     """Remove ``workdir``'s stale lock files when no live process holds them; returns what was done.
 
-    ``record_owner`` (a pid, the process that is about to become Snakemake) is written to
-    ``.snakemake/run_sh.owner`` with this host's name afterwards, whatever the decision.
+    ``record_owner`` (a pid, the process that is about to become Snakemake) is recorded with this
+    host's name in ``.snakemake/run_sh.owner`` afterwards: the record starts afresh when no lock is
+    left (no run is alive anywhere), and is appended to when a lock was kept, so that a run still
+    alive on another host stays on record.
     """
-    try:
-        return _decide(workdir)
-    finally:
-        if record_owner is not None:
-            (workdir / ".snakemake").mkdir(exist_ok=True)
-            (workdir / ".snakemake" / OWNER_FILE).write_text(f"{socket.gethostname()} {record_owner}\n")
+    message, fresh = _decide(workdir)
+    if record_owner is not None:
+        (workdir / ".snakemake").mkdir(exist_ok=True)
+        with open(workdir / ".snakemake" / OWNER_FILE, "w" if fresh else "a") as handle:
+            handle.write(f"{socket.gethostname()} {record_owner}\n")
+    return message
 
 
-def _decide(workdir: Path) -> str:
+def _decide(workdir: Path) -> tuple[str, bool]:
+    """(what was done, whether no lock is left)."""
     locks = lock_files(workdir)
     if not locks:
-        return "no lock"
+        return "no lock", True
     owner = workdir / ".snakemake" / OWNER_FILE
-    if owner.exists():
-        host = (owner.read_text().split() or [""])[0]
-        if host != socket.gethostname():
-            return (f"lock kept: the last ./run.sh here was started on host {host!r}, which cannot be checked "
-                    "from this one; if no run is alive there, clear it with `snakemake --unlock`")
+    hosts = {line.split()[0] for line in owner.read_text().splitlines() if line.split()} if owner.exists() else set()
+    others = sorted(hosts - {socket.gethostname()})
+    if others:
+        return (f"lock kept: ./run.sh was started here on host(s) {', '.join(others)} since the last clean start, "
+                "which cannot be checked from this one; if no run is alive there, clear it with "
+                "`snakemake --unlock`"), False
     exclude = {os.getpid(), os.getppid()}
     try:
         alive = holders(workdir, exclude)
     except FileNotFoundError:
-        return "lock kept: no /proc here, so live Snakemake processes cannot be checked; use `snakemake --unlock`"
+        return ("lock kept: no /proc here, so live Snakemake processes cannot be checked; "
+                "use `snakemake --unlock`"), False
     if alive:
-        return "lock kept: held by live process(es) of this pipeline: " + "; ".join(alive)
+        return "lock kept: held by live process(es) of this pipeline: " + "; ".join(alive), False
     for path in locks:
         try:
             path.unlink()
         except FileNotFoundError:
             pass
-    return f"cleared a stale lock left by a killed run ({', '.join(p.name for p in locks)})"
+    return f"cleared a stale lock left by a killed run ({', '.join(p.name for p in locks)})", True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,8 +56,15 @@ def test_a_lock_is_kept_while_a_snakemake_process_works_in_the_folder(tmp_path):
 
 def test_a_lock_is_kept_when_the_last_run_started_on_another_host(tmp_path):
     lock = _fake_lock(tmp_path)
-    (tmp_path / ".snakemake" / stale_lock.OWNER_FILE).write_text("some-other-node 77\n")
+    owner = tmp_path / ".snakemake" / stale_lock.OWNER_FILE
+    owner.write_text("some-other-node 77\n")
+    assert "some-other-node" in stale_lock.clear(tmp_path, record_owner=5) and lock.exists()
+    # the other host stays on record after this host's start, so the next start here still keeps the lock
+    assert owner.read_text().splitlines()[0] == "some-other-node 77" and len(owner.read_text().splitlines()) == 2
     assert "some-other-node" in stale_lock.clear(tmp_path) and lock.exists()
+    lock.unlink()                                   # e.g. `snakemake --unlock`: the record starts afresh
+    stale_lock.clear(tmp_path, record_owner=6)
+    assert owner.read_text().split()[1] == "6" and len(owner.read_text().splitlines()) == 1
 
 
 @pytest.mark.parametrize("argv, expected", [
