@@ -43,13 +43,15 @@ def launcher_processes(method):
 
 
 def train_launcher(method):
-    """The command that starts ``-m spielbench.train`` for ``method``: plain Python, or ``accelerate launch``
-    with config["launcher"] (several GPUs per run: data parallel, or FSDP/DeepSpeed via an accelerate config)."""
+    """The interpreter arguments that start ``-m spielbench.train`` for ``method`` (they follow ``PYTHON`` in
+    the shell command): plain ``-m``, or ``accelerate launch`` with config["launcher"] (several GPUs per run:
+    data parallel, or FSDP/DeepSpeed via an accelerate config). The interpreter's path is left out: these
+    are a params rerun trigger, and another spelling of the same interpreter must not retrain a run."""
     launch = config.get("launcher", {})
     n = launcher_processes(method)
     if n <= 1:
-        return f"{PYTHON} -m"
-    cmd = f"{PYTHON} -m accelerate.commands.launch --num_processes {n}"
+        return "-m"
+    cmd = f"-m accelerate.commands.launch --num_processes {n}"
     if launch.get("accelerate_config"):
         cmd += f" --config_file {shlex.quote(launch['accelerate_config'])}"
     return cmd + " -m"
