@@ -9,6 +9,8 @@ files on disk, formats, duplicate run ids, and per-method requirements.
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +86,16 @@ def _check_run(key: str, run: dict) -> None:
         raise PipelineConfigError(msg if msg.startswith(key) else f"{key}.{msg}") from None
 
 
+def user_split_key(path: str) -> str:
+    """The folder name of a user file's train/held-out split: 16 hex digits of the sha256 of its absolute
+    path and its bytes, so that configs with different ``data.train`` never share or overwrite a split."""
+    digest = hashlib.sha256(os.path.abspath(path).encode() + b"\0")
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def resolve_pipeline(config: dict) -> Pipeline:
     """Turn a schema-validated config into a :class:`Pipeline`.
 
@@ -133,8 +145,8 @@ def resolve_pipeline(config: dict) -> Pipeline:
         except InputError as err:
             raise PipelineConfigError(f"data.train: {err}") from None
         user_train = str(Path(train).expanduser())
-        train_file = f"{resources}/data/user/train.jsonl"
-        heldout_file = f"{resources}/data/user/heldout.jsonl"
+        split_dir = f"{resources}/data/user/{user_split_key(user_train)}"
+        train_file, heldout_file = f"{split_dir}/train.jsonl", f"{split_dir}/heldout.jsonl"
     if heldout is not None:
         _check_file("data.heldout", heldout)
         try:

@@ -35,15 +35,23 @@ def write_yaml_atomic(path, data):
     """Write ``data`` as YAML to ``path`` atomically (spielbench.fsio)."""
     write_text_atomic(path, yaml.safe_dump(data, sort_keys=True))
 
-def train_launcher(method):
-    """The command that starts ``-m spielbench.train`` for ``method``: plain Python, or ``accelerate launch``
-    with config["launcher"] (several GPUs per run: data parallel, or FSDP/DeepSpeed via an accelerate config)."""
+def launcher_processes(method):
+    """How many processes (one GPU each) config["launcher"] starts for a training run of ``method``."""
     launch = config.get("launcher", {})
-    n = launch.get("num_processes", 1)
     chosen = launch.get("methods")
-    if n <= 1 or (chosen is not None and method not in chosen):
-        return f"{PYTHON} -m"
-    cmd = f"{PYTHON} -m accelerate.commands.launch --num_processes {n}"
+    return 1 if chosen is not None and method not in chosen else max(1, launch.get("num_processes", 1))
+
+
+def train_launcher(method):
+    """The interpreter arguments that start ``-m spielbench.train`` for ``method`` (they follow ``PYTHON`` in
+    the shell command): plain ``-m``, or ``accelerate launch`` with config["launcher"] (several GPUs per run:
+    data parallel, or FSDP/DeepSpeed via an accelerate config). The interpreter's path is left out: these
+    are a params rerun trigger, and another spelling of the same interpreter must not retrain a run."""
+    launch = config.get("launcher", {})
+    n = launcher_processes(method)
+    if n <= 1:
+        return "-m"
+    cmd = f"-m accelerate.commands.launch --num_processes {n}"
     if launch.get("accelerate_config"):
         cmd += f" --config_file {shlex.quote(launch['accelerate_config'])}"
     return cmd + " -m"

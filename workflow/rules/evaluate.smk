@@ -41,8 +41,8 @@ rule evaluate:
         f"{LOGS}/evaluate/{{target}}.log",
     benchmark:
         f"{LOGS}/evaluate/{{target}}.benchmark.tsv"
-    threads: workflow.cores
+    threads: GPU_JOB_THREADS
     resources:
         gpu=1,
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m spielbench.evaluate {params.args} --output {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {GPU_SLOT} {resources.gpu} -- {PYTHON} -m spielbench.evaluate {params.args} --output {output} > {log} 2>&1"
