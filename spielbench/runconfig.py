@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ class RunConfig:
         self._check_ranges()
 
     def _check_ranges(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_finite(f.name, getattr(self, f.name))
+
         def positive(name):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -139,6 +143,22 @@ class RunConfig:
             if key not in data or data[key] is None:
                 raise InputError(f"{source}: missing required key {key!r}")
         return cls(**data)
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """Reject NaN and infinities in a number, or in any number nested in a mapping/list (``spiel.*``).
+
+    Raises:
+        InputError: naming ``name`` (``spiel.<key>`` for nested values).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{name}: expected a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{name}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(name, item)
 
 
 def _type_name(tp) -> str:

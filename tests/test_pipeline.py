@@ -15,6 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _snakemake(*args, timeout=900):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run(SNAKEMAKE + list(args), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
@@ -48,6 +54,89 @@ def test_config_error_stops_at_start(tmp_path, mutate, expected):
     assert res.returncode != 0
     out = res.stdout + res.stderr
     assert expected in out, out[-2000:]
+
+
+#: Bad values that passed `snakemake -n` before and failed inside a job (some after other jobs wrote files):
+#: (id, change to config/config.yaml, text the error must hold: the config key and what is wrong).
+PARSE_TIME_REJECTIONS = [
+    ("rank-too-large", lambda c: c["runs"][0].update(rank=1000),
+     "runs[0].rank: 1000 is larger than the layer allows"),
+    ("spiel-rank-too-large", lambda c: c["runs"][3].update(rank=100000),
+     "runs[3].rank: 100000 is larger than the layers allow for spiel-ag"),
+    ("lr-inf", lambda c: c["runs"][0].update(learning_rate=float("inf")),
+     "runs[0].learning_rate: expected a finite number, got inf"),
+    ("weight-decay-nan", lambda c: c["training"].update(weight_decay=float("nan")),
+     "training.weight_decay (runs[0]): expected a finite number, got nan"),
+    ("seq-len-8", lambda c: c["training"].update(max_seq_length=8),
+     "training.max_seq_length (runs[0]): 8 leaves no room for a response: the chat template alone takes 30 tokens"),
+    ("humaneval-no-consent", lambda c: c["evaluation"].update(tasks=["arc_easy", "humaneval"]),
+     "evaluation.allow_code_execution: task 'humaneval'"),
+    ("unknown-target-module", lambda c: c["training"]["spiel"].update(target_modules=["nope_proj"]),
+     "training.spiel.target_modules (runs[3]): unknown module name(s) ['nope_proj']; the model's linear layers are "
+     "named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+] + ([] if torch_cuda_available() else [
+    ("cuda-without-cuda", lambda c: c["training"].update(device="cuda"),
+     "training.device (runs[0]): 'cuda' requested but CUDA is not available"),
+])
+
+
+#: Runs snakemake's command line (``snakemake -n --configfile X``) once per config file in one process,
+#: so the imports are paid once; prints ``=== <file>`` before and ``=== exit <code>`` after each run (on stdout,
+#: where snakemake logs when its output is not a terminal).
+DRY_RUN_BATCH = """
+import sys
+from snakemake.cli import main
+for cfg in sys.argv[1:]:
+    print(f"=== {cfg}", flush=True)
+    try:
+        main(["-n", "--configfile", cfg])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    print(f"=== exit {code}", flush=True)
+"""
+
+
+def dry_runs(config_files: list[Path]) -> dict[str, tuple[int, str]]:
+    """``{config file: (exit code, its output)}`` of ``snakemake -n --configfile <file>`` for each file, run in
+    one subprocess with the worktree first on PYTHONPATH."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", DRY_RUN_BATCH] + [str(p) for p in config_files], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    results, current, lines = {}, None, []
+    for line in proc.stdout.splitlines():
+        if line.startswith("=== exit ") and current is not None:
+            results[current] = (int(line.split()[-1]), "\n".join(lines))
+            current, lines = None, []
+        elif line.startswith("=== "):
+            current, lines = line[4:], []
+        else:
+            lines.append(line)
+    assert set(results) == {str(p) for p in config_files}, proc.stdout[-3000:]
+    return results
+
+
+def test_bad_values_are_rejected_by_dry_run_naming_the_key(tmp_path, real_model_dir):
+    """`snakemake -n` stops at parse time (exit 1, the key named) and nothing is written: no run, log or
+    result folder, no run_config.json."""
+    files = {}
+    for name, mutate, _ in PARSE_TIME_REJECTIONS:
+        out = tmp_path / name
+
+        def change(c, mutate=mutate, out=out):
+            mutate(c)
+            c.update(runs_dir=str(out / "runs"), logs_dir=str(out / "logs"), results_dir=str(out / "results"))
+
+        out.mkdir()
+        files[name] = _write_config(out, change)
+    results = dry_runs(list(files.values()))
+    for name, _, expected in PARSE_TIME_REJECTIONS:
+        code, output = results[str(files[name])]
+        assert code == 1, (name, output[-2000:])
+        assert f"config error: {expected}" in output, (name, output[-2000:])
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["bad.yaml"], name
+    assert not list(tmp_path.rglob("run_config.json"))
 
 
 def test_unrecognised_data_format_is_named(tmp_path):

@@ -44,5 +44,5 @@ rule train:
         gpu=1,
         mem_mb=8000,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} spielbench.train {input.run_config} "
-        "--output-dir {params.outdir} --restart-if-changed --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.launch} spielbench.train {input.run_config:q} "
+        "--output-dir {params.outdir:q} --restart-if-changed --no-progress > {log:q} 2>&1"
