@@ -45,6 +45,11 @@ class Pipeline:
     user_train_file: str | None
     user_heldout_file: str | None
     runs: dict[str, dict] = field(default_factory=dict)
+    #: The split of a local data.train without data.heldout (None otherwise): ``report`` (the JSON file
+    #: ``spielbench.data.split_user_data`` writes beside the split), ``max_seq_length`` (the smallest of
+    #: the runs: longer examples are dropped before the split, so every run trains on the same examples)
+    #: and ``on_malformed``.
+    user_split: dict | None = None
 
 
 def run_id_for(entry: dict) -> str:
@@ -64,6 +69,30 @@ def _check_file(key: str, path: str) -> Path:
     if not p.exists():
         raise PipelineConfigError(f"{key}: file {path!r} does not exist")
     return p
+
+
+def _check_data_file(key: str, path: str, on_malformed: str) -> None:
+    """Validate a local data file (``spielbench.formats.read_instruction_file``); with ``data.on_malformed:
+    skip`` say on stderr how many malformed records the jobs will skip, and the first lines.
+
+    Raises:
+        PipelineConfigError: ``<key>: <file>:<line>: ...`` at the first malformed record (strict), or
+            when no record is valid.
+    """
+    import sys
+
+    from spielbench.errors import InputError
+    from spielbench.formats import read_instruction_file
+
+    try:
+        read = read_instruction_file(path, on_malformed=on_malformed, keep_examples=False)
+    except InputError as err:
+        hint = " (data.on_malformed: skip leaves malformed records out)" if on_malformed == "error" else ""
+        raise PipelineConfigError(f"{key}: {err}{hint}") from None
+    if read.skipped:
+        first = "; ".join(f"line {n}: {r}" for _, n, r in read.skipped[:3])
+        print(f"note: {key}: {len(read.skipped)} malformed record(s) of {path} will be skipped "
+              f"(data.on_malformed: skip); {first}", file=sys.stderr)
 
 
 def _config_key(i: int, entry: dict, field_path: str) -> str:
@@ -200,25 +229,20 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
     data = config.get("data", {})
     train = data.get("train", "mixture")
     heldout = data.get("heldout")
+    on_malformed = data.get("on_malformed", "error")
     user_train = user_heldout = None
     if train == "mixture":
         train_file = f"{resources}/data/mixture/train.jsonl"
         heldout_file = f"{resources}/data/mixture/heldout.jsonl"
     else:
         _check_file("data.train", train)
-        try:
-            validate_instruction_file(train)
-        except InputError as err:
-            raise PipelineConfigError(f"data.train: {err}") from None
+        _check_data_file("data.train", train, on_malformed)
         user_train = str(Path(train).expanduser())
         train_file = f"{resources}/data/user/train.jsonl"
         heldout_file = f"{resources}/data/user/heldout.jsonl"
     if heldout is not None:
         _check_file("data.heldout", heldout)
-        try:
-            validate_instruction_file(heldout)
-        except InputError as err:
-            raise PipelineConfigError(f"data.heldout: {err}") from None
+        _check_data_file("data.heldout", heldout, on_malformed)
         user_heldout = str(Path(heldout).expanduser())
         heldout_file = user_heldout
         if user_train is not None:
@@ -259,10 +283,27 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
         if "learning_rate" not in run:
             raise PipelineConfigError(f"runs[{i}].learning_rate: not set here nor in training.learning_rate")
         run.update(run_id=rid, model=model_dir, train_data=train_file, heldout_data=heldout_file)
+        if on_malformed != "error":  # only non-defaults, so that existing run configs stay as they are
+            run["on_malformed"] = on_malformed
+        if user_train is not None and user_heldout is None:
+            run["data_report"] = user_split_report(train_file)
         _check_run(i, entry, run, model_info, check_device)
         runs[rid] = run
+    user_split = None
+    if user_train is not None and user_heldout is None:
+        from spielbench.runconfig import RunConfig
+
+        default_len = RunConfig.__dataclass_fields__["max_seq_length"].default
+        user_split = {"report": user_split_report(train_file), "on_malformed": on_malformed,
+                      "max_seq_length": min([r.get("max_seq_length", default_len) for r in runs.values()]
+                                            or [default_len])}
     return Pipeline(
         resources_dir=resources, runs_dir=runs_dir, results_dir=results, model_source=source,
         model_dir=model_dir, gguf_file=gguf, train_file=train_file, heldout_file=heldout_file,
-        user_train_file=user_train, user_heldout_file=user_heldout, runs=runs,
+        user_train_file=user_train, user_heldout_file=user_heldout, runs=runs, user_split=user_split,
     )
+
+
+def user_split_report(train_file: str) -> str:
+    """The report of the user split, beside its train file (``report.json``)."""
+    return str(Path(train_file).with_name("report.json"))

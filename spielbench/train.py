@@ -22,6 +22,7 @@ it; the checkpoints written so far are kept.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -68,6 +69,7 @@ class PreparedRun:
     heldout_dataset: Any | None
     budget: dict[str, Any]
     resume_from: Path | None = None
+    dropped_examples: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -104,10 +106,12 @@ def _check_resume(cfg: RunConfig, output_dir: Path, restart_if_changed: bool = F
     if saved_file.is_file():
         saved = json.loads(saved_file.read_text()).get("config", {})
         current = cfg.to_dict()
+        # a field added to RunConfig after the checkpoints were written holds its default there
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
         for key in sorted(set(saved) | set(current)):
             if key in RESUMABLE_CHANGES:
                 continue
-            if saved.get(key) != current.get(key):
+            if saved.get(key, defaults.get(key)) != current.get(key):
                 if restart_if_changed:
                     _move_checkpoints_aside(output_dir, f"{key} changed ({saved.get(key)!r} -> {current.get(key)!r})")
                     return None
@@ -164,24 +168,63 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path, restart_if_changed: bool
         except ImportError:
             raise InputError(f"method: {cfg.method!r} needs bitsandbytes, which is not installed") from None
 
-    from spielbench.data import load_instruction_dataset
+    from spielbench.data import describe_drops, load_instruction_dataset
     from spielbench.preflight import check_run_against_model, load_model_info
 
     info = load_model_info(model_dir)
     budget = check_run_against_model(cfg, spec, info, device)
     tokenizer = info.tokenizer
+    data_report = None
+    if cfg.data_report is not None:
+        data_report = _read_data_report(Path(cfg.data_report))
     train_dataset = load_instruction_dataset(train_path, tokenizer, cfg.max_seq_length,
-                                             max_examples=cfg.max_train_examples, field_name="train_data")
+                                             max_examples=cfg.max_train_examples, field_name="train_data",
+                                             on_malformed=cfg.on_malformed)
     heldout_dataset = None
     if cfg.heldout_data is not None:
         heldout_dataset = load_instruction_dataset(cfg.heldout_data, tokenizer, cfg.max_seq_length,
-                                                   max_examples=cfg.heldout_examples, field_name="heldout_data")
+                                                   max_examples=cfg.heldout_examples, field_name="heldout_data",
+                                                   on_malformed=cfg.on_malformed)
+    drops = _dropped_examples(train_dataset, heldout_dataset, data_report)
+    for what, report in (("data split", drops["before_split"]), ("train_data", drops["train"]),
+                         ("heldout_data", drops["heldout"])):
+        line = describe_drops(report["dropped"], what, report["read"]) if report else None
+        if line:
+            print(f"note: {line}", file=sys.stderr)
     resume_from = _check_resume(cfg, output_dir, restart_if_changed)  # last: it may move old checkpoints aside
     lr = cfg.learning_rate if cfg.learning_rate is not None else spec.default_learning_rate
     return PreparedRun(cfg=cfg, spec=spec, output_dir=output_dir, device=device, learning_rate=lr,
                        tokenizer=tokenizer, train_dataset=train_dataset, heldout_dataset=heldout_dataset,
-                       budget=budget, resume_from=resume_from,
+                       budget=budget, resume_from=resume_from, dropped_examples=drops,
                        timings_s={"prepare_s": time.perf_counter() - t0})
+
+
+def _read_data_report(path: Path) -> dict:
+    """The report of the data-preparation step (``spielbench.data.split_user_data``).
+
+    Raises:
+        InputError: ``data_report`` is missing or not a JSON object.
+    """
+    if not path.is_file():
+        raise InputError(f"data_report: file {path} does not exist")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"data_report: {path} is not valid JSON ({exc.msg})") from None
+    if not isinstance(report, dict):
+        raise InputError(f"data_report: {path} holds a JSON {type(report).__name__}, expected an object")
+    return report
+
+
+def _dropped_examples(train_dataset, heldout_dataset, data_report: dict | None) -> dict[str, Any]:
+    """``metrics.json``'s ``dropped_examples``: the drop reports of the train and held-out data as loaded
+    (``{"read", "dropped": {"count", "by_reason", "first"}}``) and the data split's report (or None)."""
+    def of(ds):
+        if ds is None:
+            return None
+        return {"read": ds.stats.read + ds.stats.skipped_malformed, "dropped": ds.stats.drop_report()}
+
+    return {"train": of(train_dataset), "heldout": of(heldout_dataset), "before_split": data_report}
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -509,6 +552,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
                      "resumed_from_step": int(prep.resume_from.name.split("-")[1]) if prep.resume_from else None},
         "data": {"train": prep.train_dataset.stats.as_dict(),
                  "heldout": prep.heldout_dataset.stats.as_dict() if prep.heldout_dataset else None},
+        "dropped_examples": prep.dropped_examples,
         **summary,
         "wall_time_s": time.perf_counter() - t_start,
         "model_load_s": load_s,

@@ -156,14 +156,17 @@ def test_dry_run_lists_every_stage():
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_end_to_end():
-    """`snakemake --configfile config/smoke.yaml` runs every stage; rerunning does nothing; deleting one
-    run's outputs reruns only that run and what depends on it."""
+def test_smoke_pipeline_end_to_end(tmp_path):
+    """`snakemake --configfile <smoke config>` runs every stage with spaces in runs_dir, logs_dir and
+    results_dir (every path of the shell commands is quoted; each job's log lands in logs_dir); rerunning
+    does nothing; deleting one run's outputs reruns only that run and what depends on it."""
     smoke = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
-    runs_dir, results_dir = REPO / smoke["runs_dir"], REPO / smoke["results_dir"]
-    for d in (runs_dir, results_dir):
-        shutil.rmtree(d, ignore_errors=True)
-    res = _snakemake("--cores", "2", "--configfile", "config/smoke.yaml", timeout=900)
+    out_root = tmp_path / "smoke outputs"
+    runs_dir, results_dir, logs_dir = out_root / "runs smoke", out_root / "results smoke", out_root / "logs smoke"
+    smoke.update(runs_dir=str(runs_dir), results_dir=str(results_dir), logs_dir=str(logs_dir))
+    config_file = tmp_path / "smoke config.yaml"
+    config_file.write_text(yaml.safe_dump(smoke))
+    res = _snakemake("--cores", "2", "--configfile", str(config_file), timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
 
     import pandas as pd
@@ -178,13 +181,18 @@ def test_smoke_pipeline_end_to_end():
     for rid in run_ids:
         metrics = json.loads((runs_dir / rid / "metrics.json").read_text())
         assert metrics["steps"] == smoke["training"]["max_steps"]
+        assert "wrote" in (logs_dir / "train" / f"{rid}.log").read_text()  # the job's output, in logs_dir
+        assert (logs_dir / "evaluate" / f"{rid}.log").is_file()
+    # nothing went to a path cut at a space (e.g. ".../smoke" next to the configured folders)
+    assert sorted(p.name for p in out_root.iterdir()) == ["logs smoke", "results smoke", "runs smoke"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke config.yaml", "smoke outputs"]
 
-    again = _snakemake("-n", "--configfile", "config/smoke.yaml", timeout=120)
+    again = _snakemake("-n", "--configfile", str(config_file), timeout=120)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
     (runs_dir / run_ids[0] / "metrics.json").unlink()
-    partial = _snakemake("-n", "--configfile", "config/smoke.yaml", timeout=120)
+    partial = _snakemake("-n", "--configfile", str(config_file), timeout=120)
     out = partial.stdout
-    assert f"runs-smoke/{run_ids[0]}/metrics.json" in out
+    assert f"{runs_dir}/{run_ids[0]}/metrics.json" in out
     for rid in run_ids[1:]:
         assert f"wildcards: run={rid}\n" not in out

@@ -305,6 +305,38 @@ def test_target_modules_subset_trains_only_those_layers(tiny_run_files, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_dropped_and_skipped_examples_are_reported_on_the_console_and_in_metrics(tiny_run_files, tmp_path, capfd):
+    """Dropped examples used to be counted only inside metrics.json; now each drop is reported with its file and
+    line on the console and in ``metrics.json['dropped_examples']`` (the existing fields stay)."""
+    lines = Path(tiny_run_files["train"]).read_text().splitlines()[:16]
+    lines[3] = json.dumps({"inputs": "Reverse: nothing", "targets": ""})  # empty response, line 4
+    lines[6] = json.dumps({"inputs": "Reverse: x"})  # malformed (no targets), line 7
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("\n".join(lines) + "\n")
+    split_report = {"source": "mine.json", "read": 20, "train": 16, "heldout": 2,
+                    "dropped": {"count": 2, "by_reason": {"empty response": 2},
+                                "first": [{"file": "mine.json", "line": 3, "reason": "empty response"},
+                                          {"file": "mine.json", "line": 9, "reason": "empty response"}]}}
+    (tmp_path / "report.json").write_text(json.dumps(split_report))
+    cfg = _write_cfg(tmp_path / "run.yaml", tiny_run_files, train_data=str(train_file), on_malformed="skip",
+                     data_report=str(tmp_path / "report.json"), per_device_train_batch_size=2,
+                     gradient_accumulation_steps=1)
+    out = tmp_path / "out"
+    assert main([str(cfg), "--output-dir", str(out), "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert (f"note: train_data: dropped 2 of 16 examples (empty response: 1, malformed record (skipped): 1); "
+            f"first: {train_file}:7 (malformed record (skipped): expected a flan record like the first one "
+            f"('inputs', 'targets'), got an object with inputs), {train_file}:4 (empty response)") in err
+    assert "note: data split: dropped 2 of 20 examples (empty response: 2); first: mine.json:3" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    dropped = metrics["dropped_examples"]
+    assert dropped["train"]["read"] == 16 and dropped["train"]["dropped"]["count"] == 2
+    assert dropped["before_split"] == split_report and dropped["heldout"] is None
+    assert metrics["data"]["train"]["kept"] == 14 and metrics["steps"] == 2  # existing fields kept
+    with pytest.raises(InputError, match=r"train.jsonl:7: expected a flan record like the first one"):
+        prepare_run(load_run_config(cfg, ["on_malformed=error"]), tmp_path / "strict")
+
+
 def test_command_line_entry_point_rejects_bad_input_before_loading(tiny_run_files, tmp_path):
     cfg = _write_cfg(tmp_path / "run.yaml", tiny_run_files)
     out = tmp_path / "out"
