@@ -139,6 +139,73 @@ def test_bad_values_are_rejected_by_dry_run_naming_the_key(tmp_path, real_model_
     assert not list(tmp_path.rglob("run_config.json"))
 
 
+def _tulu_with_one_record_without_answer(path: Path, n: int = 30) -> Path:
+    recs = [{"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": f"{i}"}]}
+            for i in range(n)]
+    recs[4] = {"messages": [{"role": "user", "content": "no answer here"}]}  # line 5
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_malformed_user_record_rejects_or_is_skipped_at_start(tmp_path, real_model_dir):
+    """One Tülu record without an assistant turn rejects the file at start, naming the file and line (strict,
+    the default); with data.on_malformed: skip the dry run goes through and says what will be skipped."""
+    data = _tulu_with_one_record_without_answer(tmp_path / "my data.jsonl")
+    strict = _write_config(tmp_path, lambda c: c["data"].update(train=str(data)))
+    skip_dir = tmp_path / "skip"
+    skip_dir.mkdir()
+    skip = _write_config(skip_dir, lambda c: c["data"].update(train=str(data), on_malformed="skip"))
+    results = dry_runs([strict, skip])
+    code, output = results[str(strict)]
+    assert code == 1 and f"config error: data.train: {data}:5: 'messages' has no assistant turn" in output, output
+    assert "data.on_malformed: skip" in output
+    code, output = results[str(skip)]
+    assert code == 0, output[-3000:]
+    assert f"note: data.train: 1 malformed record(s) of {data} will be skipped (data.on_malformed: skip); line 5:" \
+        in output
+
+
+def test_user_split_job_drops_before_the_split_and_reports(tmp_path, real_model_dir):
+    """The split job of a local data.train (the real rule and script, SmolLM2's tokenizer) drops the
+    over-long, empty-response and (with skip) malformed examples before drawing the held-out set, writes its
+    report beside the split, and each run config points at it."""
+    data = _tulu_with_one_record_without_answer(tmp_path / "mine.jsonl")
+    lines = data.read_text().splitlines()
+    lines[9] = json.dumps({"messages": [{"role": "user", "content": "long"},
+                                        {"role": "assistant", "content": "word " * 200}]})  # line 10
+    lines[12] = json.dumps({"messages": [{"role": "user", "content": "empty"},
+                                         {"role": "assistant", "content": ""}]})  # line 13
+    data.write_text("\n".join(lines) + "\n")
+    res_dir = tmp_path / "res"
+
+    def change(c):
+        c["data"].update(train=str(data), on_malformed="skip", heldout_examples=2)
+        c["model"]["source"] = str(real_model_dir)
+        c["training"]["max_seq_length"] = 96
+        c.update(resources_dir=str(res_dir), runs_dir=str(tmp_path / "runs"), logs_dir=str(tmp_path / "logs"))
+
+    cfg = _write_config(tmp_path, change)
+    res = _snakemake(str(res_dir / "data" / "user" / "report.json"), "--cores", "1", "--configfile", str(cfg),
+                     timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    report = json.loads((res_dir / "data" / "user" / "report.json").read_text())
+    assert report["source"] == str(data) and report["read"] == 30 and report["max_seq_length"] == 96
+    assert report["dropped"]["by_reason"] == {"empty response": 1, "longer than max_seq_length": 1,
+                                              "malformed record (skipped)": 1}
+    assert sorted(d["line"] for d in report["dropped"]["first"]) == [5, 10, 13]
+    assert report["train"] + report["heldout"] == 27 and report["heldout"] == 2
+    held = [json.loads(x) for x in (res_dir / "data" / "user" / "heldout.jsonl").read_text().splitlines()]
+    assert all(r["origin"]["file"] == str(data) for r in held)
+
+    from spielbench.pipeline import resolve_pipeline
+
+    pipe = resolve_pipeline(yaml.safe_load(cfg.read_text()), check_model=False)
+    assert pipe.user_split == {"report": str(res_dir / "data" / "user" / "report.json"), "on_malformed": "skip",
+                               "max_seq_length": 96}
+    assert all(r["data_report"] == pipe.user_split["report"] and r["on_malformed"] == "skip"
+               for r in pipe.runs.values())
+
+
 def test_unrecognised_data_format_is_named(tmp_path):
     bad = tmp_path / "data.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n')
