@@ -16,9 +16,11 @@ with the model's own chat template in place of the Tülu format:
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -394,3 +396,31 @@ def split_user_data(path: str | Path, tokenizer, max_seq_length: int, train_out:
               "train": n_train, "heldout": n_heldout, "dropped": stats.drop_report()}
     write_json_atomic(report_out, report)
     return report
+
+
+def read_data_report(path: Path) -> dict:
+    """The report of the data-preparation step (:func:`split_user_data`), as a dict.
+
+    Raises:
+        InputError: ``data_report`` is missing or not a JSON object.
+    """
+    if not path.is_file():
+        raise InputError(f"data_report: file {path} does not exist")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"data_report: {path} is not valid JSON ({exc.msg})") from None
+    if not isinstance(report, dict):
+        raise InputError(f"data_report: {path} holds a JSON {type(report).__name__}, expected an object")
+    return report
+
+
+def dropped_examples(train_dataset, heldout_dataset, data_report: dict | None) -> dict[str, Any]:
+    """``metrics.json``'s ``dropped_examples``: the drop reports of the train and held-out data as loaded
+    (``{"read", "dropped": {"count", "by_reason", "first"}}``) and the data split's report (or None)."""
+    def of(ds):
+        if ds is None:
+            return None
+        return {"read": ds.stats.read + ds.stats.skipped_malformed, "dropped": ds.stats.drop_report()}
+
+    return {"train": of(train_dataset), "heldout": of(heldout_dataset), "before_split": data_report}

@@ -168,7 +168,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path, restart_if_changed: bool
         except ImportError:
             raise InputError(f"method: {cfg.method!r} needs bitsandbytes, which is not installed") from None
 
-    from spielbench.data import describe_drops, load_instruction_dataset
+    from spielbench.data import describe_drops, dropped_examples, load_instruction_dataset, read_data_report
     from spielbench.preflight import check_run_against_model, load_model_info
 
     info = load_model_info(model_dir)
@@ -176,7 +176,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path, restart_if_changed: bool
     tokenizer = info.tokenizer
     data_report = None
     if cfg.data_report is not None:
-        data_report = _read_data_report(Path(cfg.data_report))
+        data_report = read_data_report(Path(cfg.data_report))
     train_dataset = load_instruction_dataset(train_path, tokenizer, cfg.max_seq_length,
                                              max_examples=cfg.max_train_examples, field_name="train_data",
                                              on_malformed=cfg.on_malformed)
@@ -185,7 +185,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path, restart_if_changed: bool
         heldout_dataset = load_instruction_dataset(cfg.heldout_data, tokenizer, cfg.max_seq_length,
                                                    max_examples=cfg.heldout_examples, field_name="heldout_data",
                                                    on_malformed=cfg.on_malformed)
-    drops = _dropped_examples(train_dataset, heldout_dataset, data_report)
+    drops = dropped_examples(train_dataset, heldout_dataset, data_report)
     for what, report in (("data split", drops["before_split"]), ("train_data", drops["train"]),
                          ("heldout_data", drops["heldout"])):
         line = describe_drops(report["dropped"], what, report["read"]) if report else None
@@ -197,34 +197,6 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path, restart_if_changed: bool
                        tokenizer=tokenizer, train_dataset=train_dataset, heldout_dataset=heldout_dataset,
                        budget=budget, resume_from=resume_from, dropped_examples=drops,
                        timings_s={"prepare_s": time.perf_counter() - t0})
-
-
-def _read_data_report(path: Path) -> dict:
-    """The report of the data-preparation step (``spielbench.data.split_user_data``).
-
-    Raises:
-        InputError: ``data_report`` is missing or not a JSON object.
-    """
-    if not path.is_file():
-        raise InputError(f"data_report: file {path} does not exist")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"data_report: {path} is not valid JSON ({exc.msg})") from None
-    if not isinstance(report, dict):
-        raise InputError(f"data_report: {path} holds a JSON {type(report).__name__}, expected an object")
-    return report
-
-
-def _dropped_examples(train_dataset, heldout_dataset, data_report: dict | None) -> dict[str, Any]:
-    """``metrics.json``'s ``dropped_examples``: the drop reports of the train and held-out data as loaded
-    (``{"read", "dropped": {"count", "by_reason", "first"}}``) and the data split's report (or None)."""
-    def of(ds):
-        if ds is None:
-            return None
-        return {"read": ds.stats.read + ds.stats.skipped_malformed, "dropped": ds.stats.drop_report()}
-
-    return {"train": of(train_dataset), "heldout": of(heldout_dataset), "before_split": data_report}
 
 
 # --------------------------------------------------------------------------------------------- trainer
