@@ -153,10 +153,11 @@ def test_malformed_user_record_rejects_or_is_skipped_at_start(tmp_path, real_mod
     """One Tülu record without an assistant turn rejects the file at start, naming the file and line (strict,
     the default); with data.on_malformed: skip the dry run goes through and says what will be skipped."""
     data = _tulu_with_one_record_without_answer(tmp_path / "my data.jsonl")
-    strict = _write_config(tmp_path, lambda c: c["data"].update(train=str(data)))
+    strict = _write_config(tmp_path, lambda c: (c["data"].update(train=str(data)), c.update(runs=c["runs"][:1])))
     skip_dir = tmp_path / "skip"
     skip_dir.mkdir()
-    skip = _write_config(skip_dir, lambda c: c["data"].update(train=str(data), on_malformed="skip"))
+    skip = _write_config(skip_dir, lambda c: (c["data"].update(train=str(data), on_malformed="skip"),
+                                              c.update(runs=c["runs"][:2])))
     results = dry_runs([strict, skip])
     code, output = results[str(strict)]
     assert code == 1 and f"config error: data.train: {data}:5: 'messages' has no assistant turn" in output, output
@@ -184,7 +185,8 @@ def test_user_split_job_drops_before_the_split_and_reports(tmp_path, real_model_
         c["data"].update(train=str(data), on_malformed="skip", heldout_examples=2)
         c["model"]["source"] = str(real_model_dir)
         c["training"]["max_seq_length"] = 96
-        c.update(resources_dir=str(res_dir), runs_dir=str(tmp_path / "runs"), logs_dir=str(tmp_path / "logs"))
+        c.update(resources_dir=str(res_dir), runs_dir=str(tmp_path / "runs"), logs_dir=str(tmp_path / "logs"),
+                 runs=[c["runs"][0], c["runs"][3]])  # a LoRA and a SpIEL run are enough here
 
     cfg = _write_config(tmp_path, change)
     res = _snakemake(str(res_dir / "data" / "user" / "report.json"), "--cores", "1", "--configfile", str(cfg),
