@@ -3,7 +3,7 @@
 One implementation serves both entry points: the training CLI (``spielbench.train.prepare_run``, before it
 writes anything) and the workflow at parse time (``spielbench.pipeline.resolve_pipeline``, before any job).
 What a run needs from its model here is the model's config (layer shapes, on the ``meta`` device) and its
-tokenizer (the chat template's overhead); both load in about a second for the models of this suite.
+tokenizer (the chat template's overhead); the weights are never read.
 
 Raises :class:`spielbench.errors.InputError` naming the run-config field (``device``, ``rank``,
 ``density``, ``spiel.target_modules``, ``max_seq_length``, ``model``).
