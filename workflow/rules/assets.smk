@@ -130,12 +130,16 @@ if PIPE.user_train_file is not None and PIPE.user_heldout_file is None:
     rule assets_user_split:
         input:
             data=PIPE.user_train_file,
+            model=MODEL_DIR,  # its tokenizer: examples longer than max_seq_length are dropped before the split
         output:
             train=f"{USER_DATA_DIR}/train.jsonl",
             heldout=f"{USER_DATA_DIR}/heldout.jsonl",
+            report=PIPE.user_split["report"],
         params:
             heldout_examples=USER_HELDOUT_EXAMPLES,
             seed=MIXTURE_SEED,
+            max_seq_length=PIPE.user_split["max_seq_length"],
+            on_malformed=PIPE.user_split["on_malformed"],
         log:
             f"{ASSET_LOGS}/user_split_{os.path.basename(USER_DATA_DIR)}.log",
         script:

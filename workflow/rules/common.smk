@@ -1,6 +1,8 @@
 # Shared helpers for the rules: the resolved paths of the model and data, and the table of runs.
-# Input problems (missing local files, unrecognised data formats, duplicate run ids) stop the
-# workflow here, at parse time, before any job starts, with the config key named.
+# Input problems (missing local files, unrecognised data formats, duplicate run ids, non-finite numbers,
+# a CUDA device that is not there, budgets or target modules the model's layers do not allow, a
+# max_seq_length shorter than the chat template, code execution without consent) stop the workflow
+# here, at parse time, before any job starts, with the config key named (spielbench.pipeline).
 import os
 import re
 import shlex
@@ -11,8 +13,11 @@ import yaml
 from spielbench.fsio import write_text_atomic
 from spielbench.pipeline import PipelineConfigError, resolve_pipeline
 
+# The device exists only where jobs run: checked here for local execution, by each job on a cluster.
+# Remote job processes re-parse this file; the checks against the model ran on the submit host already.
 try:
-    PIPE = resolve_pipeline(config)
+    PIPE = resolve_pipeline(config, check_device=workflow.is_main_process and workflow.local_exec,
+                            check_model=workflow.is_main_process)
 except PipelineConfigError as err:
     raise WorkflowError(f"config error: {err}") from None
 
@@ -45,8 +50,9 @@ def launcher_processes(method):
 def train_launcher(method):
     """The interpreter arguments that start ``-m spielbench.train`` for ``method`` (they follow ``PYTHON`` in
     the shell command): plain ``-m``, or ``accelerate launch`` with config["launcher"] (several GPUs per run:
-    data parallel, or FSDP/DeepSpeed via an accelerate config). The interpreter's path is left out: these
-    are a params rerun trigger, and another spelling of the same interpreter must not retrain a run."""
+    data parallel, or FSDP/DeepSpeed via an accelerate config). Shell-quoted already (the rule inserts it
+    with {params.launch}, unquoted). The interpreter's path is left out: these are a params rerun trigger,
+    and another spelling of the same interpreter must not retrain a run."""
     launch = config.get("launcher", {})
     n = launcher_processes(method)
     if n <= 1:

@@ -47,5 +47,5 @@ rule train:
         gpu=lambda wc: launcher_processes(RUNS[wc.run]["method"]),
         mem_mb=8000,
     shell:
-        "OMP_NUM_THREADS={threads} {GPU_SLOT} {resources.gpu} -- {PYTHON} {params.launch} spielbench.train {input.run_config} "
-        "--output-dir {params.outdir} --restart-if-changed --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {GPU_SLOT} {resources.gpu} -- {PYTHON:q} {params.launch} spielbench.train "
+        "{input.run_config:q} --output-dir {params.outdir:q} --restart-if-changed --no-progress > {log:q} 2>&1"
