@@ -188,23 +188,26 @@ def test_user_split_job_drops_before_the_split_and_reports(tmp_path, real_model_
         c.update(resources_dir=str(res_dir), runs_dir=str(tmp_path / "runs"), logs_dir=str(tmp_path / "logs"),
                  runs=[c["runs"][0], c["runs"][3]])  # a LoRA and a SpIEL run are enough here
 
+    from spielbench.pipeline import user_split_key
+
     cfg = _write_config(tmp_path, change)
-    res = _snakemake(str(res_dir / "data" / "user" / "report.json"), "--cores", "1", "--configfile", str(cfg),
+    split_dir = res_dir / "data" / "user" / user_split_key(str(data))  # keyed by the user's file
+    res = _snakemake(str(split_dir / "report.json"), "--cores", "1", "--configfile", str(cfg),
                      timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    report = json.loads((res_dir / "data" / "user" / "report.json").read_text())
+    report = json.loads((split_dir / "report.json").read_text())
     assert report["source"] == str(data) and report["read"] == 30 and report["max_seq_length"] == 96
     assert report["dropped"]["by_reason"] == {"empty response": 1, "longer than max_seq_length": 1,
                                               "malformed record (skipped)": 1}
     assert sorted(d["line"] for d in report["dropped"]["first"]) == [5, 10, 13]
     assert report["train"] + report["heldout"] == 27 and report["heldout"] == 2
-    held = [json.loads(x) for x in (res_dir / "data" / "user" / "heldout.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for x in (split_dir / "heldout.jsonl").read_text().splitlines()]
     assert all(r["origin"]["file"] == str(data) for r in held)
 
     from spielbench.pipeline import resolve_pipeline
 
     pipe = resolve_pipeline(yaml.safe_load(cfg.read_text()), check_model=False)
-    assert pipe.user_split == {"report": str(res_dir / "data" / "user" / "report.json"), "on_malformed": "skip",
+    assert pipe.user_split == {"report": str(split_dir / "report.json"), "on_malformed": "skip",
                                "max_seq_length": 96}
     assert all(r["data_report"] == pipe.user_split["report"] and r["on_malformed"] == "skip"
                for r in pipe.runs.values())
@@ -294,3 +297,36 @@ def test_gguf_source_is_checked_from_its_metadata_before_conversion(tmp_path):
     with pytest.raises(PipelineConfigError, match=r"runs\[0\].max_seq_length: 32 .* takes 30 tokens"):
         resolve_pipeline(cfg, check_device=False)
     assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.slow
+def test_checks_against_a_model_built_by_a_job_run_before_any_training(tmp_path, real_model_dir):
+    """In a fresh clone the registry model is not built at parse time, so `snakemake -n` cannot check a rank
+    against its layers; the preflight job repeats the checks once the model exists and stops the workflow
+    before any training job starts (nothing under the runs folder but the run configs)."""
+    res = tmp_path / "res"
+    (res / "models").mkdir(parents=True)
+    for kept in ("downloads", "data", "eval"):
+        (res / kept).symlink_to(REPO / "resources" / kept)
+    (res / "models" / "smollm2-135m-instruct").symlink_to(real_model_dir)  # the tiny model's tokenizer source
+    cfg = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    cfg.update(resources_dir=str(res), runs_dir=str(tmp_path / "runs"), logs_dir=str(tmp_path / "logs"),
+               results_dir=str(tmp_path / "results"))
+    cfg["runs"] = [{"method": "lora", "rank": 2, "learning_rate": 1e-3},
+                   {"method": "spiel-ag", "rank": 4096, "learning_rate": 1e-3}]  # tiny layers are 64 wide
+    path = tmp_path / "fresh.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    snakemake = [sys.executable, "-m", "snakemake", "--cores", "1"]
+    target = [str(tmp_path / "runs" / "lora-r2" / "metrics.json"), "--configfile", str(path)]
+    dry = subprocess.run(snakemake + ["-n"] + target, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0 and "is not built yet" in dry.stderr + dry.stdout, dry.stderr[-2000:]
+    proc = subprocess.run(snakemake + target, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "config error: runs[1].rank" in out, out[-3000:]
+    assert (res / "models" / "tiny-random" / "config.json").is_file()  # the model job ran and kept its output
+    assert not list((tmp_path / "runs").rglob("metrics.json")) and not list((tmp_path / "runs").rglob("run_config.json"))
+    assert "error: runs[1].rank: 4096 is larger than the layers allow" in (tmp_path / "logs" / "preflight.log").read_text()

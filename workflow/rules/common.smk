@@ -3,6 +3,7 @@
 # a CUDA device that is not there, budgets or target modules the model's layers do not allow, a
 # max_seq_length shorter than the chat template, code execution without consent) stop the workflow
 # here, at parse time, before any job starts, with the config key named (spielbench.pipeline).
+import json
 import os
 import re
 import shlex
@@ -34,6 +35,21 @@ RUN_IDS = list(RUNS)
 EVAL_TARGETS = ["base"] + RUN_IDS
 RUN_PATTERN = "|".join(re.escape(r) for r in RUN_IDS)
 EVAL_PATTERN = "|".join(re.escape(r) for r in EVAL_TARGETS)
+
+
+def preflight_runs(log_path):
+    """Check every run against the (now built) model as at parse time; returns the run ids checked.
+
+    Raises WorkflowError ("config error: ...", naming the config key) and writes the message to the log."""
+    try:
+        checked = resolve_pipeline(config, check_device=workflow.local_exec, check_model=True)
+    except PipelineConfigError as err:
+        with open(log_path, "w") as fh:
+            fh.write(f"error: {err}\n")
+        raise WorkflowError(f"config error: {err}") from None
+    with open(log_path, "w") as fh:
+        fh.write(f"checked {len(checked.runs)} runs against {checked.model_dir}\n")
+    return sorted(checked.runs)
 
 
 def write_yaml_atomic(path, data):

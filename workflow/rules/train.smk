@@ -9,6 +9,26 @@ include: "gpus.smk"
 
 localrules:
     run_config,
+    preflight,
+
+
+# The checks of every run against the model (rank/density vs layer shapes, target modules, the chat
+# template's overhead) run at parse time when the model is already built. In a fresh clone the registry
+# model is built by a job, so this job repeats them once it exists, before any training job starts (every
+# training job needs its output). `ancient()` below: rewriting this file never retrains a run; its
+# params (every run's config) rerun it when a run changes.
+rule preflight:
+    input:
+        model=MODEL_DIR,
+    output:
+        f"{RUNS_DIR}/.preflight.json",
+    params:
+        runs=RUNS,
+    log:
+        f"{LOGS}/preflight.log",
+    run:
+        checked = preflight_runs(log[0])
+        write_text_atomic(output[0], json.dumps({"checked_runs": checked}, indent=1) + "\n")
 
 
 rule run_config:
@@ -27,6 +47,7 @@ rule run_config:
 rule train:
     input:
         run_config=f"{RUNS_DIR}/{{run}}/run.yaml",
+        preflight=ancient(f"{RUNS_DIR}/.preflight.json"),
         model=MODEL_DIR,
         train=TRAIN_FILE,
         heldout=HELDOUT_FILE,
