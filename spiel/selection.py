@@ -21,7 +21,7 @@ Differences from the reference, all on purpose (the schedule's own are listed in
   :meth:`~spiel.layer.SparseDeltaLinear.sample_weight_grad`, so later micro-batches of the phase get
   ``dW`` at the fixed candidates from the layer's sampled product (the same SDDMM as ``dΔ``) and no
   dense ``dW``. The values equal ``dW[candidates]`` up to the order of fp32 summation. A subclass of
-  the layer with its own forward keeps receiving the dense ``dW`` and is gathered from it, as before.
+  the layer with its own forward keeps receiving the dense ``dW`` and its candidates are gathered from it.
 
 Under ``torch.distributed`` (initialised when the selector is built) every rank makes the same choice:
 the first ``dW`` of a phase is summed over ranks before choosing candidates, and the accumulated sums,
