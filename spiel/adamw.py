@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .sparse_state import _apply_update, _check_hyper, _dense_grad, _FP32StateMixin, _Scratch
+from .sparse_state import _closure_loss, _apply_update, _check_hyper, _dense_grad, _FP32StateMixin, _Scratch
 
 __all__ = ["SparseAdamW"]
 
@@ -202,10 +202,7 @@ class SparseAdamW(_FP32StateMixin, Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 (documented on the class)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             by_device: dict[torch.device, list[torch.Tensor]] = {}

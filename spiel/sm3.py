@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .sparse_state import SparseDeltaLike, _apply_update, _check_hyper, _dense_grad, _FP32StateMixin, _Scratch
+from .sparse_state import _closure_loss, SparseDeltaLike, _apply_update, _check_hyper, _dense_grad, _FP32StateMixin, _Scratch
 
 __all__ = ["SM3"]
 
@@ -116,10 +116,7 @@ class SM3(_FP32StateMixin, Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 (documented on the class)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, eps, wd, mu = group["lr"], group["eps"], group["weight_decay"], group["momentum"]
             row_only = group["row_cover_only"]

@@ -124,3 +124,12 @@ class _FP32StateMixin:
             for key, value in saved.items():
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.detach().to(device=p.device).clone()  # type: ignore[attr-defined]
+
+
+def _closure_loss(closure: Any) -> Any:
+    """The loss ``closure()`` returns, evaluated with gradients enabled (None without a closure), as the
+    ``step(closure)`` of every ``torch.optim.Optimizer``."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

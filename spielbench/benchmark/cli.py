@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,7 @@ from spielbench.benchmark.runner import run_one, run_sweep, summary_line
 from spielbench.benchmark.sizes import SIZES
 from spielbench.benchmark.table import load_records, write_tables
 from spielbench.benchmark.worker import run_worker
-from spielbench.errors import InputError
+from spielbench.errors import exit_status
 
 
 def _options_from_args(args: argparse.Namespace) -> BenchmarkOptions:
@@ -91,48 +90,45 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     """Command-line entry point; returns the exit status (2 on bad input, before any work)."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "worker":
-            options = BenchmarkOptions.from_dict(json.loads(args.options))
-            record = run_worker(args.size, args.method, options)
-            from spielbench.measure import write_json_atomic
+    return exit_status(lambda: _run(args))
 
-            write_json_atomic(args.result, record)
-            return 0
-        if args.command == "sizes":
-            for s in SIZES.values():
-                print(f"{s.name:>14}  {s.num_parameters():>15,d} params  LoRA r16 {s.lora_parameters(16):>12,d}  "
-                      f"{s.description}")
-            return 0
-        if args.command == "table":
-            records = load_records(args.inputs)
-            write_tables(records, args.md, args.csv)
-            print(Path(args.md).read_text())
-            return 0
-        options = _options_from_args(args)
-        if args.command == "run":
-            table = None if args.table == "none" else args.table
-            run_sweep(args.sizes, args.methods, options, args.out_dir, table, log=args.log)
-            if table is not None:
-                print(Path(f"{table}.md").read_text())
-            return 0
-        if args.command == "one":
-            record = run_one(args.size, args.method, options, args.output, log=args.log)
-            print(summary_line(record))
-            return 0 if record["status"] in ("ok", "oom", "unsupported") else 1
-        if args.command == "profile":
-            options = replace(options, profile_out=str(Path(args.output).resolve()))
-            out_json = args.json or str(Path(args.output).with_suffix(".json"))
-            record = run_one(args.size, args.method, options, out_json)
-            print(summary_line(record))
-            if record["status"] == "ok":
-                print(Path(args.output).read_text())
-            return 0 if record["status"] == "ok" else 1
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    """The body of :func:`main` for parsed ``args``; returns the exit status (InputError propagates)."""
+    if args.command == "worker":
+        options = BenchmarkOptions.from_dict(json.loads(args.options))
+        record = run_worker(args.size, args.method, options)
+        from spielbench.measure import write_json_atomic
+
+        write_json_atomic(args.result, record)
+        return 0
+    if args.command == "sizes":
+        for s in SIZES.values():
+            print(f"{s.name:>14}  {s.num_parameters():>15,d} params  LoRA r16 {s.lora_parameters(16):>12,d}  "
+                  f"{s.description}")
+        return 0
+    if args.command == "table":
+        records = load_records(args.inputs)
+        write_tables(records, args.md, args.csv)
+        print(Path(args.md).read_text())
+        return 0
+    options = _options_from_args(args)
+    if args.command == "run":
+        table = None if args.table == "none" else args.table
+        run_sweep(args.sizes, args.methods, options, args.out_dir, table, log=args.log)
+        if table is not None:
+            print(Path(f"{table}.md").read_text())
+        return 0
+    if args.command == "one":
+        record = run_one(args.size, args.method, options, args.output, log=args.log)
+        print(summary_line(record))
+        return 0 if record["status"] in ("ok", "oom", "unsupported") else 1
+    if args.command == "profile":
+        options = replace(options, profile_out=str(Path(args.output).resolve()))
+        out_json = args.json or str(Path(args.output).with_suffix(".json"))
+        record = run_one(args.size, args.method, options, out_json)
+        print(summary_line(record))
+        if record["status"] == "ok":
+            print(Path(args.output).read_text())
+        return 0 if record["status"] == "ok" else 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

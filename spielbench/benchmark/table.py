@@ -99,24 +99,15 @@ def table_rows(records: Sequence[BenchmarkPoint | dict[str, Any]]) -> list[dict[
         table_order(x["method"])))
 
 
+#: How a table cell of each kind is written: seconds, a ratio, GiB, MiB, a count, 0 or 1 decimals.
+_FORMATS = {"s": "{:.3f}".format, "x": "{:.2f}×".format, "gib": lambda v: f"{v / 2**30:.2f}",
+            "mib": lambda v: f"{v / 2**20:.1f}", "int": lambda v: f"{int(v):,d}", "f0": "{:.0f}".format,
+            "f1": "{:.1f}".format}
+
+
 def _fmt(value, kind: str) -> str:
-    if value is None:
-        return "–"
-    if kind == "s":
-        return f"{value:.3f}"
-    if kind == "x":
-        return f"{value:.2f}×"
-    if kind == "gib":
-        return f"{value / 2**30:.2f}"
-    if kind == "mib":
-        return f"{value / 2**20:.1f}"
-    if kind == "int":
-        return f"{int(value):,d}"
-    if kind == "f0":
-        return f"{value:.0f}"
-    if kind == "f1":
-        return f"{value:.1f}"
-    return str(value)
+    """``value`` as a table cell of ``kind`` (:data:`_FORMATS`; another kind: ``str``), "–" when None."""
+    return "–" if value is None else _FORMATS.get(kind, str)(value)
 
 
 def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[BenchmarkPoint | dict[str, Any]]) -> str:
