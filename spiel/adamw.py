@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .sparse_state import _closure_loss, _apply_update, _check_hyper, _dense_grad, _FP32StateMixin, _Scratch
+from .sparse_state import _apply_update, _check_hyper, _closure_loss, _dense_grad, _FP32StateMixin, _Scratch
 
 __all__ = ["SparseAdamW"]
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .sparse_state import _closure_loss, SparseDeltaLike, _apply_update, _check_hyper, _dense_grad, _FP32StateMixin, _Scratch
+from .sparse_state import (SparseDeltaLike, _apply_update, _check_hyper, _closure_loss, _dense_grad, _FP32StateMixin,
+                           _Scratch)
 
 __all__ = ["SM3"]
 

@@ -126,7 +126,7 @@ def test_driving_schedule_makes_the_window_one_period(steps, warmup, gamma):
         S, g, c0 = sch.driving_period, sch.driving_accumulation, sch.start_step
         assert (c0 + 1) % S == g and c0 + 1 > g  # the entry step reselects, after the p=1 one
         kinds, prev = [], "select"
-        for t in range(c0 + 2, c0 + 2 + n):  # the labelling rule of spielbench.benchmark._step
+        for t in range(c0 + 2, c0 + 2 + n):  # the labelling rule of spielbench.benchmark.step.train_step
             hooks = algo == "ag" and phase_open_after(t - 1, sch.total_steps, S, g)
             if t % S == g:
                 kind = "select"
@@ -244,6 +244,28 @@ def test_tables_have_ratios_to_lora_and_floor(tmp_path):
         (tmp_path / "bad.json").write_text("{}")
         B.load_records([tmp_path / "bad.json"])
 
+
+
+def test_aggregate_efficiency_table_takes_its_benchmark_ratios_from_the_benchmark_table():
+    """One home for the benchmark's ratios: the aggregation's efficiency rows equal table.point_rows."""
+    from spielbench.aggregate import efficiency_table
+    from spielbench.records import BenchmarkPoint
+
+    points = [BenchmarkPoint.from_json(r, f"{r['size']}__{r['method']}.json") for r in (
+        _rec("smollm2-135m", "spiel-ag", 1.9, 3_000, adapter_state_bytes=480),
+        _rec("smollm2-135m", "lora", 2.0, 4_000),
+        _rec("smollm2-135m", "floor", 1.6, 2_500), _rec("smollm2-1.7b", "qlora", 12.0, 4_000),
+        _rec("smollm2-1.7b", "qspiel-ma", 10.0, 3_000, adapter_state_bytes=120))]
+    rows = B.point_rows(points)
+    data = efficiency_table([], points).data
+    assert list(data["run"]) == [p.source for p in points]
+    for column, source in (("step_time_vs_lora", "step_time_vs_lora"), ("peak_memory_vs_lora", "peak_memory_vs_lora"),
+                           ("step_time_vs_floor", "step_time_vs_floor"), ("peak_memory_vs_floor", "peak_memory_vs_floor"),
+                           ("state_bytes_vs_lora", "adapter_state_bytes_vs_lora")):
+        got = [None if v != v else v for v in data[column]]  # pandas gives NaN for None
+        assert got == [r[source] for r in rows], column
+    assert rows[0]["adapter_state_bytes_vs_lora"] == 2.0 and rows[4]["adapter_state_bytes_vs_lora"] == 0.5
+    assert rows[4]["step_time_vs_lora"] == pytest.approx(10 / 12) and rows[4]["step_time_vs_floor"] is None
 
 # ------------------------------------------------------------------- fresh-process runs (tiny)
 def _check_fields(rec):

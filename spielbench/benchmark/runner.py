@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 from spielbench.benchmark.options import BenchmarkOptions, check_pairs
 from spielbench.benchmark.table import write_tables
 from spielbench.benchmark.worker import REPO_ROOT, base_record
+from spielbench.records import BenchmarkPoint
 
 
 def result_path(out_dir: str | Path, size: str, method: str) -> Path:
@@ -103,6 +104,7 @@ def run_one(size: str, method: str, options: BenchmarkOptions, output: str | Pat
     record["worker_wall_time_s"] = time.perf_counter() - started
     from spielbench.measure import write_json_atomic
 
+    BenchmarkPoint.from_json(record, str(output))  # the record format the aggregation reads, checked on writing
     write_json_atomic(output, record)
     return record
 

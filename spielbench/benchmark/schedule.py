@@ -12,7 +12,7 @@ from spielbench.benchmark.options import BenchmarkOptions
 
 @dataclass(frozen=True)
 class DrivingSchedule:
-    """How the selector is driven during a benchmark and how step kinds are weighted (module docstring).
+    """How the selector is driven during a benchmark and how step kinds are weighted (docs/BENCHMARK.md).
 
     Attributes: ``algorithm`` ("ag"/"ma"/None), natural ``period`` S and ``accumulation`` γ, driving
     ``driving_period`` S_b and ``driving_accumulation`` γ_b, ``start_step`` c0 (selector's
@@ -67,7 +67,8 @@ def timed_steps(algorithm: Optional[str], steps: int, accumulation: int = 5) -> 
 
 
 def driving_schedule(algorithm: Optional[str], options: BenchmarkOptions) -> DrivingSchedule:
-    """The compressed schedule that makes the timed window exactly one reselection period (docstring §1)."""
+    """The compressed schedule that makes the timed window exactly one reselection period (docs/BENCHMARK.md,
+    item 1 of the schedule-weighted estimate)."""
     S, gamma = options.reselection_steps, options.selection_accumulation_steps
     n = timed_steps(algorithm, options.steps, gamma)
     weights = natural_weights(algorithm, S, gamma)
@@ -88,7 +89,8 @@ def driving_schedule(algorithm: Optional[str], options: BenchmarkOptions) -> Dri
 
 
 def weighted_step_stats(times: Sequence[float], kinds: Sequence[str], weights: dict[str, float]) -> dict[str, Any]:
-    """Schedule-weighted mean and median of step times [s] (module docstring §2).
+    """Schedule-weighted mean and median of step times [s] (docs/BENCHMARK.md, item 2 of the
+    schedule-weighted estimate).
 
     Returns ``{"mean": float, "p50": float, "kind_mean": {kind: mean}}``. Kinds with zero weight are
     ignored. Raises ValueError if a kind with positive weight has no sample, or a sample's kind has no

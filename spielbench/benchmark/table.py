@@ -117,7 +117,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[BenchmarkP
     ok = [p for p in points if p.ok]
     first_point = ok[0] if ok else (points[0] if points else None)
     first = {} if first_point is None else first_point.to_json()
-    loads = [_value(p, k) for p in points for k in ("load_avg_start", "load_avg_end") if _value(p, k) is not None]
+    loads = [v for p in points for k in ("load_avg_start", "load_avg_end") if (v := _value(p, k)) is not None]
     lines = [
         "# Efficiency benchmark: step time and peak memory per method and model size",
         "",

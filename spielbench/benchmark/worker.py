@@ -83,7 +83,7 @@ def base_record(size: str, method: str, options: BenchmarkOptions) -> dict[str, 
 
 
 def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, Any]:
-    """Measure one (size, method) in *this* process and return its record (see the module docstring).
+    """Measure one (size, method) in *this* process and return its record (docs/BENCHMARK.md lists its fields).
 
     Never raises for run-time failures: out-of-memory gives ``status="oom"``, a 4-bit method bitsandbytes
     cannot run gives ``"unsupported"``, anything else ``"error"`` with the traceback's last lines.
