@@ -11,9 +11,10 @@ the LoRA r=16 budget (SpIEL gets ``16 * Σ(in + out)`` = 4,884,480 trainable ent
 * ``spiel-reference``: SpIEL-AG with the reference-style layer (dense ``dW`` in every backward).
 
 SpIEL step times are schedule-weighted so that selection phases count in their natural proportion
-(S=20, γ=5; see ``spielbench.benchmark``). The script prints step time, peak memory and the ratios to
-LoRA and to the floor, all measured in this one run, plus the machine's load average (other work on
-the machine disturbs timings). Nothing is asserted: this is a measurement, not a test.
+(S=20, γ=5; see docs/BENCHMARK.md). The script prints the efficiency benchmark's table of these
+points (step time, peak memory, ratios to LoRA, LoRA without dropout and the floor, all measured in this
+one run, and the machine's load average: other work on it disturbs timings) and each method's mean
+step time per step kind. Nothing is asserted: this is a measurement, not a test.
 
 Usage: ``python benchmarks/bench_spiel_step.py [--model-dir DIR] [--steps 4] [--warmup-steps 1]
 [--methods ...] [--out-dir DIR]`` (JSONs per method land in ``--out-dir``, default
@@ -22,15 +23,16 @@ Usage: ``python benchmarks/bench_spiel_step.py [--model-dir DIR] [--steps 4] [--
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spielbench.benchmark import BenchmarkOptions, result_path, run_one  # noqa: E402
-from spielbench.errors import InputError  # noqa: E402
+from spielbench.benchmark import BenchmarkOptions, result_path, run_one, table_rows  # noqa: E402
+from spielbench.benchmark.runner import summary_line  # noqa: E402
+from spielbench.benchmark.table import render_markdown  # noqa: E402
+from spielbench.errors import exit_status  # noqa: E402
 
 DEFAULT_METHODS = ("floor", "lora", "lora-dropout0", "spiel-ag", "spiel-ma", "spiel-reference")
 
@@ -49,50 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default=str(REPO / "results" / "benchmark" / "real-smollm2-135m"))
     args = p.parse_args(argv)
-    try:
-        options = BenchmarkOptions(rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
-                                   warmup_steps=args.warmup_steps, steps=args.steps, threads=args.threads,
-                                   device="cpu", model_dir=args.model_dir).validate()
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Measure ``args.methods`` and print the table; returns the exit status (InputError propagates)."""
+    options = BenchmarkOptions(rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
+                               warmup_steps=args.warmup_steps, steps=args.steps, threads=args.threads,
+                               device="cpu", model_dir=args.model_dir).validate()
     records = {}
     for method in args.methods:
         rec = run_one("smollm2-135m-real", method, options, result_path(args.out_dir, "smollm2-135m-real", method))
         records[method] = rec
-        state = rec.get("status")
-        print(f"{method:<16} {state}: step {rec.get('step_time_mean_s') or float('nan'):.3f} s, "
-              f"peak RSS {(rec.get('peak_memory_bytes') or 0) / 1e9:.2f} GB, load {rec.get('load_avg_start')}",
-              flush=True)
-    lora, floor, lora0 = records.get("lora"), records.get("floor"), records.get("lora-dropout0")
-
-    def ratio(rec, ref, key):
-        ok = rec.get("status") == "ok" and ref is not None and ref.get("status") == "ok"
-        return f"{rec[key] / ref[key]:.2f}" if ok else "–"
-
-    print(f"\nSmolLM2-135M (real weights), batch {args.batch_size} x {args.seq_len}, fp32, LoRA r{args.rank} budget; "
-          f"{os.cpu_count()} CPUs, {next(iter(records.values())).get('threads')} threads")
-    print("| method | step [s] | p50 [s] | vs LoRA | vs LoRA-d0 | vs floor | CPU [s] | CPU vs LoRA | CPU vs LoRA-d0 | "
-          "CPU vs floor | peak RSS [GB] | mem vs LoRA | mem vs LoRA-d0 | mem vs floor | trainable | state [MB] | "
-          "kinds (mean s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        print(summary_line(rec), flush=True)
+    points = list(records.values())
+    print()
+    print(render_markdown(table_rows(points), points))  # the efficiency benchmark's own table and ratios
     for method, rec in records.items():
-        if rec.get("status") != "ok":
-            print(f"| {method} | {rec.get('status')}: {str(rec.get('detail'))[:80]} |")
-            continue
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in (rec.get("kind_mean_s") or {}).items())
-        print(f"| {method} | {rec['step_time_mean_s']:.3f} | {rec['step_time_p50_s']:.3f} | "
-              f"{ratio(rec, lora, 'step_time_mean_s')} | {ratio(rec, lora0, 'step_time_mean_s')} | "
-              f"{ratio(rec, floor, 'step_time_mean_s')} | {rec['step_cpu_time_mean_s']:.3f} | "
-              f"{ratio(rec, lora, 'step_cpu_time_mean_s')} | {ratio(rec, lora0, 'step_cpu_time_mean_s')} | "
-              f"{ratio(rec, floor, 'step_cpu_time_mean_s')} | {rec['peak_memory_bytes'] / 1e9:.2f} | "
-              f"{ratio(rec, lora, 'peak_memory_bytes')} | {ratio(rec, lora0, 'peak_memory_bytes')} | "
-              f"{ratio(rec, floor, 'peak_memory_bytes')} | {rec['trainable_params']:,d} | "
-              f"{rec['adapter_state_bytes'] / 1e6:.1f} | {kinds} |")
-    loads = [r.get(k) for r in records.values() for k in ("load_avg_start", "load_avg_end") if r.get(k) is not None]
-    if loads:
-        print(f"\n1-minute load average during the runs: {min(loads):.2f}-{max(loads):.2f} "
-              f"(above the thread count means other work disturbed the timings)")
+        if kinds:
+            print(f"{method}: mean step time [s] per step kind: {kinds}")
     return 0 if all(r.get("status") == "ok" for r in records.values()) else 1
 
 

@@ -74,6 +74,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import spielbench.benchmark as B  # noqa: E402
+from spielbench.benchmark.runner import summary_line  # noqa: E402
+from spielbench.benchmark.worker import base_record, display_path  # noqa: E402
 from spiel import delta_grad as dg  # noqa: E402
 from spiel.layer import random_indices  # noqa: E402
 from spielbench.fsio import write_text_atomic  # noqa: E402
@@ -87,7 +89,7 @@ def install_wheels(folder: Path) -> dict:
     """``pip install --no-index --find-links folder`` of the packages in :data:`WHEEL_PACKAGES` that do not
     import; a no-op without the folder. Returns what was tried and pip's exit status."""
     missing = [name for name in WHEEL_PACKAGES if importlib.util.find_spec(name) is None]
-    shown = B._display_path(str(folder))
+    shown = display_path(str(folder))
     if not missing or not folder.is_dir():
         return {"folder": shown, "missing": missing, "installed": [], "rc": None}
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(folder), *missing]
@@ -176,7 +178,7 @@ def run_points(size: str, options: B.BenchmarkOptions, out: Path, methods, dry_r
             limit = min(point_timeout_s, deadline - time.perf_counter())
             opts = replace(options, gradient_checkpointing=checkpointing, timeout_s=max(limit, 1.0)).validate()
             if limit < min_point_s:
-                record = B._base_record(size, method, opts)
+                record = base_record(size, method, opts)
                 record.update(status="skipped", detail="time budget of the check spent before this point")
             elif dry_run:
                 record = B.run_worker(size, method, opts)
@@ -185,7 +187,7 @@ def run_points(size: str, options: B.BenchmarkOptions, out: Path, methods, dry_r
             record["gradient_checkpointing"] = checkpointing
             write_json_atomic(path, record)
             records.append(record)
-            print(f"[{setting}] {B._summary_line(record)}", flush=True)
+            print(f"[{setting}] {summary_line(record)}", flush=True)
         results[setting] = records
     return results
 

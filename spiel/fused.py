@@ -5,9 +5,9 @@ With ``fuse_delta`` (the default for a dense base) the base weight itself holds 
 layer keeps ``W0[η]`` (k values in the weight dtype) and a copy of η in a plain attribute (never a registered parameter or buffer: parameter names, ``state_dict`` keys and
 tie detection are unchanged by a forward), and before each forward and each backward writes only the k
 entries ``W[η] = W0[η] + Δ`` (summed in fp32, rounded once to the weight dtype), an O(k) scatter;
-``F.linear`` then reads the base weight directly, with no dense temporary. Measured on SmolLM2-1.7B shapes
-at 128 tokens (1 thread): the 7 projections of one step 14.9 s with a fresh temporary per forward and
-backward, 8.9 s fused, 8.6 s with frozen weights (README, Performance).
+``F.linear`` then reads the base weight directly, with no dense temporary: the step costs about what
+frozen weights cost, where building ``W0 + Δ`` in a fresh tensor per call doubled the dense weight
+traffic (figures in the README, Performance).
 
 When fusion is updated (docs/METHOD.md §6): Δ is written on every forward and backward, so any change to
 Δ (the optimizer step, ``load_adapter``, a user's write, even through ``.data``) is in the next call. η

@@ -1,45 +1,7 @@
 """SpIEL reselection: the drop/grow schedule and the SpIEL-AG and SpIEL-MA growth rules.
 
-Schedule (docs/METHOD.md §3), with S = ``reselection_steps``, γ = ``selection_accumulation_steps``,
-ζ = ``initial_reselection_rate`` and T = ``total_steps``; ``t`` counts completed optimizer updates and
-:meth:`SpielSelector.step` is called after each one::
-
-    construction (t = 0): begin a selection phase (SpIEL-AG: install gradient hooks)
-    step(): t += 1
-            if t % S == γ:       end the phase; if t <= T, reselect with rate p(t)
-            if (t + 1) % S == 0: begin a selection phase
-    p(t) = 1 if t == γ else ζ·(1 − t/T)       ("linear": the first reselection replaces every index)
-    p(t) = ζ·(1 + cos(π·t/T)) / 2             ("cosine")
-    policy "none": never reselect (a static random mask, the spiel-static ablation)
-
-So reselections happen at t = γ, γ+S, γ+2S, … ≤ T; SpIEL-AG's first gradient window covers γ updates
-and later ones γ+1 (the reference's off-by-one, kept). Differences from the reference, all on purpose:
-
-- §10.2.9: ending a phase always removes the hooks, also past T (the reference leaks them there); a
-  phase whose reselection step would fall after T is not opened at all (its gradients would never be
-  used, and collecting them costs a dense ``dW`` per layer per micro-batch). Likewise the phase opened
-  at construction is skipped when γ = 0, because the reference's next opening (after step S−1)
-  restarts it before it is used.
-- Within one ``step()`` the phase is ended before the next one begins (the reference begins first).
-  The two coincide only for γ = S−1, where the reference's order would discard the whole window;
-  for every other γ the order makes no difference.
-- §10.2.10: on resume the selector restores the exact phase state from :meth:`SpielSelector.state_dict`
-  (open/closed, accumulated candidate gradients). Given only ``completed_steps`` it opens a phase only
-  if the schedule has one open at that step; it never starts an extra one.
-- §10.2.1: SpIEL-AG accumulates candidate gradients, squared gradients and the sample count in fp32.
-- §4.1: only the first backward of a phase through a matrix forms its dense ``dW`` (to choose the
-  candidates); the hook then switches the layer to
-  :meth:`~spiel.layer.SparseDeltaLinear.sample_weight_grad`, so later micro-batches of the phase get
-  ``dW`` at the fixed candidates from the layer's sampled product (the same SDDMM as ``dΔ``) and no
-  dense ``dW``. The values equal ``dW[candidates]`` up to the order of fp32 summation. A subclass of
-  the layer with its own forward keeps receiving the dense ``dW`` and is gathered from it, as before.
-- The candidates are the exact top-k ``|dW|`` (:func:`topk_abs_indices`), found through a threshold
-  estimated on a fixed pseudo-random sample of the matrix instead of a full ``torch.topk`` (measured
-  0.30 s instead of 0.72 s for the 210 SmolLM2-135M matrices, one CPU thread); only ties at the k-th
-  magnitude may resolve differently.
-- §5.2 caveat: SpIEL-MA finds the top ``row[i]·col[j]`` scores over inactive positions by a threshold
-  search over the sorted accumulators (:func:`top_inactive_scores`), enumerating only the positions above
-  it; its fallback scores row blocks of at most ``block_elements``. No dense int64/bool tensor of a matrix.
+The schedule (when phases open and close, p(t)) is :mod:`spiel.schedule`; the top-k kernels of drop and
+grow are :mod:`spiel.topk`; this module holds :class:`SpielSelector`, which runs them on a model.
 
 Drop (both algorithms, §3.1): per matrix, the ``n = int(k·p)`` entries with the smallest ``|Δ|``.
 Grow, SpIEL-AG (§4): candidates are the top-k ``|dW|`` positions of the first micro-batch of the phase;
@@ -49,6 +11,18 @@ truncated to the number of incoming. Grown entries get Δ = 0 and a seeded Adam 
 Grow, SpIEL-MA (§5.2): incoming = top ``row[i]·col[j]`` over positions that are inactive before the
 drop; Δ = 0; SM3 accumulators untouched.
 
+Differences from the reference, all on purpose (the schedule's own are listed in :mod:`spiel.schedule`):
+
+- §10.2.10: on resume the selector restores the exact phase state from :meth:`SpielSelector.state_dict`
+  (open/closed, accumulated candidate gradients).
+- §10.2.1: SpIEL-AG accumulates candidate gradients, squared gradients and the sample count in fp32.
+- §4.1: only the first backward of a phase through a matrix forms its dense ``dW`` (to choose the
+  candidates); the hook then switches the layer to
+  :meth:`~spiel.layer.SparseDeltaLinear.sample_weight_grad`, so later micro-batches of the phase get
+  ``dW`` at the fixed candidates from the layer's sampled product (the same SDDMM as ``dΔ``) and no
+  dense ``dW``. The values equal ``dW[candidates]`` up to the order of fp32 summation. A subclass of
+  the layer with its own forward keeps receiving the dense ``dW`` and its candidates are gathered from it.
+
 Under ``torch.distributed`` (initialised when the selector is built) every rank makes the same choice:
 the first ``dW`` of a phase is summed over ranks before choosing candidates, and the accumulated sums,
 squares and sample counts are summed before selecting (on a process group of the selector's own).
@@ -57,10 +31,8 @@ gradients. Plain-loop usage is shown in :mod:`spiel.trainer`.
 """
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -68,6 +40,8 @@ from torch.optim import Optimizer
 from .layer import SparseDeltaLinear
 from .model import unwrap_spiel_model
 from .optim import reset_optimizer_entries
+from .schedule import POLICIES, next_phase_end, phase_open_after, reselection_rate, reselection_steps
+from .topk import choose_ag_growth, drop_slots, isin_distinct, top_inactive_scores, topk_abs_indices
 
 __all__ = [
     "SpielSelector",
@@ -82,320 +56,9 @@ __all__ = [
 
 _AG_NAMES = ("ag", "rigl")
 _MA_NAMES = ("ma", "sm3")
-_POLICIES = ("linear", "cosine", "none")
 _STATE_VERSION = 1
 
 
-# ------------------------------------------------------------------------------------------- schedule
-def reselection_rate(step: int, total_steps: int, initial_rate: float, policy: str,
-                     accumulation_steps: int) -> float:
-    """The fraction p(t) of each matrix's entries replaced at reselection step ``step`` (§3).
-
-    ``"linear"``: 1.0 at ``step == accumulation_steps`` (γ), else ``ζ·(1 − t/T)``;
-    ``"cosine"``: ``ζ·(1 + cos(π·t/T))/2`` (no p = 1 step); ``"none"``: 0.0.
-    Raises ValueError for an unknown policy.
-    """
-    if policy == "linear":
-        return 1.0 if step == accumulation_steps else initial_rate * (1.0 - step / total_steps)
-    if policy == "cosine":
-        return initial_rate * (1.0 + math.cos(math.pi * step / total_steps)) / 2.0
-    if policy == "none":
-        return 0.0
-    raise ValueError(f"reselection_rate_policy: expected one of {_POLICIES}, got {policy!r}")
-
-
-def reselection_steps(total_steps: int, reselection_steps: int, accumulation_steps: int) -> list[int]:
-    """The update steps t ≤ T at which a reselection happens: every t ≥ 1 with ``t % S == γ`` (§3)."""
-    first = accumulation_steps if accumulation_steps >= 1 else reselection_steps
-    return list(range(first, total_steps + 1, reselection_steps))
-
-
-def _next_end(after_step: int, period: int, accumulation_steps: int) -> int:
-    """The first step t > ``after_step`` with ``t % period == accumulation_steps``."""
-    t = after_step + 1
-    return t + (accumulation_steps - t) % period
-
-
-def phase_open_after(step: int, total_steps: int, period: int, accumulation_steps: int) -> bool:
-    """Whether the schedule has a selection phase open after ``step`` completed updates.
-
-    Mirrors :meth:`SpielSelector.step`: a phase closes after every step with ``t % S == γ`` and opens
-    after every step with ``(t+1) % S == 0`` (in that order), unless its closing step (the next
-    ``t % S == γ``) would exceed T. The phase opened at construction (step 0) is skipped when another
-    opening would restart it before it closes (γ = 0). O(step) integer arithmetic.
-    """
-    is_open = _opens_at_construction(total_steps, period, accumulation_steps)
-    for t in range(1, step + 1):
-        if t % period == accumulation_steps:
-            is_open = False
-        if (t + 1) % period == 0 and _next_end(t, period, accumulation_steps) <= total_steps:
-            is_open = True
-    return is_open
-
-
-def _opens_at_construction(total_steps: int, period: int, accumulation_steps: int) -> bool:
-    end = _next_end(0, period, accumulation_steps)
-    first_restart = period - 1 if period >= 2 else 1
-    return end <= total_steps and end <= first_restart
-
-
-# -------------------------------------------------------------------------------------- drop and grow
-def _isin(values: torch.Tensor, distinct_set: torch.Tensor) -> torch.Tensor:
-    """Membership of each of ``values`` in ``distinct_set``: bool, shape of ``values``. Both inputs hold
-    distinct elements (index sets, candidate sets), which lets ``torch.isin`` skip its deduplication
-    (about 3x faster); no dense temporary of the matrix size."""
-    return torch.isin(values, distinct_set, assume_unique=True)
-
-
-def drop_slots(values: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` slots of ``values`` ``[k]`` with the smallest ``|Δ|``, ascending by ``|Δ|`` (§3.1).
-
-    Returns int64 ``[n]``. Raises ValueError if ``n`` is not in ``[0, k]``.
-    """
-    k = values.numel()
-    if not 0 <= n <= k:
-        raise ValueError(f"drop: n must be in [0, {k}], got {n}")
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=values.device)
-    return torch.topk(values.detach().abs().float(), n, largest=False, sorted=True).indices
-
-
-def choose_ag_growth(indices: torch.Tensor, outgoing: torch.Tensor, candidates: torch.Tensor,
-                     scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SpIEL-AG's swap decision for one matrix (docs/METHOD.md §4.2, steps 2–5).
-
-    Args:
-        indices: current η ``[k]`` (int32/int64).
-        outgoing: int64 ``[n]`` slots to drop, ordered by ascending ``|Δ|`` (from :func:`drop_slots`).
-        candidates: ``[c]`` distinct flat positions (int32/int64).
-        scores: ``[c]`` growth scores (``|Σ dW|``), higher is better.
-    Returns:
-        ``(slots, chosen)``: int64 ``[m]`` slots to overwrite and int64 ``[m]`` positions into
-        ``candidates`` giving their new indices. Candidates already in the kept set are discarded;
-        positions both outgoing and incoming keep their slot; the outgoing list (smallest ``|Δ|``
-        first) is truncated to the number of incoming.
-    """
-    active = indices.long()
-    cand = candidates.long()
-    n = outgoing.numel()
-    if n == 0 or cand.numel() == 0:
-        empty = torch.empty(0, dtype=torch.int64, device=indices.device)
-        return empty, empty
-    keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
-    keep[outgoing] = False
-    valid = (~_isin(cand, active[keep])).nonzero().squeeze(1)
-    m = min(n, valid.numel())
-    chosen = valid[torch.topk(scores[valid].float(), m, sorted=True).indices]
-    incoming = cand[chosen]
-    out_positions = active[outgoing]
-    slots = outgoing[~_isin(out_positions, incoming)]
-    chosen = chosen[~_isin(incoming, out_positions)]
-    return slots[: chosen.numel()], chosen
-
-
-def top_inactive_scores(row: torch.Tensor, col: torch.Tensor, active: torch.Tensor, n: int,
-                        block_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``n`` highest ``row[i]·col[j]`` scores over positions NOT in ``active`` (SpIEL-MA, §5.2).
-
-    Scores are the fp32 products ``row[i] * col[j]`` (as ``torch.outer`` gives them). For non-negative
-    finite accumulators (SM3's always are) the top-n is found without scoring every position: with the
-    columns sorted, the positions scoring at least ``t`` form a prefix of the sorted columns in every
-    row, so their number is one ``searchsorted`` per row. A bisection on ``t`` (the active positions'
-    scores subtracted) finds a threshold leaving at least ``n`` inactive positions, only those are
-    enumerated and scored, and the exact top-n is taken among them: O(out·log(in)) per bisection step
-    plus O(n + k), instead of O(out·in). Measured (1 thread, LoRA-r16 budget, n = 10% of it) against
-    scoring every position: 33x faster at 8192 x 2048 (SmolLM2-1.7B MLP), 19x at 2048 x 2048, 4x at
-    1536 x 576 (SmolLM2-135M MLP), same positions. Otherwise (negative or non-finite
-    scores, fewer positive-score inactive positions than ``n``, or heavy ties at the threshold) it scores
-    blocks of whole rows (at most ``block_elements`` fp32 scores at a time, default 4 Mi = 16 MiB),
-    masking active positions and keeping a running top-n: memory O(block + n + k), never O(out·in).
-    Both give the same positions; ties at the n-th score go to the lower flat position.
-
-    Args:
-        row: fp32 ``[out]``; col: fp32 ``[in]``; active: ``[k]`` flat positions (any integer dtype).
-        n: how many to return (fewer if fewer positions are inactive).
-    Returns:
-        ``(positions, scores)``: int64 ``[m]`` flat positions, fp32 ``[m]``, descending score (ties:
-        ascending position), m ≤ n.
-    """
-    device = row.device
-    if n <= 0:
-        return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, dtype=torch.float32, device=device)
-    active_sorted = torch.sort(active.reshape(-1).long()).values
-    fast = _top_inactive_by_threshold(row.float(), col.float(), active_sorted, n)
-    if fast is not None:
-        return fast
-    return _top_inactive_blockwise(row.float(), col.float(), active_sorted, n, block_elements)
-
-
-def _top_n_ordered(pos: torch.Tensor, scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``n`` best of (positions, scores): descending score, ties by ascending position."""
-    by_pos = torch.argsort(pos)
-    pos, scores = pos[by_pos], scores[by_pos]
-    order = torch.argsort(scores, descending=True, stable=True)[:n]
-    return pos[order], scores[order]
-
-
-_FP32_MAX = float(torch.finfo(torch.float32).max)
-_FP32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal: below it relative rounding error grows
-
-
-def _top_inactive_by_threshold(row32: torch.Tensor, col32: torch.Tensor, active_sorted: torch.Tensor,
-                               n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The threshold path of :func:`top_inactive_scores`; None where it does not apply."""
-    out_f, in_f = row32.numel(), col32.numel()
-    if not (bool(torch.isfinite(row32).all()) and bool(torch.isfinite(col32).all())
-            and float(row32.min()) >= 0.0 and float(col32.min()) >= 0.0):
-        return None
-    if n >= out_f * in_f - active_sorted.numel():
-        return None  # every inactive position is wanted: the blockwise path lists them
-    r64, c64 = row32.double(), col32.double()
-    c_asc, c_order = torch.sort(c64)
-    c_desc_cols = c_order.flip(0)  # columns by descending accumulator: every row's positions >= t are a prefix
-    positive = r64 > 0
-    r_positive = r64[positive]
-    act_rows = torch.div(active_sorted, in_f, rounding_mode="floor")
-    act_exact = r64[act_rows] * c64[active_sorted - act_rows * in_f]  # exact in fp64 (24-bit mantissas)
-
-    def counts(t: float) -> tuple[torch.Tensor, int]:
-        """Per-row count of positions with exact score >= t (t > 0), and the active ones among them."""
-        need = torch.full_like(r64, float("inf"))
-        need[positive] = t / r_positive
-        per_row = in_f - torch.searchsorted(c_asc, need, side="left")
-        return per_row, int((act_exact >= t).sum())
-
-    hi = float(r64.max()) * float(c64.max())
-    if not hi < _FP32_MAX:
-        return None  # fp32 scores overflow to inf: ties the exact products would break differently
-    positive_scores = positive.sum() * (c64 > 0).sum()
-    if hi <= 0.0 or int(positive_scores) - int((act_exact > 0).sum()) < n:
-        return None  # zeros would have to fill the top-n: ties everywhere, use the blockwise path
-    lo = hi
-    while True:  # geometric search down to a threshold that leaves >= n inactive positions
-        lo *= 0.5
-        per_row, active_above = counts(lo)
-        if int(per_row.sum()) - active_above >= n:
-            break
-        if lo < 1e-300:
-            return None
-    slack = max(n // 16, 256)
-    for _ in range(64):  # bisect between lo (enough) and hi (not enough) until little is wasted
-        if int(per_row.sum()) - active_above <= n + slack:
-            break
-        mid = 0.5 * (lo + hi)
-        mid_rows, mid_active = counts(mid)
-        if int(mid_rows.sum()) - mid_active >= n:
-            lo, per_row, active_above = mid, mid_rows, mid_active
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    # Enumerate at a slightly lower threshold so that fp32 rounding of the scores cannot drop a position
-    # tied with, or just above, the n-th inactive score.
-    if lo * (1.0 - 1e-6) < _FP32_TINY:
-        return None  # fp32 scores near the threshold are subnormal or zero: rounding creates ties
-    per_row, _ = counts(lo * (1.0 - 1e-6))
-    total = int(per_row.sum())
-    if total > 4 * (n + active_sorted.numel()) + (1 << 20):
-        return None  # heavy ties at the threshold: enumeration would not save work
-    rows = torch.repeat_interleave(torch.arange(out_f, device=r64.device), per_row)
-    starts = torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
-    cols = c_desc_cols[torch.arange(total, device=r64.device) - starts]
-    pos = rows * in_f + cols
-    slot = torch.searchsorted(active_sorted, pos).clamp_(max=max(active_sorted.numel() - 1, 0))
-    keep = active_sorted[slot] != pos if active_sorted.numel() else torch.ones_like(pos, dtype=torch.bool)
-    pos, rows, cols = pos[keep], rows[keep], cols[keep]
-    scores = row32[rows] * col32[cols]
-    return _top_n_ordered(pos, scores, n)
-
-
-def _top_inactive_blockwise(row32: torch.Tensor, col32: torch.Tensor, active_sorted: torch.Tensor, n: int,
-                            block_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blockwise path of :func:`top_inactive_scores` (scores every position, a block of rows at a time)."""
-    out_f, in_f = row32.numel(), col32.numel()
-    device = row32.device
-    rows_per_block = max(1, block_elements // max(1, in_f))
-    best_scores = torch.empty(0, dtype=torch.float32, device=device)
-    best_pos = torch.empty(0, dtype=torch.int64, device=device)
-    for r0 in range(0, out_f, rows_per_block):
-        r1 = min(out_f, r0 + rows_per_block)
-        block = torch.outer(row32[r0:r1], col32).view(-1)
-        block.masked_fill_(block.isnan(), float("-inf"))  # a NaN score ranks last, not hiding the block
-        base = r0 * in_f
-        bounds = torch.searchsorted(active_sorted, torch.tensor([base, r1 * in_f], device=device))
-        lo, hi = int(bounds[0]), int(bounds[1])
-        if hi > lo:
-            block[active_sorted[lo:hi] - base] = float("-inf")
-        m = min(n, block.numel())
-        cut = torch.topk(block, m, sorted=False).values.min()
-        above = (block > cut).nonzero().squeeze(1)
-        tied = (block == cut).nonzero().squeeze(1)[: m - above.numel()]  # ascending: lowest positions
-        local = torch.cat([above, tied])
-        vals, pos = block[local], local + base
-        if best_scores.numel():  # earlier blocks hold lower positions: _top_n_ordered prefers them on ties
-            vals = torch.cat([best_scores, vals])
-            pos = torch.cat([best_pos, pos])
-        best_pos, best_scores = _top_n_ordered(pos, vals, n)
-        del block
-    finite = best_scores > float("-inf")
-    return _top_n_ordered(best_pos[finite], best_scores[finite], n)
-
-
-_SAMPLE_SIZE = 1 << 14  # magnitudes sampled to estimate the top-k threshold
-_SAMPLE_MIN_NUMEL = 1 << 16  # below this, or when k > numel / 4, a plain torch.topk is as fast
-
-
-@functools.lru_cache(maxsize=64)
-def _sample_positions(numel: int, device: str) -> torch.Tensor:
-    """``_SAMPLE_SIZE`` pseudo-random flat positions in ``[0, numel)`` (int64, sorted, on ``device``),
-    identical in every process (fixed seed): the threshold estimate, and so the candidate set, never
-    depends on the rank."""
-    gen = torch.Generator().manual_seed(numel)
-    pos = torch.randint(0, numel, (_SAMPLE_SIZE,), generator=gen).sort().values
-    return pos.to(device)
-
-
-def topk_abs_indices(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat positions of the ``k`` largest ``|values|`` (unordered), as ``torch.topk(values.abs(), k)``
-    gives them (docs/METHOD.md §4.1, the SpIEL-AG candidate set), without a full top-k of the matrix.
-
-    The k-th magnitude is bracketed from below by a generous quantile of a fixed pseudo-random sample of
-    ``_SAMPLE_SIZE`` magnitudes; the exact top-k is then taken among the positions at or above that
-    threshold (typically ~1.3·k of them; NaNs always pass and rank highest, as in ``torch.topk``). If
-    fewer than ``k`` positions pass (an unlucky sample), it falls back to ``torch.topk`` over all of
-    them, so the result is always the exact top-k set; only which of several entries tied at the k-th
-    magnitude are taken may differ. Temporaries: one magnitude tensor and one bool mask of ``values``'
-    size. Measured at SmolLM2-135M shapes (k = 4.6%, one CPU thread): 2.4x faster than
-    ``torch.topk(values.abs(), k)``.
-
-    Args:
-        values: any shape, floating (the dense ``dW`` of one matrix, fp32).
-        k: ``0 <= k <= values.numel()``.
-    Returns:
-        int64 ``[k]`` flat positions.
-    Raises:
-        ValueError: ``k`` out of range.
-    """
-    flat = values.reshape(-1)
-    n = flat.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"topk_abs_indices: k must be in [0, {n}], got {k}")
-    if k == 0:
-        return torch.empty(0, dtype=torch.int64, device=flat.device)
-    magnitudes = flat.abs()
-    if n < _SAMPLE_MIN_NUMEL or 4 * k > n:
-        return torch.topk(magnitudes, k, sorted=False).indices
-    sample = magnitudes.index_select(0, _sample_positions(n, str(flat.device)))
-    expected = k * sample.numel() / n  # sampled magnitudes expected above the k-th largest
-    quantile = min(sample.numel(), int(1.25 * expected + 6.0 * math.sqrt(expected) + 16))
-    threshold = torch.topk(sample, quantile, sorted=False).values.min()
-    above = torch.lt(magnitudes, threshold).logical_not_().nonzero().squeeze(1)  # NaNs stay in, as in topk
-    if above.numel() < k:
-        return torch.topk(magnitudes, k, sorted=False).indices
-    return above.index_select(0, torch.topk(magnitudes.index_select(0, above), k, sorted=False).indices)
-
-
-# ---------------------------------------------------------------------------------------- selector
 @dataclass
 class _Accumulator:
     """SpIEL-AG candidate statistics of one matrix during a selection phase (all fp32, §4.1)."""
@@ -473,8 +136,8 @@ class SpielSelector:
         else:
             raise ValueError(f"selection_algorithm: expected one of 'ag', 'rigl', 'ma', 'sm3', got {algo!r}")
         self.policy = str(cfg.reselection_rate_policy).lower()
-        if self.policy not in _POLICIES:
-            raise ValueError(f"reselection_rate_policy: expected one of {_POLICIES}, got {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"reselection_rate_policy: expected one of {POLICIES}, got {self.policy!r}")
         self.period = int(cfg.reselection_steps)
         self.accumulation_steps = int(cfg.selection_accumulation_steps)
         self.initial_rate = float(cfg.initial_reselection_rate)
@@ -525,7 +188,7 @@ class SpielSelector:
         t = self.completed_steps
         if t % self.period == self.accumulation_steps:
             self._end_phase()
-        if (t + 1) % self.period == 0 and _next_end(t, self.period, self.accumulation_steps) <= self.total_steps:
+        if (t + 1) % self.period == 0 and next_phase_end(t, self.period, self.accumulation_steps) <= self.total_steps:
             self._begin_phase()
 
     def current_rate(self) -> float:
@@ -716,7 +379,7 @@ class SpielSelector:
         """Fraction of all active indices that were also in the initial index set (None if untracked)."""
         if self._initial is None:
             return None
-        same = sum(int(_isin(layer.indices, self._initial[name].to(layer.indices.dtype)).sum())
+        same = sum(int(isin_distinct(layer.indices, self._initial[name].to(layer.indices.dtype)).sum())
                    for name, layer in self.layers)
         return same / sum(layer.values.numel() for _, layer in self.layers)
 

@@ -16,6 +16,7 @@ from torch import nn
 from spiel.layer import SparseDeltaLinear
 from spielbench import benchmark as B
 from spielbench.errors import InputError
+from spielbench.measure import count_parameters
 from spielbench.reference_layer import ReferenceSparseDeltaLinear, reference_sparse_delta_linear, to_reference_layers
 
 #: The stable fields documented in the module docstring.
@@ -125,7 +126,7 @@ def test_driving_schedule_makes_the_window_one_period(steps, warmup, gamma):
         S, g, c0 = sch.driving_period, sch.driving_accumulation, sch.start_step
         assert (c0 + 1) % S == g and c0 + 1 > g  # the entry step reselects, after the p=1 one
         kinds, prev = [], "select"
-        for t in range(c0 + 2, c0 + 2 + n):  # the labelling rule of spielbench.benchmark._step
+        for t in range(c0 + 2, c0 + 2 + n):  # the labelling rule of spielbench.benchmark.step.train_step
             hooks = algo == "ag" and phase_open_after(t - 1, sch.total_steps, S, g)
             if t % S == g:
                 kind = "select"
@@ -164,7 +165,7 @@ def test_size_shapes_and_parameter_counts(name):
     size = B.SIZES[name]
     with torch.device("meta"):
         model = LlamaForCausalLM(size.llama_config())
-    assert B._count_parameters(model) == size.num_parameters()
+    assert count_parameters(model) == size.num_parameters()
     if name == "smollm2-135m":
         assert size.num_parameters() == 134_515_008 and size.lora_parameters(16) == 4_884_480
 
@@ -172,7 +173,7 @@ def test_size_shapes_and_parameter_counts(name):
 def test_build_random_model_on_device_is_finite_and_tied():
     size = B.SIZES["tiny"]
     model = B.build_random_model(size, "cpu", torch.float32, seed=0)
-    assert B._count_parameters(model) == size.num_parameters()
+    assert count_parameters(model) == size.num_parameters()
     assert all(torch.isfinite(p).all() and p.device.type == "cpu" for p in model.parameters())
     assert float(model.model.layers[0].mlp.up_proj.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
     loss = model(input_ids=torch.randint(3, size.vocab_size, (1, 8)), labels=torch.randint(3, 200, (1, 8))).loss
@@ -223,12 +224,13 @@ def test_tables_have_ratios_to_lora_and_floor(tmp_path):
             _rec("smollm2-1.7b", "lora", 9.0, 9_000), _rec("smollm2-1.7b", "qlora", 12.0, 4_000),
             _rec("smollm2-1.7b", "qspiel-ma", 10.0, 3_000)]
     rows = B.write_tables(recs, tmp_path / "t.md", tmp_path / "t.csv")
-    assert [(r["size"], r["method"]) for r in rows] == [
-        ("smollm2-135m", "floor"), ("smollm2-135m", "lora"), ("smollm2-135m", "spiel-ag"),
+    assert [(r["size"], r["method"]) for r in rows] == [  # size order, then the registry's table order
+        ("smollm2-135m", "lora"), ("smollm2-135m", "spiel-ag"), ("smollm2-135m", "floor"),
         ("smollm2-1.7b", "lora"), ("smollm2-1.7b", "full"), ("smollm2-1.7b", "qlora"), ("smollm2-1.7b", "qspiel-ma")]
-    ag = rows[2]
+    ag = rows[1]
     assert ag["step_time_vs_lora"] == pytest.approx(0.95) and ag["step_time_vs_floor"] == pytest.approx(1.9 / 1.6)
     assert ag["peak_memory_vs_lora"] == pytest.approx(0.75) and ag["peak_memory_over_floor_bytes"] == 500
+    assert ag["adapter_state_bytes_vs_lora"] == 1.0
     assert rows[3]["step_time_vs_floor"] is None and rows[4]["step_time_vs_lora"] is None
     assert rows[6]["step_time_vs_lora"] == pytest.approx(10 / 12) and rows[6]["peak_memory_vs_lora"] == 0.75
     import csv
@@ -238,10 +240,32 @@ def test_tables_have_ratios_to_lora_and_floor(tmp_path):
     assert list(table[0]) == list(B.TABLE_COLUMNS) and len(table) == 7
     md = (tmp_path / "t.md").read_text()
     assert "| smollm2-1.7b | full | oom: oom (predicted): needs 30 GiB |" in md and "0.95×" in md
-    with pytest.raises(InputError, match="expected a benchmark record"):
+    with pytest.raises(InputError, match=r"bad.json: size: expected a string, got None"):
         (tmp_path / "bad.json").write_text("{}")
         B.load_records([tmp_path / "bad.json"])
 
+
+
+def test_aggregate_efficiency_table_takes_its_benchmark_ratios_from_the_benchmark_table():
+    """One home for the benchmark's ratios: the aggregation's efficiency rows equal table.point_rows."""
+    from spielbench.aggregate import efficiency_table
+    from spielbench.records import BenchmarkPoint
+
+    points = [BenchmarkPoint.from_json(r, f"{r['size']}__{r['method']}.json") for r in (
+        _rec("smollm2-135m", "spiel-ag", 1.9, 3_000, adapter_state_bytes=480),
+        _rec("smollm2-135m", "lora", 2.0, 4_000),
+        _rec("smollm2-135m", "floor", 1.6, 2_500), _rec("smollm2-1.7b", "qlora", 12.0, 4_000),
+        _rec("smollm2-1.7b", "qspiel-ma", 10.0, 3_000, adapter_state_bytes=120))]
+    rows = B.point_rows(points)
+    data = efficiency_table([], points).data
+    assert list(data["run"]) == [p.source for p in points]
+    for column, source in (("step_time_vs_lora", "step_time_vs_lora"), ("peak_memory_vs_lora", "peak_memory_vs_lora"),
+                           ("step_time_vs_floor", "step_time_vs_floor"), ("peak_memory_vs_floor", "peak_memory_vs_floor"),
+                           ("state_bytes_vs_lora", "adapter_state_bytes_vs_lora")):
+        got = [None if v != v else v for v in data[column]]  # pandas gives NaN for None
+        assert got == [r[source] for r in rows], column
+    assert rows[0]["adapter_state_bytes_vs_lora"] == 2.0 and rows[4]["adapter_state_bytes_vs_lora"] == 0.5
+    assert rows[4]["step_time_vs_lora"] == pytest.approx(10 / 12) and rows[4]["step_time_vs_floor"] is None
 
 # ------------------------------------------------------------------- fresh-process runs (tiny)
 def _check_fields(rec):

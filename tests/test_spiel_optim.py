@@ -74,12 +74,12 @@ def test_sparse_adamw_per_entry_ages_match_spec_over_steps():
 ], ids=["integral", "fractional", "saturated", "capped-table"])
 @pytest.mark.parametrize("chunk", [None, 4], ids=["one-chunk", "chunk-per-tensor"])
 def test_sparse_adamw_lookup_and_exp_paths_match_spec(monkeypatch, ages, cap, chunk):
-    import spiel.optim as optim_module
+    import spiel.adamw as adamw_module
 
     if cap is not None:
-        monkeypatch.setattr(optim_module, "_MAX_TABLE_AGE", cap)
+        monkeypatch.setattr(adamw_module, "_MAX_TABLE_AGE", cap)
     if chunk is not None:
-        monkeypatch.setattr(optim_module, "_LOOKUP_CHUNK_ENTRIES", chunk)
+        monkeypatch.setattr(adamw_module, "_LOOKUP_CHUNK_ENTRIES", chunk)
     betas = (0.8, 0.9)
     start = [0.5, -0.25, 1.0]
     p, q = _param(start), _param(start)  # two tensors in one group: the lookup path is multi-tensor

@@ -176,7 +176,7 @@ def test_choose_ag_growth_discards_kept_and_handles_intersections():
 
 
 def test_topk_abs_indices_is_the_exact_top_k_set():
-    from spiel.selection import _SAMPLE_SIZE, _sample_positions
+    from spiel.topk import _SAMPLE_SIZE, _sample_positions
 
     gen = torch.Generator().manual_seed(3)
     n, k = 1 << 17, 6000  # large enough for the sampled-threshold path
@@ -533,7 +533,7 @@ def _brute_top_inactive(row, col, active, n):
 
 @pytest.mark.parametrize("case", ["random", "ties", "zero-rows", "tiny-n", "all-inactive"])
 def test_top_inactive_scores_threshold_and_blockwise_paths_agree_with_brute_force(case):
-    from spiel import selection as sel
+    from spiel import topk as sel
 
     gen = torch.Generator().manual_seed(7)
     out_f, in_f, k, n = 23, 31, 90, 60
@@ -563,7 +563,7 @@ def test_top_inactive_scores_threshold_and_blockwise_paths_agree_with_brute_forc
 def test_top_inactive_scores_threshold_path_at_model_shape():
     """A SmolLM2-1.7B MLP shape (8192 x 2048), LoRA-r16 budget, 10% regrown: same positions as scoring
     every position (blockwise), and the threshold path is taken."""
-    from spiel import selection as sel
+    from spiel import topk as sel
 
     gen = torch.Generator().manual_seed(3)
     out_f, in_f = 8192, 2048

@@ -332,4 +332,6 @@ def load_benchmarks(paths: Iterable[str | Path]) -> list[BenchmarkPoint]:
     Raises:
         InputError: a file is missing, not JSON, or malformed (the message names it).
     """
-    return [parse_benchmark(read_json(p), p.name) for p in sorted(Path(x) for x in paths)]
+    from spielbench.benchmark.table import load_records
+
+    return load_records(sorted(Path(x) for x in paths))

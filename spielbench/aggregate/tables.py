@@ -13,6 +13,7 @@ from typing import Any
 
 from spielbench.aggregate.formatting import fmt_bytes, fmt_count, fmt_float, fmt_score, tex_escape, task_label
 from spielbench.aggregate.loading import HELDOUT, RunRecord
+from spielbench.benchmark.table import point_rows
 from spielbench.fsio import write_text_atomic
 from spielbench.methods import fp32_twin, lora_reference, method_label, table_order
 from spielbench.records import BenchmarkPoint
@@ -215,15 +216,12 @@ def efficiency_table(records: list[RunRecord], benchmarks: list[BenchmarkPoint] 
         rows_d.append(_cost_row(r, "run", r.model_name, r.target, r.state_bytes, ref and ref.state_bytes, ref,
                                 steps=r.steps, gradient_checkpointing=r.gradient_checkpointing))
     bench = benchmarks or []
-
-    def bench_ref(b: BenchmarkPoint, method: str) -> BenchmarkPoint | None:
-        return next((x for x in bench if x.size == b.size and x.method == method and x.ok), None)
-
-    for b in bench:
-        lref = bench_ref(b, lora_reference(b.method))
-        floor = bench_ref(b, "floor")
-        rows_d.append(_cost_row(b, "benchmark", b.size, b.source, b.adapter_state_bytes,
-                                lref and lref.adapter_state_bytes, lref, floor, status=b.status))
+    for b, ratios in zip(bench, point_rows(bench)):  # the benchmark's ratios have one home: its table
+        row = _cost_row(b, "benchmark", b.size, b.source, b.adapter_state_bytes, None, None, status=b.status)
+        row.update({k: ratios[k] for k in ("step_time_vs_lora", "peak_memory_vs_lora", "step_time_vs_floor",
+                                           "peak_memory_vs_floor")},
+                   state_bytes_vs_lora=ratios["adapter_state_bytes_vs_lora"])
+        rows_d.append(row)
     for d in rows_d:
         rows_s.append({
             "Source": "training runs" if d["source"] == "run" else "benchmark", "Model": d["model"],

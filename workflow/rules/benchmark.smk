@@ -7,7 +7,7 @@
 # (the JSONs plus the two table files; add to `rule all`).
 import re
 
-from spielbench.benchmark import BenchmarkOptions, SIZES, all_methods, check_pairs
+from spielbench.benchmark import SIZES, BenchmarkOptions, all_methods, check_pairs
 from spielbench.errors import InputError
 
 BENCH = dict(config.get("benchmark") or {})
