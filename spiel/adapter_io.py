@@ -185,6 +185,7 @@ def write_adapter(directory: Path, config: SpielConfig, layers: list[tuple[str, 
                                  "GatheredParameters) and save from one process")
             state[f"{name}.{part}"] = tensor.detach().to("cpu", copy=True).contiguous()
     shapes = {name: [layer.out_features, layer.in_features] for name, layer in layers}
+    directory.mkdir(parents=True, exist_ok=True)  # only once every tensor passed its check
     payload = safetensors_save(state, metadata={"format": "pt",
                                                 SHAPES_METADATA_KEY: json.dumps(shapes, sort_keys=True)})
     atomic_write_bytes(directory / WEIGHTS_NAME, _canonical(payload))

@@ -32,8 +32,8 @@ for weights the layer cannot own (:func:`fusable_weight`): tensor subclasses (DT
 DeepSpeed ZeRO-3 partitions, views into a larger storage (FSDP1 flat parameters) and freed or placeholder
 storages. Under FSDP2 (``fully_shard``) the layer fuses into the unsharded Parameter FSDP gathers for each
 call, which owns its storage, and never writes the sharded parameter (the sharded DTensor is not
-fusable); every call rewrites η from the cached ``W0[η]``, so a re-gathered unsharded weight is right too; :func:`spiel.model.get_spiel_model` also turns it off for a weight another module reads (tied
-input embeddings and ``lm_head``). Under ``torch.compile`` the layer's call runs eagerly (a graph break).
+fusable); every call rewrites η from the cached ``W0[η]``, so a re-gathered unsharded weight is right too (:func:`spiel.model.get_spiel_model` refuses a weight
+another module reads, such as a tied ``lm_head``). Under ``torch.compile`` the layer's call runs eagerly (a graph break).
 A disabled forward under autograd goes through the same function with Δ = 0, so that nothing saved for
 its backward aliases the base weight.
 """

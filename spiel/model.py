@@ -65,16 +65,12 @@ def _inject(model: nn.Module, config: SpielConfig,
                 raise ValueError(f"num_deltas[{name!r}] = {num_deltas[name]} exceeds the module's {numel} weights")
     else:
         num_deltas = compute_num_deltas(model, config, modules)
+    _refuse_tied_targets(model, modules)
     record = base_record(model, modules)
     for param in model.parameters():
         param.requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
     dtype = config.torch_delta_dtype
-    # A weight also read by another module (tied input embeddings and lm_head) must keep W0 between calls:
-    # such layers build W0 + Δ per call instead of keeping it fused in the base weight (spiel/layer.py).
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
     for name, module in modules:
         if indices is not None:
             try:
@@ -83,11 +79,32 @@ def _inject(model: nn.Module, config: SpielConfig,
                 raise ValueError(f"module {name!r}: {exc}") from None
         else:
             layer = SparseDeltaLinear(module, num_deltas[name], delta_dtype=dtype, generator=generator)
-        if uses.get(id(module.weight), 0) > 1 or not fusable_weight(module.weight):  # shared, sharded or subclassed
+        # shared weights were refused above; a sharded or subclassed one builds W0 + Δ per call instead
+        if not fusable_weight(module.weight):
             layer.fuse_delta = False
         _replace_submodule(model, name, layer)
     base_name = config.base_model_name_or_path or getattr(model, "name_or_path", None) or None
     return config.replace(num_deltas=num_deltas, base_model_name_or_path=base_name, **record)
+
+
+def _refuse_tied_targets(model: nn.Module, modules) -> None:
+    """A target whose weight another module also reads (tied input embeddings and ``lm_head``) is refused:
+    merging its Δ would change the other module too, so the merged model would not be the trained one.
+
+    Raises:
+        ValueError: naming the target and the modules that share its weight, and what to do.
+    """
+    owners: dict[int, list[str]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, param in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    for name, module in modules:
+        sharing = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+        if sharing:
+            raise ValueError(
+                f"module {name!r}: its weight is shared with {sharing} (tied weights); a sparse delta on it would "
+                "also change those when merged. Leave it out of target_modules, or untie the weights first "
+                "(e.g. set config.tie_word_embeddings=False and give the module its own copy of the weight)")
 
 
 def unwrap_spiel_model(model):
@@ -398,7 +415,6 @@ class SpielModel(nn.Module):
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"save_directory: {directory} exists and is not a directory")
-        directory.mkdir(parents=True, exist_ok=True)
         layers = self.sparse_layers()
         config = self.spiel_config.replace(num_deltas={name: layer.k for name, layer in layers})
         write_adapter(directory, config, layers)

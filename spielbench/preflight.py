@@ -143,13 +143,18 @@ def template_overhead(tokenizer) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def check_seq_length(max_seq_length: int, tokenizer) -> None:
-    """``max_seq_length`` must leave :data:`MIN_RESPONSE_TOKENS` after the template's overhead.
+def check_seq_length(max_seq_length: int, tokenizer, max_positions: int | None = None) -> None:
+    """``max_seq_length`` must leave :data:`MIN_RESPONSE_TOKENS` after the template's overhead, and fit the
+    model's context (``max_positions``: its config's ``max_position_embeddings``, None when it has none).
 
     Raises:
-        InputError: ``max_seq_length: N leaves no room ...`` with the overhead and the minimum.
+        InputError: ``max_seq_length: N leaves no room ...`` with the overhead and the minimum, or
+            ``max_seq_length: N is longer than the model's context``.
     """
     overhead = template_overhead(tokenizer)
+    if max_positions is not None and max_seq_length > max_positions:
+        raise InputError(f"max_seq_length: {max_seq_length} is longer than the model's context "
+                         f"(max_position_embeddings = {max_positions})")
     if max_seq_length < overhead + MIN_RESPONSE_TOKENS:
         raise InputError(
             f"max_seq_length: {max_seq_length} leaves no room for a response: the chat template alone takes "
@@ -192,6 +197,7 @@ def check_run_against_model(cfg, spec, info: ModelInfo, device: str | None) -> d
     budget = spec.check_budget(cfg, info.meta_model)
     if spec.quantized and (device or cfg.device) == "cpu":
         check_nf4_cpu_shapes(info.meta_model)
-    check_seq_length(cfg.max_seq_length, info.tokenizer)
+    check_seq_length(cfg.max_seq_length, info.tokenizer,
+                     getattr(info.meta_model.config, "max_position_embeddings", None))
     return budget
 

@@ -151,6 +151,8 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path, restart_if_changed: bool
 
     t0 = time.perf_counter()
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"--output-dir: {output_dir} exists and is not a folder")
     spec = get_method(cfg.method)
     spec.check_config(cfg)
     model_dir = Path(cfg.model)

@@ -107,7 +107,7 @@ def test_placeholder_parameters_are_not_saved(tmp_path):
     layer.values.data = torch.empty(0)  # what DeepSpeed ZeRO-3 leaves in a partitioned parameter
     with pytest.raises(ValueError, match=rf"module '{name}': values holds 0 element.*ZeRO-3.*GatheredParameters"):
         model.save_pretrained(tmp_path / "out")
-    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "out").exists()  # not even the folder
     layer.values = nn.Parameter(torch.empty(layer.k, device="meta"))
     with pytest.raises(ValueError, match=rf"module '{name}': values .*device meta"):
         model.save_pretrained(tmp_path / "first")
@@ -179,3 +179,18 @@ def test_the_record_of_a_4bit_base_is_its_compute_dtype():
     assert base_record(model, [("q", layer)]) == {"base_model_dtype": "bfloat16", "base_model_quantization": "nf4"}
     assert base_record(model, [("q", model.model.layers[0].self_attn.q_proj)]) == {
         "base_model_dtype": "float32", "base_model_quantization": "none"}
+
+
+def test_a_tied_lm_head_is_refused_at_wrap_time():
+    """lm_head sharing the input embeddings' weight: merging its Δ would change the embeddings as well, so the
+    merged model would not be the trained one; wrapping refuses it, naming the tie."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    tied = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"module 'lm_head': its weight is shared with \['model\.embed_tokens\.weight'\]"):
+        get_spiel_model(tied, SpielConfig(lora_rank_equivalent=2, target_modules=["lm_head"]))
+    assert not any(type(m).__name__ == "SparseDeltaLinear" for m in tied.modules())  # nothing was replaced
+    untied = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False))
+    assert get_spiel_model(untied, SpielConfig(lora_rank_equivalent=2, target_modules=["lm_head"]))

@@ -309,25 +309,6 @@ def test_dtype_round_trip_while_fused_matches_unfused():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-def test_tied_weights_are_not_fused():
-    """A targeted lm_head tied to the input embeddings: the embedding lookup must keep reading W0."""
-    import spiel
-    from conftest import make_tiny_llama
-
-    model = make_tiny_llama(0, tie_word_embeddings=True)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    w0 = model.model.embed_tokens.weight.detach().clone()
-    sm = spiel.get_spiel_model(model, spiel.SpielConfig(num_tunable_weights=500, target_modules=["lm_head", "q_proj"]))
-    layers = dict(sm.sparse_layers())
-    assert layers["lm_head"].fuse_delta is False and layers["model.layers.0.self_attn.q_proj"].fuse_delta is True
-    with torch.no_grad():
-        layers["lm_head"].values.fill_(1.0)
-    ids = torch.randint(0, 128, (1, 6))
-    with torch.no_grad():
-        a, b = sm(input_ids=ids).logits, sm(input_ids=ids).logits
-    assert torch.equal(a, b) and torch.equal(model.model.embed_tokens.weight, w0)
-
-
 # --------------------------------------------------------------- no registration, ownership, wrappers
 def test_parameter_names_and_state_dict_keys_unchanged_by_forward():
     """The fused state is a plain attribute: a wrapped model's parameters, buffers and state_dict keys are the

@@ -269,6 +269,8 @@ def _write_cfg(path: Path, files: dict, **fields) -> Path:
      r"spiel.target_modules: unknown module name\(s\) \['nope_proj'\]; the model's linear layers are named "
      r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj$"),
     ({"method": "spiel-ag"}, ["spiel.target_modules=mlp\\..*_nope"], r"spiel.target_modules: .*matched no module"),
+    ({"max_seq_length": 100000}, [], r"max_seq_length: 100000 is longer than the model's context "
+                                     r"\(max_position_embeddings = \d+\)"),
 ])
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(fields, overrides, message, tiny_run_files,
                                                                tmp_path, capfd):
@@ -279,6 +281,14 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(fields, overrides
     err = capfd.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and re.search(message, err), err
     assert not out.exists()
+
+
+def test_output_dir_that_is_a_file_exits_2(tiny_run_files, tmp_path, capfd):
+    cfg = _write_cfg(tmp_path / "run.yaml", tiny_run_files)
+    (tmp_path / "afile").write_text("mine\n")
+    assert main([str(cfg), "--output-dir", str(tmp_path / "afile")]) == 2
+    assert capfd.readouterr().err.strip() == f"error: --output-dir: {tmp_path / 'afile'} exists and is not a folder"
+    assert (tmp_path / "afile").read_text() == "mine\n"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
