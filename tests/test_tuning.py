@@ -1,0 +1,155 @@
+"""Learning-rate selection: grids, grid points, the choice with its edge flag, the results files, one grid
+point trained in process (and a diverged one recorded, not raised), and the run seed's two effects."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from spielbench import tuning as T
+from spielbench.aggregate.tuning import TUNING_FILES, grid_markdown, write_tuning_results
+
+
+def test_select_learning_rate_interior_edges_divergence_and_ties():
+    s = T.select_learning_rate([(1e-3, 2.1), (3e-4, 2.3), (3e-3, 2.2)])  # unsorted input
+    assert s == T.Selection(1e-3, 2.1, None)
+    assert T.select_learning_rate([(1e-4, 2.0), (3e-4, 2.1), (1e-3, 2.2)]).at_edge == "low"
+    assert T.select_learning_rate([(1e-4, 2.3), (3e-4, 2.2), (1e-3, 2.1)]).at_edge == "high"
+    # the largest rate diverged: it is never chosen, but it still bounds the grid (the choice is interior)
+    s = T.select_learning_rate([(1e-4, 2.3), (3e-4, 2.1), (1e-3, None), (3e-3, math.nan)])
+    assert s == T.Selection(3e-4, 2.1, None)
+    assert T.select_learning_rate([(1e-4, 2.0), (3e-4, 2.0), (1e-3, 2.5)]).learning_rate == 1e-4  # tie: smaller
+    with pytest.raises(T.TuningError, match="lora-r16: every grid point diverged"):
+        T.select_learning_rate([(1e-3, None), (3e-3, None)], "lora-r16")
+    with pytest.raises(T.TuningError, match="no grid point"):
+        T.select_learning_rate([], "x")
+
+
+def test_grids_must_give_every_method_the_same_budget():
+    assert T.check_grids({"lora": [1e-4, 3e-4, 1e-3], "full": [1e-5, 3e-5, 1e-4]}) == 3
+    with pytest.raises(T.TuningError, match="same number of grid points"):
+        T.check_grids({"lora": [1e-4, 3e-4, 1e-3], "full": [1e-5, 3e-5, 1e-4, 3e-4]})
+    with pytest.raises(T.TuningError, match="tuning.grids.lora: the learning rates must be distinct and increasing"):
+        T.check_grids({"lora": [1e-3, 3e-4, 1e-4]})
+    with pytest.raises(T.TuningError, match="tuning.grids.full: expected a list of at least 3"):
+        T.check_grids({"full": [1e-5, 1e-4]})
+    with pytest.raises(T.TuningError, match="positive"):
+        T.check_grids({"lora": [0.0, 1e-4, 1e-3]})
+
+
+def _runs():
+    runs = {
+        "lora-r16-s1": {"method": "lora", "rank": 16, "seed": 1, "max_steps": 120, "learning_rate": None},
+        "lora-r16-s2": {"method": "lora", "rank": 16, "seed": 2, "max_steps": 120, "learning_rate": None},
+        "full": {"method": "full", "rank": None, "seed": 42, "max_steps": 120, "learning_rate": None},
+        "lora-r4": {"method": "lora", "rank": 4, "seed": 42, "max_steps": 120, "learning_rate": 1e-3},
+    }
+    entries = [{"method": "lora", "rank": 16, "seed": 1}, {"method": "lora", "rank": 16, "seed": 2},
+               {"method": "full"}, {"method": "lora", "rank": 4, "learning_rate": 1e-3}]
+    return runs, entries
+
+
+def test_tuned_targets_and_grid_points():
+    runs, entries = _runs()
+    grids = {"lora": [1e-4, 3e-4, 1e-3], "full": [1e-5, 3e-5, 1e-4]}
+    targets = T.tuned_targets(runs, entries, grids)
+    assert list(targets) == ["lora-r16", "full"]  # lora-r4 gives its own learning rate; the seeds share a target
+    assert targets["lora-r16"]["seed"] == 1
+    points = T.grid_points(targets, grids, max_steps=30, validation_file="v.jsonl", validation_examples=90)
+    assert list(points) == ["lora-r16-lr0.0001", "lora-r16-lr0.0003", "lora-r16-lr0.001",
+                            "full-lr1e-05", "full-lr3e-05", "full-lr0.0001"]
+    p = points["full-lr3e-05"]
+    assert p["learning_rate"] == 3e-5 and p["max_steps"] == 30 and p["heldout_data"] == "v.jsonl"
+    assert p["heldout_examples"] == 90 and p["run_id"] == "full-lr3e-05"
+    assert p["_tune"] == {"target": "full", "learning_rate": 3e-5}
+    assert runs["full"]["max_steps"] == 120  # the final run's config is not touched
+    with pytest.raises(T.TuningError, match="'full' gives no learning_rate and tuning.grids has no grid"):
+        T.tuned_targets(runs, entries, {"lora": grids["lora"]})
+
+
+def _scores():
+    def s(target, method, rank, lr, loss, status="ok"):
+        return {"format": T.POINT_FORMAT, "point": f"{target}-lr{lr:g}", "target": target, "method": method,
+                "rank": rank, "learning_rate": lr, "status": status, "validation_loss": loss}
+    return [s("lora-r16", "lora", 16, 1e-3, 2.10), s("lora-r16", "lora", 16, 1e-4, 2.30),
+            s("lora-r16", "lora", 16, 3e-4, 2.20),
+            s("full", "full", None, 1e-5, 2.05), s("full", "full", None, 3e-5, 2.15),
+            s("full", "full", None, 1e-4, None, "diverged")]
+
+
+def test_results_files_chosen_table_edge_flag_and_figure(tmp_path):
+    paths = write_tuning_results(_scores(), tmp_path / "tuning")
+    assert [p.name for p in paths] == list(TUNING_FILES) and all(p.is_file() for p in paths)
+    chosen = json.loads((tmp_path / "tuning" / "chosen_lr.json").read_text())
+    assert chosen["format"] == T.CHOSEN_FORMAT
+    assert chosen["targets"]["lora-r16"]["learning_rate"] == 1e-3 and chosen["targets"]["lora-r16"]["at_edge"] == "high"
+    assert chosen["targets"]["full"]["learning_rate"] == 1e-5 and chosen["targets"]["full"]["at_edge"] == "low"
+    assert [p["learning_rate"] for p in chosen["targets"]["lora-r16"]["grid"]] == [1e-4, 3e-4, 1e-3]
+    md = (tmp_path / "tuning" / "lr_grid.md").read_text()
+    assert "| LoRA r=16 | 0.0001: 2.3000 | 0.0003: 2.2000 | **0.001: 2.1000** | 0.001 | 2.1000 | **at the high edge** |" in md
+    assert "0.0001: DIVERGED" in md and "2 of 2 chosen values at a grid edge" in md
+    csv = (tmp_path / "tuning" / "lr_grid.csv").read_text().splitlines()
+    assert csv[0] == "target,method,rank,learning_rate,validation_loss,status,chosen,at_edge" and len(csv) == 7
+    assert (tmp_path / "tuning" / "lr_grid.png").read_bytes()[:4] == b"\x89PNG"
+    # an interior choice is not flagged
+    scores = _scores()
+    scores[1]["validation_loss"] = 2.0
+    scores[0]["validation_loss"] = 2.2
+    scores[2]["validation_loss"] = 1.9
+    last = grid_markdown(T.choose_all(scores)).splitlines()[-1]
+    assert last.startswith("1 of 2 chosen values at a grid edge: ") and "LoRA" not in last
+
+
+def test_every_point_of_a_target_diverged_writes_nothing(tmp_path):
+    scores = [s for s in _scores() if s["target"] == "full"]
+    for s in scores:
+        s.update(validation_loss=None, status="diverged")
+    with pytest.raises(T.TuningError, match="full: every grid point diverged"):
+        write_tuning_results(scores, tmp_path / "tuning")
+    assert not (tmp_path / "tuning").exists()
+
+
+def test_apply_chosen():
+    chosen = T.choose_all(_scores())
+    run = {"method": "lora", "rank": 16, "learning_rate": None, "seed": 2}
+    assert T.apply_chosen(run, chosen, tuned=True) == {**run, "learning_rate": 1e-3}
+    assert T.apply_chosen(run, chosen, tuned=False) is run
+    with pytest.raises(T.TuningError, match="no learning rate for 'lora-r4'"):
+        T.apply_chosen({"method": "lora", "rank": 4}, chosen, tuned=True)
+
+
+def _point_yaml(tmp_path, files, lr, **over):
+    from fixtures_train import tiny_run_config
+
+    cfg = tiny_run_config(files, "lora", max_steps=2, learning_rate=lr, run_id=f"lora-r2-lr{lr:g}", **over).to_dict()
+    cfg["_tune"] = {"target": "lora-r2", "learning_rate": lr}
+    path = tmp_path / f"{lr:g}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_point_scores_on_the_validation_file(tmp_path, tiny_run_files, torch_single_thread):
+    path = _point_yaml(tmp_path, tiny_run_files, 1e-2)
+    score = T.train_point(path, tmp_path / "out", tmp_path / "score.json")
+    assert json.loads((tmp_path / "score.json").read_text()) == score
+    assert score["status"] == "ok" and score["steps"] == 2 and score["validation_examples"] == 16
+    assert score["target"] == "lora-r2" and score["learning_rate"] == 1e-2 and score["rank"] == 2
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert score["validation_loss"] == pytest.approx(metrics["heldout_loss"])
+
+
+def test_train_point_records_a_diverged_run(tmp_path, tiny_run_files, monkeypatch):
+    import spielbench.train as train
+
+    def diverge(prep, progress=True):
+        raise train.NonFiniteLossError("loss is nan at step 1")
+
+    monkeypatch.setattr(train, "run_training", diverge)
+    score = T.train_point(_point_yaml(tmp_path, tiny_run_files, 10.0), tmp_path / "out", tmp_path / "s.json")
+    assert score["status"] == "diverged" and score["validation_loss"] is None and "nan" in score["detail"]
+    with pytest.raises(Exception, match="not a tuning grid point"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"method": "lora"}))
+        T.train_point(bad, tmp_path / "o2", tmp_path / "s2.json")
