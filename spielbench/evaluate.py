@@ -661,7 +661,8 @@ def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: i
     Examples are encoded exactly as for training (``spielbench.data.load_instruction_dataset``: the
     chat template, labels on assistant tokens only, truncation to ``max_seq_length``); the loss is
     the sum of the negative log-likelihoods (nats) of all label tokens divided by their number (one
-    mean over the whole file, not a mean of per-batch means).
+    mean over the whole file, not a mean of per-batch means). Examples are batched by length (longest
+    first) so that little compute goes to padding; per-example values come back in file order.
 
     Args:
         model: causal LM; tokenizer: its fast tokenizer with a chat template.
@@ -685,20 +686,23 @@ def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: i
                                     field_name="heldout_data")
     collate = PaddingCollator(pad_token_id=pad_token_id_of(tokenizer))
     device = next(model.parameters()).device
-    example_nll: list[float] = []
-    example_tokens: list[int] = []
+    # batches of similar length (longest first), so that padding costs little; results in file order
+    order = sorted(range(len(data)), key=lambda i: -len(data[i]["input_ids"]))
+    example_nll: list[float] = [0.0] * len(data)
+    example_tokens: list[int] = [0] * len(data)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate([data[i] for i in idx])
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits.float()
             labels = batch["labels"][:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, L-1]
-            example_nll += nll.sum(dim=1).tolist()
-            example_tokens += (labels != -100).sum(dim=1).tolist()
+            for i, v, t in zip(idx, nll.sum(dim=1).tolist(), (labels != -100).sum(dim=1).tolist()):
+                example_nll[i], example_tokens[i] = v, int(t)
     model.train(was_training)
     total, count = math.fsum(example_nll), int(sum(example_tokens))
     return {"loss": total / count if count else float("nan"), "n_examples": len(data), "n_tokens": count,

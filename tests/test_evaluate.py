@@ -330,14 +330,19 @@ def test_heldout_loss_is_the_token_mean_over_responses(tmp_path, scripted_llama,
     got = heldout_loss(scripted_llama, eval_tokenizer, path, max_seq_length=64, batch_size=2)
     data = load_instruction_dataset(path, eval_tokenizer, 64)
     # per example, transformers' own shifted loss (mean over its label tokens), weighted by label count
-    total, count = 0.0, 0
+    total, count, per_nll, per_tokens = 0.0, 0, [], []
     with torch.no_grad():
         for f in data.features:
             n = sum(1 for x in f["labels"][1:] if x != -100)
             out = scripted_llama(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]]))
             total += float(out.loss) * n
             count += n
+            per_nll.append(float(out.loss) * n)
+            per_tokens.append(n)
     assert got["n_examples"] == 2 and got["n_tokens"] == count
+    # batched by length (the second example first), reported in file order
+    assert per_tokens[0] != per_tokens[1] and got["example_tokens"] == per_tokens
+    assert got["example_nll"] == pytest.approx(per_nll, rel=1e-5)
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
     assert sum(got["example_tokens"]) == count and len(got["example_nll"]) == 2
     assert sum(got["example_nll"]) / count == pytest.approx(got["loss"])
