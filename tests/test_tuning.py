@@ -153,3 +153,44 @@ def test_train_point_records_a_diverged_run(tmp_path, tiny_run_files, monkeypatc
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({"method": "lora"}))
         T.train_point(bad, tmp_path / "o2", tmp_path / "s2.json")
+
+
+def test_the_run_seed_changes_initial_indices_adapter_initialisation_and_data_order(tmp_path, tiny_run_files,
+                                                                                     torch_single_thread):
+    """The final runs' seeds must differ in what they randomise: SpIEL's initial index set, LoRA's
+    initialisation, and the order of the training examples (one seed changes all three)."""
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    from fixtures_train import tiny_run_config
+    from spielbench.data import PaddingCollator, pad_token_id_of
+    from spielbench.train import _training_arguments, prepare_run, run_training
+
+    def trained(method, seed, key):
+        # one step: before SpIEL's first reselection (at step γ = 2), so its indices are the initial ones
+        cfg = tiny_run_config(tiny_run_files, method, seed=seed, max_steps=1, save_steps=1)
+        out = tmp_path / f"{method}-{seed}-{key}"
+        run_training(prepare_run(cfg, out), progress=False)
+        return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+    def same(a, b, part):
+        keys = sorted(k for k in a if part in k)
+        assert keys
+        return all(a[k].shape == b[k].shape and bool((a[k] == b[k]).all()) for k in keys)
+
+    s1, s1b, s2 = trained("spiel-ag", 1, "a"), trained("spiel-ag", 1, "b"), trained("spiel-ag", 2, "a")
+    assert same(s1, s1b, "indices") and not same(s1, s2, "indices")
+    l1, l1b, l2 = trained("lora", 1, "a"), trained("lora", 1, "b"), trained("lora", 2, "a")
+    assert same(l1, l1b, "lora_A") and not same(l1, l2, "lora_A")
+
+    def first_batches(seed):
+        prep = prepare_run(tiny_run_config(tiny_run_files, "lora", seed=seed), tmp_path / f"order-{seed}")
+        from transformers import AutoModelForCausalLM
+
+        trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_run_files["model"]),
+                          args=_training_arguments(prep), train_dataset=prep.train_dataset,
+                          data_collator=PaddingCollator(pad_token_id_of(prep.tokenizer)))
+        loader = iter(trainer.get_train_dataloader())
+        return [next(loader)["input_ids"].tolist() for _ in range(3)]
+
+    assert first_batches(1) == first_batches(1) != first_batches(2)
