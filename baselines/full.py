@@ -1,6 +1,6 @@
 """Full fine-tuning: every parameter of the model is trained (the reference's upper baseline).
 
-Reference settings (SPIEL_SPEC.md §8.3): learning rate 2e-5, weight decay 0, same batch, schedule and
+Reference settings (docs/METHOD.md §8.3): learning rate 2e-5, weight decay 0, same batch, schedule and
 data as the adapter methods. The "adapter" of a full fine-tuning run is the whole model folder.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """(IA)3 through peft, configured as in the reference runs.
 
-Reference settings (SPIEL_SPEC.md §8.3): ``IA3Config(target_modules=all seven LLaMA projections,
+Reference settings (docs/METHOD.md §8.3): ``IA3Config(target_modules=all seven LLaMA projections,
 feedforward_modules=[gate_proj, up_proj, down_proj])``, AdamW, weight decay 0. (IA)3 has no rank: it
 learns one scaling vector per targeted layer (the output size for attention projections, the input
 size for feed-forward ones).
@@ -13,7 +13,7 @@ from torch import nn
 
 from baselines.lora import TARGET_MODULES
 
-#: Feed-forward modules whose *input* (IA)3 rescales (SPIEL_SPEC.md §8.3).
+#: Feed-forward modules whose *input* (IA)3 rescales (docs/METHOD.md §8.3).
 FEEDFORWARD_MODULES: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 
 

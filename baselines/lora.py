@@ -1,6 +1,6 @@
 """LoRA (and qLoRA on an NF4 base) through peft, configured as in the reference runs.
 
-Reference settings (SPIEL_SPEC.md §8.3): ``LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.1,
+Reference settings (docs/METHOD.md §8.3): ``LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.1,
 target_modules=all seven LLaMA projections)``, adapters in float32, ``torch.optim.AdamW``, weight decay
 0; for qLoRA the same adapter on an NF4 base, without ``prepare_model_for_kbit_training``.
 """
@@ -10,12 +10,12 @@ from collections.abc import Iterable
 
 from torch import nn
 
-#: The seven LLaMA projections every method targets (SPIEL_SPEC.md §2.1).
+#: The seven LLaMA projections every method targets (docs/METHOD.md §2.1).
 TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-#: LoRA scaling numerator used by the reference runs (SPIEL_SPEC.md §8.3).
+#: LoRA scaling numerator used by the reference runs (docs/METHOD.md §8.3).
 DEFAULT_LORA_ALPHA = 16.0
-#: LoRA dropout used by the reference runs (SPIEL_SPEC.md §8.3).
+#: LoRA dropout used by the reference runs (docs/METHOD.md §8.3).
 DEFAULT_LORA_DROPOUT = 0.1
 
 
@@ -37,7 +37,7 @@ def targeted_linears(model: nn.Module, target_modules: Iterable[str] = TARGET_MO
 def lora_parameter_count(model: nn.Module, rank: int, target_modules: Iterable[str] = TARGET_MODULES) -> int:
     """Trainable parameters of LoRA at ``rank``: ``rank * (in + out)`` summed over targeted layers.
 
-    This is the budget SpIEL (``lora_rank_equivalent``) and SHiRA are matched to (SPIEL_SPEC.md §2.2).
+    This is the budget SpIEL (``lora_rank_equivalent``) and SHiRA are matched to (docs/METHOD.md §2.2).
     """
     return sum(rank * (fin + fout) for _, fin, fout in targeted_linears(model, target_modules))
 

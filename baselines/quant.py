@@ -2,7 +2,7 @@
 
 The reference loads the base model with ``BitsAndBytesConfig(load_in_4bit=True,
 bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)``
-(SPIEL_SPEC.md §6, "4-bit (qSpIEL)"). Here the compute dtype follows the device: bfloat16 on CUDA as
+(docs/METHOD.md §6, "4-bit (qSpIEL)"). Here the compute dtype follows the device: bfloat16 on CUDA as
 in the reference, float32 on CPU (bitsandbytes' CPU backend runs NF4 matmuls in either dtype; float32
 keeps CPU runs comparable with the unquantized float32 runs).
 """
@@ -18,7 +18,7 @@ def nf4_compute_dtype(device: str) -> torch.dtype:
 
 
 def nf4_config(device: str):
-    """``transformers.BitsAndBytesConfig`` for NF4 with double quantization (SPIEL_SPEC.md §6).
+    """``transformers.BitsAndBytesConfig`` for NF4 with double quantization (docs/METHOD.md §6).
 
     Modules that stay unquantized: ``lm_head`` (transformers' default skip list keeps the output
     layer in full precision); embeddings and norms are not ``nn.Linear`` and are never quantized.

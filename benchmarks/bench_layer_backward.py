@@ -9,7 +9,7 @@ down 576x1536; ``--hidden/--intermediate/--kv-dim`` change them), with ``--token
   (the project's ordinary step) and with a dense ``dW = dYᵀX`` gathered at η (what the reference
   layer computes in every backward);
 * ``bwd dΔ+dx``: the same plus the input gradient (what a layer inside the network does);
-* SpIEL-AG selection phases (SPIEL_SPEC.md §4.1): the first backward of a phase (dense ``dW``, then
+* SpIEL-AG selection phases (docs/METHOD.md §4.1): the first backward of a phase (dense ``dW``, then
   the k candidates = top-k ``|dW|``, with ``spiel.selection.topk_abs_indices`` and with a plain
   ``torch.topk``), and a later backward of the phase (the project: ``dW`` at η and at the k fixed
   candidates from one sampled product; before: a dense ``dW`` gathered at both);

@@ -5,7 +5,8 @@ built by the asset rules (``resources/models/smollm2-135m-instruct``), batch 8 x
 the LoRA r=16 budget (SpIEL gets ``16 * Σ(in + out)`` = 4,884,480 trainable entries):
 
 * ``floor``: frozen weights, gradient to the inputs only (the cost no method can go below);
-* ``lora``: peft LoRA r=16 on the seven projections;
+* ``lora``: peft LoRA r=16 on the seven projections, dropout 0.1 (the reference's setting);
+* ``lora-dropout0``: the same without dropout (the fastest LoRA; ratios "vs LoRA-d0" divide by it);
 * ``spiel-ag``, ``spiel-ma``: the project's SpIEL (sampled ``dΔ``; dense ``dW`` only in AG phases);
 * ``spiel-reference``: SpIEL-AG with the reference-style layer (dense ``dW`` in every backward).
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from spielbench.benchmark import BenchmarkOptions, result_path, run_one  # noqa: E402
 from spielbench.errors import InputError  # noqa: E402
 
-DEFAULT_METHODS = ("floor", "lora", "spiel-ag", "spiel-ma", "spiel-reference")
+DEFAULT_METHODS = ("floor", "lora", "lora-dropout0", "spiel-ag", "spiel-ma", "spiel-reference")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method:<16} {state}: step {rec.get('step_time_mean_s') or float('nan'):.3f} s, "
               f"peak RSS {(rec.get('peak_memory_bytes') or 0) / 1e9:.2f} GB, load {rec.get('load_avg_start')}",
               flush=True)
-    lora, floor = records.get("lora"), records.get("floor")
+    lora, floor, lora0 = records.get("lora"), records.get("floor"), records.get("lora-dropout0")
 
     def ratio(rec, ref, key):
         ok = rec.get("status") == "ok" and ref is not None and ref.get("status") == "ok"
@@ -71,18 +72,21 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nSmolLM2-135M (real weights), batch {args.batch_size} x {args.seq_len}, fp32, LoRA r{args.rank} budget; "
           f"{os.cpu_count()} CPUs, {next(iter(records.values())).get('threads')} threads")
-    print("| method | step [s] | p50 [s] | vs LoRA | vs floor | CPU [s] | CPU vs LoRA | CPU vs floor | peak RSS [GB] | "
-          "mem vs LoRA | mem vs floor | trainable | state [MB] | kinds (mean s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| method | step [s] | p50 [s] | vs LoRA | vs LoRA-d0 | vs floor | CPU [s] | CPU vs LoRA | CPU vs LoRA-d0 | "
+          "CPU vs floor | peak RSS [GB] | mem vs LoRA | mem vs LoRA-d0 | mem vs floor | trainable | state [MB] | "
+          "kinds (mean s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for method, rec in records.items():
         if rec.get("status") != "ok":
             print(f"| {method} | {rec.get('status')}: {str(rec.get('detail'))[:80]} |")
             continue
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in (rec.get("kind_mean_s") or {}).items())
         print(f"| {method} | {rec['step_time_mean_s']:.3f} | {rec['step_time_p50_s']:.3f} | "
-              f"{ratio(rec, lora, 'step_time_mean_s')} | {ratio(rec, floor, 'step_time_mean_s')} | "
-              f"{rec['step_cpu_time_mean_s']:.3f} | {ratio(rec, lora, 'step_cpu_time_mean_s')} | "
-              f"{ratio(rec, floor, 'step_cpu_time_mean_s')} | {rec['peak_memory_bytes'] / 1e9:.2f} | {ratio(rec, lora, 'peak_memory_bytes')} | "
+              f"{ratio(rec, lora, 'step_time_mean_s')} | {ratio(rec, lora0, 'step_time_mean_s')} | "
+              f"{ratio(rec, floor, 'step_time_mean_s')} | {rec['step_cpu_time_mean_s']:.3f} | "
+              f"{ratio(rec, lora, 'step_cpu_time_mean_s')} | {ratio(rec, lora0, 'step_cpu_time_mean_s')} | "
+              f"{ratio(rec, floor, 'step_cpu_time_mean_s')} | {rec['peak_memory_bytes'] / 1e9:.2f} | "
+              f"{ratio(rec, lora, 'peak_memory_bytes')} | {ratio(rec, lora0, 'peak_memory_bytes')} | "
               f"{ratio(rec, floor, 'peak_memory_bytes')} | {rec['trainable_params']:,d} | "
               f"{rec['adapter_state_bytes'] / 1e6:.1f} | {kinds} |")
     loads = [r.get(k) for r in records.values() for k in ("load_avg_start", "load_avg_end") if r.get(k) is not None]

@@ -1,10 +1,10 @@
-"""Trainable-parameter budgets and their allocation over weight matrices (SPIEL_SPEC.md §2.1, §2.2).
+"""Trainable-parameter budgets and their allocation over weight matrices (docs/METHOD.md §2.1, §2.2).
 
 * :func:`count_parameters` counts all model parameters as the reference does (4-bit weights at their
   original ``out x in`` shape, not their packed uint8 storage).
 * :func:`find_target_modules` picks the linear layers to tune.
 * :func:`lora_equivalent_budget` is LoRA's trainable count at rank r, ``r * Σ(in + out)``, so SpIEL and
-  LoRA can be compared at exactly equal trainable parameters (the sft-llm runs do this, spec §2.2).
+  LoRA can be compared at exactly equal trainable parameters (the sft-llm runs do this, docs/METHOD.md §2.2).
 * :func:`allocate` gives each matrix ``k_m = floor(N * numel_m / Σ numel)`` (uniform density over
   the targeted matrices; computed in exact integer arithmetic).
 """
@@ -42,7 +42,7 @@ def parameter_numel(param) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     """Σ numel over ALL parameters of ``model`` (shared/tied parameters once; embeddings and ``lm_head``
-    included; 4-bit weights at their original shape), the reference's ``total_params`` (spec §2.2)."""
+    included; 4-bit weights at their original shape), the reference's ``total_params`` (docs/METHOD.md §2.2)."""
     return sum(parameter_numel(p) for p in model.parameters())
 
 
@@ -58,7 +58,7 @@ def _matches(name: str, target_modules: Union[Sequence[str], str]) -> bool:
 
 def find_target_modules(model: nn.Module, target_modules: Optional[Union[Sequence[str], str]] = None
                         ) -> list[tuple[str, nn.Module]]:
-    """The modules to wrap, as ``[(qualified name, module)]`` in ``named_modules()`` order (spec §2.1).
+    """The modules to wrap, as ``[(qualified name, module)]`` in ``named_modules()`` order (docs/METHOD.md §2.1).
 
     ``None``: every ``nn.Linear``/``Linear4bit`` whose name starts with ``model.base_model_prefix`` (all
     linear layers when the model has no prefix), which for LLaMA is the 7 projections per block and never
@@ -108,7 +108,7 @@ def lora_equivalent_budget(modules: Iterable[tuple[str, nn.Module]], rank: int) 
 
 
 def resolve_budget(model: nn.Module, config: SpielConfig, modules: Sequence[tuple[str, nn.Module]]) -> int:
-    """The total trainable count N from the config's budget (spec §2.2): ``int(count_parameters(model) *
+    """The total trainable count N from the config's budget (docs/METHOD.md §2.2): ``int(count_parameters(model) *
     density)``, ``num_tunable_weights``, or :func:`lora_equivalent_budget` at ``lora_rank_equivalent``.
     ``model`` must not be wrapped yet (its parameter count is the base model's).
 
@@ -123,7 +123,7 @@ def resolve_budget(model: nn.Module, config: SpielConfig, modules: Sequence[tupl
 
 
 def allocate(total: int, sizes: dict[str, int]) -> dict[str, int]:
-    """Per-matrix counts ``k_m = floor(total * numel_m / Σ numel)`` (spec §2.2), in exact integer arithmetic.
+    """Per-matrix counts ``k_m = floor(total * numel_m / Σ numel)`` (docs/METHOD.md §2.2), in exact integer arithmetic.
 
     ``sizes`` maps module name -> ``numel_m`` (``out * in``). The sum of the k_m may fall short of
     ``total`` by less than ``len(sizes)`` (flooring, as in the reference).

@@ -1,8 +1,13 @@
-"""``SpielConfig``: the hyper-parameters of a SpIEL adapter, validated at construction (SPIEL_SPEC.md §1-§3).
+"""``SpielConfig``: the hyper-parameters of a SpIEL adapter, validated at construction (docs/METHOD.md §1-§3).
 
-Serialised as ``adapter_config.json`` next to ``adapter_model.safetensors`` (see :mod:`spiel.model`),
-with a peft-like ``"peft_type": "SPIEL"`` marker. The reference names are accepted as aliases:
-``selection_algorithm="rigl"`` is SpIEL-AG (``"ag"``), ``"sm3"`` is SpIEL-MA (``"ma"``).
+Serialised as ``adapter_config.json`` next to ``adapter_model.safetensors`` (see :mod:`spiel.adapter_io`),
+with ``"spiel_format_version": 2`` and the base the adapter was trained over (``base_model_dtype``,
+``base_model_quantization``). A SpIEL adapter is not a peft adapter, and the file says so: its
+``peft_type`` holds the sentence :data:`NOT_A_PEFT_ADAPTER`, which peft and transformers print in the
+``KeyError`` they raise when pointed at the folder (they look ``peft_type`` up in their registry), so
+the error names spiel and the one-line way to load it. Version-1 files (``"peft_type": "SPIEL"``, no
+base recorded) still load. The reference names are accepted as aliases: ``selection_algorithm="rigl"``
+is SpIEL-AG (``"ag"``), ``"sm3"`` is SpIEL-MA (``"ma"``).
 """
 from __future__ import annotations
 
@@ -16,10 +21,18 @@ from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["SpielConfig", "CONFIG_NAME", "PEFT_TYPE"]
+__all__ = ["SpielConfig", "CONFIG_NAME", "FORMAT_VERSION", "NOT_A_PEFT_ADAPTER", "QUANTIZATIONS"]
 
 CONFIG_NAME = "adapter_config.json"
-PEFT_TYPE = "SPIEL"
+#: Version of the adapter folder layout written by this library (1: ``peft_type: SPIEL``, no base record).
+FORMAT_VERSION = 2
+#: The ``peft_type`` of a saved SpIEL config: not a peft method name, a message for whoever reads it.
+NOT_A_PEFT_ADAPTER = ("not a peft adapter: this folder holds a SpIEL adapter (library 'spiel'); load it with "
+                      "spiel.SpielModel.from_pretrained(base_model, adapter_dir)")
+_LEGACY_PEFT_TYPE = "SPIEL"
+#: Values of ``base_model_quantization``: a dense base, or bitsandbytes 4-bit NF4 / FP4 weights.
+QUANTIZATIONS = ("none", "nf4", "fp4")
+_BASE_DTYPES = ("float32", "bfloat16", "float16")
 
 _ALGORITHM_ALIASES = {"ag": "ag", "rigl": "ag", "ma": "ma", "sm3": "ma"}
 _POLICIES = ("linear", "cosine", "none")
@@ -40,7 +53,7 @@ class SpielConfig:
 
     Budget (exactly one of the three, unless ``num_deltas`` is already known, e.g. when loading):
         density: fraction in (0, 1] of ALL model parameters (embeddings and ``lm_head`` included; 4-bit
-            weights at their original shape), as the reference defines it (spec §2.2):
+            weights at their original shape), as the reference defines it (docs/METHOD.md §2.2):
             ``N = int(total_params * density)``.
         num_tunable_weights: absolute number N >= 1 of trainable entries.
         lora_rank_equivalent: r >= 1; ``N = r * Σ(in + out)`` over the targeted modules, i.e. exactly
@@ -49,10 +62,10 @@ class SpielConfig:
     Targets and selection:
         target_modules: None (every ``nn.Linear``/``Linear4bit`` under ``base_model_prefix``: the 7 LLaMA
             projections, never ``lm_head``), a list of names (each matches ``<name>`` or ``*.<name>``), or
-            a string regex matched against the full qualified module name (spec §2.1).
+            a string regex matched against the full qualified module name (docs/METHOD.md §2.1).
         selection_algorithm: ``"ag"`` (accumulated gradients; alias ``"rigl"``) or ``"ma"`` (momentum
             approximation with SM3; alias ``"sm3"``). Stored normalised.
-        reselection_steps: S >= 1, update steps between reselections (spec §3).
+        reselection_steps: S >= 1, update steps between reselections (docs/METHOD.md §3).
         selection_accumulation_steps: γ with ``0 <= γ < S``, gradient-accumulation window length.
         initial_reselection_rate: ζ in [0, 1], drop/regrow fraction at the start of the decay.
         reselection_rate_policy: ``"linear"`` (first reselection replaces everything), ``"cosine"``, or
@@ -63,6 +76,10 @@ class SpielConfig:
     Filled in by :func:`spiel.model.get_spiel_model`:
         num_deltas: ``{qualified module name: k}`` once allocated.
         base_model_name_or_path: the wrapped model's ``name_or_path``, for the saved config.
+        base_model_dtype: dtype of the base's floating-point weights (``"float32"``, ``"bfloat16"``,
+            ``"float16"``); None when unknown (a version-1 adapter).
+        base_model_quantization: ``"none"``, ``"nf4"`` or ``"fp4"`` (bitsandbytes 4-bit targets);
+            None when unknown (a version-1 adapter). Loaders apply or check both (docs/METHOD.md §7).
 
     Raises:
         ValueError: naming the offending field and what was expected.
@@ -81,6 +98,8 @@ class SpielConfig:
     seed: int = 0
     num_deltas: Optional[dict[str, int]] = field(default=None)
     base_model_name_or_path: Optional[str] = None
+    base_model_dtype: Optional[str] = None
+    base_model_quantization: Optional[str] = None
 
     def __post_init__(self) -> None:
         self._validate_budget()
@@ -109,6 +128,12 @@ class SpielConfig:
             raise ValueError(f"seed: expected an integer, got {self.seed!r}")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise ValueError(f"base_model_name_or_path: expected a string or None, got {self.base_model_name_or_path!r}")
+        if self.base_model_dtype is not None and self.base_model_dtype not in _BASE_DTYPES:
+            raise ValueError(f"base_model_dtype: expected one of {list(_BASE_DTYPES)} or None, "
+                             f"got {self.base_model_dtype!r}")
+        if self.base_model_quantization is not None and self.base_model_quantization not in QUANTIZATIONS:
+            raise ValueError(f"base_model_quantization: expected one of {list(QUANTIZATIONS)} or None, "
+                             f"got {self.base_model_quantization!r}")
 
     def _validate_budget(self) -> None:
         given = [name for name in ("density", "num_tunable_weights", "lora_rank_equivalent")
@@ -176,22 +201,33 @@ class SpielConfig:
         return SpielConfig(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: every field plus ``"peft_type": "SPIEL"``."""
-        data = {"peft_type": PEFT_TYPE}
+        """A JSON-ready dict: every field, ``"spiel_format_version": 2`` and ``"peft_type"`` set to
+        :data:`NOT_A_PEFT_ADAPTER`."""
+        data: dict[str, Any] = {"spiel_format_version": FORMAT_VERSION, "peft_type": NOT_A_PEFT_ADAPTER}
         data.update(copy.deepcopy(asdict(self)))
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SpielConfig":
-        """Rebuild a config from :meth:`to_dict` output.
+        """Rebuild a config from :meth:`to_dict` output (format 2) or a version-1 dict
+        (``"peft_type": "SPIEL"``, no ``spiel_format_version``; its base stays unknown).
 
-        Raises ValueError if ``peft_type`` is present and not ``"SPIEL"``, or on unknown keys."""
+        Raises ValueError: a peft adapter's config (another ``peft_type``), a format version this
+        library does not know (a newer spiel wrote it), or unknown keys."""
         if not isinstance(data, dict):
             raise ValueError(f"SpielConfig.from_dict: expected a mapping, got {type(data).__name__}")
         data = dict(data)
-        peft_type = data.pop("peft_type", PEFT_TYPE)
-        if peft_type != PEFT_TYPE:
-            raise ValueError(f"peft_type: expected {PEFT_TYPE!r}, got {peft_type!r} (not a SpIEL adapter)")
+        version = data.pop("spiel_format_version", None)
+        peft_type = data.pop("peft_type", None)
+        if version is None:
+            if peft_type != _LEGACY_PEFT_TYPE:
+                raise ValueError(f"peft_type: {peft_type!r} and no spiel_format_version: not a SpIEL adapter "
+                                 "(a peft adapter loads with peft.PeftModel.from_pretrained)")
+        elif not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"spiel_format_version: this spiel reads versions 1..{FORMAT_VERSION}, got {version!r} "
+                             "(written by a newer spiel? upgrade it)")
+        elif peft_type not in (None, NOT_A_PEFT_ADAPTER, _LEGACY_PEFT_TYPE):
+            raise ValueError(f"peft_type: expected {NOT_A_PEFT_ADAPTER!r}, got {peft_type!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

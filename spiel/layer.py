@@ -1,4 +1,4 @@
-"""A linear layer with a trainable sparse delta: ``W = W0 + scatter(η, Δ)`` (SPIEL_SPEC.md §2, §6).
+"""A linear layer with a trainable sparse delta: ``W = W0 + scatter(η, Δ)`` (docs/METHOD.md §2, §6).
 
 :class:`SparseDeltaLinear` wraps a frozen ``nn.Linear`` or a bitsandbytes ``Linear4bit`` (NF4/FP4,
 qSpIEL). It owns
@@ -8,25 +8,9 @@ qSpIEL). It owns
 * ``values`` (Δ): an ``nn.Parameter`` ``[k]`` in the delta dtype, zeros at initialisation.
 
 Forward, fused (the default for a dense base, :attr:`SparseDeltaLinear.fuse_delta`): the base weight
-itself holds the effective weight. The layer keeps ``W0[η]`` (k values in the weight dtype) and a copy
-of η, and before each forward and each backward rewrites only the k entries ``W[η] = W0[η] + Δ``
-(summed in fp32, rounded once to the weight dtype), an O(k) gather/scatter; ``F.linear`` then reads
-the base weight directly, with no dense temporary. Every way of looking at the base weight sees
-``W0``: ``state_dict``/``load_state_dict``, :meth:`SparseDeltaLinear.base_weight`, ``disabled``,
-:meth:`~SparseDeltaLinear.merge` and :meth:`~SparseDeltaLinear.unfuse` restore ``W0[η]`` first (O(k)),
-and the next forward fuses again. A changed η (replace_entries, an in-place write, a new tensor) is
-detected by tensor identity and version, and the old positions are restored from the copy. Measured on
-SmolLM2-1.7B shapes at 128 tokens (1 thread): the 7 projections of one step 14.9 s with a fresh
-temporary per forward and backward, 8.9 s fused, 8.6 s with frozen weights (README, Performance).
-Reading ``base_layer.weight`` directly between forwards shows ``W0 + Δ`` at η: call ``unfuse()`` first.
-Tensors returned by ``state_dict()`` alias the live weight (as for any module): save or clone them before
-the next forward, which writes ``W0 + Δ`` into that storage again. Other code's changes to the base are
-respected: ``.to()``/``.half()``/``.cuda()`` unfuse first; an in-place write to the base weight by
-anything else (its version changes), or a new Parameter that does not hold the fused values at η, is
-taken as a new ``W0``; a new Parameter that does (an ``nn.DataParallel`` replica) is adopted. A disabled
-forward under autograd goes through the same function with Δ = 0, so that nothing saved for its backward
-aliases the base weight. :func:`spiel.model.get_spiel_model` turns fusion off for a weight that another
-module also reads (tied input embeddings and ``lm_head``).
+itself holds ``W0 + Δ`` at η between calls, written in O(k) before each forward and backward, and
+``F.linear`` reads it directly (no dense temporary). :mod:`spiel.fused` describes the mechanism: when the
+fused weight is updated, how every view of the base still sees ``W0``, and which weights are not fused.
 
 Forward, unfused (a 4-bit base, ``fuse_delta=False``, or a compute dtype the fused weight cannot give
 exactly, e.g. fp16 autocast over a bf16 base): ``W0 + Δ`` is materialised densely for this layer only
@@ -34,21 +18,18 @@ exactly, e.g. fp16 autocast over a bf16 base): ``W0 + Δ`` is materialised dense
 the forward and again in the backward. Either way only the input, Δ and η are saved for backward,
 never a dense effective weight.
 
-Backward (the lever over the reference, which forms a dense ``dW = dYᵀX`` in every step, spec §6 and
+Backward (the lever over the reference, which forms a dense ``dW = dYᵀX`` in every step, docs/METHOD.md §6 and
 §10.2.5):
 
 * ``dx = dY · (W0 + Δ)`` exactly (the fused base weight, or the effective weight recomputed);
-* ``dΔ[n] = Σ_t dY[t, row_n] · X[t, col_n]``, a sampled dense-dense product (SDDMM) evaluated only at
-  the k active positions with ``torch.sparse.sampled_addmm`` over a CSR pattern. The pattern (row
-  pointers, sorted columns and the permutation back to slot order) is cached between steps and rebuilt
-  only when η changes (:meth:`SparseDeltaLinear.replace_entries`, or any in-place write to ``indices``).
-  On CPU it runs in token chunks that keep the operands cache-resident. Measured on SmolLM2-135M shapes
-  (1024 tokens, LoRA-r16 budget) it costs about 0.3x the dense ``dYᵀX`` GEMM;
-* while ``weight_grad_hook`` is set (the SpIEL-AG selection phase, spec §4.1), the dense fp32
+* ``dΔ[n] = Σ_t dY[t, row_n] · X[t, col_n]`` by the path :attr:`SparseDeltaLinear.delta_grad` and the
+  per-device rule of :mod:`spiel.delta_grad` choose: a sampled product (SDDMM) at the k positions over a
+  CSR pattern cached between steps (rebuilt when η changes), or a dense ``dYᵀX`` GEMM and a gather;
+* while ``weight_grad_hook`` is set (the SpIEL-AG selection phase, docs/METHOD.md §4.1), the dense fp32
   ``dW [out, in]`` is computed once, passed to the hook, and ``dΔ`` is gathered from it;
 * :meth:`SparseDeltaLinear.sample_weight_grad` asks for the weight gradient at extra positions (AG's
-  fixed candidates after the first micro-batch of a phase) from the same SDDMM, without a dense dW
-  (positions that are both active and candidates are computed once).
+  fixed candidates after the first micro-batch of a phase) in the same product as dΔ (positions both
+  active and candidates are computed once).
 
 The bias, if any, stays frozen and the base weight never receives a gradient.
 
@@ -64,13 +45,14 @@ called inside or outside an autocast region (this replaces ``torch.amp.custom_fw
 from __future__ import annotations
 
 import sys
-import warnings
-import weakref
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fused import FusedWeightMixin, fusable_weight
+from .delta_grad import check_path, csr_pattern, delta_grad as _delta_grad, sampled_grad as _sampled_path
 
 __all__ = [
     "SparseDeltaLinear",
@@ -78,36 +60,13 @@ __all__ = [
     "random_indices",
     "index_dtype_for",
     "is_linear4bit",
+    "fusable_weight",
 ]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-# id(base weight Parameter) -> (weak ref to that Parameter, weak ref to the SparseDeltaLinear whose Δ is fused
-# into it). Kept outside the Parameter so that pickling a model (torch.save(model)) never meets a weak
-# reference; keyed by id because tensors do not compare as dictionary keys. An entry leaves with its Parameter.
-_FUSED_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
-
-
-def _fused_owner(weight: torch.Tensor) -> Optional["SparseDeltaLinear"]:
-    """The layer whose Δ is fused into ``weight``, or None."""
-    entry = _FUSED_OWNERS.get(id(weight))
-    if entry is None or entry[0]() is not weight:
-        return None
-    return entry[1]()
-
-
-def _set_fused_owner(weight: torch.Tensor, layer: Optional["SparseDeltaLinear"]) -> None:
-    """Record (or, with None, forget) the layer fused into ``weight``."""
-    key = id(weight)
-    if layer is None:
-        _FUSED_OWNERS.pop(key, None)
-        return
-    _FUSED_OWNERS[key] = (weakref.ref(weight, lambda _ref, key=key: _FUSED_OWNERS.pop(key, None)),
-                          weakref.ref(layer))
-
-
 def index_dtype_for(numel: int) -> torch.dtype:
-    """The dtype of η for a weight of ``numel`` elements: ``int32`` if ``numel < 2**31`` else ``int64`` (spec §2)."""
+    """The dtype of η for a weight of ``numel`` elements: ``int32`` if ``numel < 2**31`` else ``int64`` (docs/METHOD.md §2)."""
     return torch.int32 if numel < 2**31 else torch.int64
 
 
@@ -121,7 +80,7 @@ def is_linear4bit(module: nn.Module) -> bool:
 
 
 def random_indices(numel: int, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """k distinct positions drawn uniformly at random from ``range(numel)``, sorted ascending (spec §2).
+    """k distinct positions drawn uniformly at random from ``range(numel)``, sorted ascending (docs/METHOD.md §2).
 
     Returns an int64 CPU tensor ``[k]``. Memory is O(k) when ``k <= numel / 2`` (rejection sampling with
     ``randint`` + ``unique``, then a uniform subset of the distinct draws), else one ``randperm(numel)``.
@@ -150,20 +109,6 @@ def _no_autocast(device_type: str):
         return torch.autocast(device_type=device_type, enabled=False)
     except RuntimeError:  # e.g. "meta"
         return torch.autocast(device_type="cpu", enabled=False)
-
-
-_CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 per transposed operand chunk: stays in L2 on CPU
-
-
-def _token_chunk(tokens: int, in_features: int, out_features: int) -> int:
-    """Tokens per SDDMM call on CPU: the largest power of two (>= 64) whose ``[chunk, max(in, out)]`` fp32
-    slice fits ``_CPU_CHUNK_ELEMENTS``. ``sampled_addmm`` transposes both operands to token-contiguous
-    rows; chunking keeps those copies and the per-entry dot products cache-resident (measured ~20-25%
-    faster than one call at 1024 tokens on SmolLM2 shapes)."""
-    chunk = 64
-    while chunk * 2 * max(in_features, out_features) <= _CPU_CHUNK_ELEMENTS:
-        chunk *= 2
-    return max(1, min(tokens, chunk))
 
 
 def _accumulate_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -217,11 +162,13 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
                         sample_hook(flat[sample_at])
                     del dense_grad, flat
                 elif sample_at is not None:
-                    both = layer._sampled_grad(g.to(acc), x2d.to(acc), indices, sample_at)
+                    both = _delta_grad(layer.delta_grad, lambda: layer._csr_pattern(indices, sample_at), g, x2d, acc,
+                                       (layer.out_features, layer.in_features), indices, sample_at)
                     grad_values = both[: indices.numel()]
                     sample_hook(both[indices.numel():])
                 else:
-                    grad_values = layer._sampled_grad(g.to(acc), x2d.to(acc), indices)
+                    grad_values = _delta_grad(layer.delta_grad, lambda: layer._csr_pattern(indices), g, x2d, acc,
+                                              (layer.out_features, layer.in_features), indices)
                 grad_values = grad_values.to(values.dtype)
                 if not ctx.needs_input_grad[1]:
                     grad_values = None
@@ -232,6 +179,7 @@ class _SparseDeltaLinearFunction(torch.autograd.Function):
         return grad_x, grad_values, None, None, None, None
 
 
+@torch.compiler.disable  # runs eagerly under torch.compile: the fused write mutates the base weight in place
 def sparse_delta_linear(layer: "SparseDeltaLinear", x: torch.Tensor, values: Optional[torch.Tensor] = None,
                         compute_dtype: Optional[torch.dtype] = None, use_hooks: bool = True) -> torch.Tensor:
     """The functional form of :meth:`SparseDeltaLinear.forward` (ignores ``merged``/``disabled``).
@@ -240,7 +188,8 @@ def sparse_delta_linear(layer: "SparseDeltaLinear", x: torch.Tensor, values: Opt
     gradchecks); ``compute_dtype`` defaults to the autocast dtype when autocast is on, else the base's
     compute dtype (the weight dtype for ``nn.Linear``; ``compute_dtype`` or ``x.dtype`` for 4-bit).
     Returns ``[..., out]`` in the compute dtype (4-bit: cast back to ``x.dtype``, as bitsandbytes does).
-    ``use_hooks=False`` keeps the layer's selection hooks out of this call's backward.
+    ``use_hooks=False`` keeps the layer's selection hooks out of this call's backward. Under
+    ``torch.compile`` this call is a graph break (it runs eagerly; the code around it is compiled).
     """
     if values is None:
         values = layer.values
@@ -252,14 +201,14 @@ def sparse_delta_linear(layer: "SparseDeltaLinear", x: torch.Tensor, values: Opt
     return y
 
 
-class SparseDeltaLinear(nn.Module):
-    """A frozen linear layer plus a trainable sparse delta Δ at indices η (SPIEL_SPEC.md §2, §6).
+class SparseDeltaLinear(FusedWeightMixin, nn.Module):
+    """A frozen linear layer plus a trainable sparse delta Δ at indices η (docs/METHOD.md §2, §6).
 
     Args:
         base_layer: ``nn.Linear`` or bitsandbytes ``Linear4bit``; its parameters are frozen here.
         k: number of trainable entries (ignored if ``indices`` is given), ``1 <= k <= out*in``.
         indices: optional initial flat indices ``[k]`` (distinct, in ``[0, out*in)``); by default k
-            distinct positions drawn uniformly at random with ``generator``, sorted (spec §2).
+            distinct positions drawn uniformly at random with ``generator``, sorted (docs/METHOD.md §2).
         delta_dtype: dtype of Δ (``torch.float32``; ``torch.bfloat16`` in the reference qSpIEL runs).
         generator: CPU ``torch.Generator`` for the random initial indices (seeded by the caller).
 
@@ -309,12 +258,9 @@ class SparseDeltaLinear(nn.Module):
         self.merged = False
         self.disabled = False
         self.fuse_delta = True
+        self._delta_grad_path = "auto"
         self._merge_backup: Optional[torch.Tensor] = None
-        # Fused state (module docstring): the base Parameter written, a copy of η at the time and W0 there.
-        self._fused_weight: Optional[torch.Tensor] = None
-        self._fused_version: Optional[int] = None  # the base weight's version right after our last write
-        self._fused_indices: Optional[torch.Tensor] = None
-        self._fused_base: Optional[torch.Tensor] = None
+        self._fused: Optional[_FusedState] = None  # the fused state (module docstring), None while unfused
         self._csr_cache = None  # (key, crow, col, gather); key holds the index tensors themselves and versions
 
     # ----------------------------------------------------------------------------------- properties
@@ -327,6 +273,17 @@ class SparseDeltaLinear(nn.Module):
     def dense_numel(self) -> int:
         """``out_features * in_features``: the size of the full weight this delta indexes."""
         return self.out_features * self.in_features
+
+    @property
+    def delta_grad(self) -> str:
+        """How the backward computes dΔ: ``"auto"`` (the per-device rule of :mod:`spiel.delta_grad`),
+        ``"sampled"`` (SDDMM at η) or ``"dense"`` (``dYᵀX`` GEMM, then a gather). Setting another value
+        raises ValueError."""
+        return self.__dict__.get("_delta_grad_path", "auto")
+
+    @delta_grad.setter
+    def delta_grad(self, path: str) -> None:
+        self._delta_grad_path = check_path(path)
 
     @property
     def is_4bit(self) -> bool:
@@ -373,131 +330,16 @@ class SparseDeltaLinear(nn.Module):
         dense[self.indices] = self.values.detach().to(dtype)
         return dense.view(self.out_features, self.in_features)
 
-    # ---------------------------------------------------------------------------------- fused state
-    @property
-    def fused(self) -> bool:
-        """True while the base weight holds ``W0 + Δ`` at η (between forwards of a fused layer)."""
-        return self._fused_weight is not None
-
-    def fused_cache_bytes(self) -> int:
-        """Bytes held for the fused forward: the copy of η and ``W0[η]`` (0 while unfused)."""
-        if self._fused_weight is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self._fused_indices, self._fused_base))
-
-    def _can_fuse(self, dtype: torch.dtype) -> bool:
-        """Whether the fused base weight gives the compute weight in ``dtype`` bit-exactly: a dense base in
-        ``dtype``, or an fp32 base under half-precision autocast (one rounding of the fp32 sum either way)."""
-        if not self.fuse_delta or self.merged or self.is_4bit:
-            return False
-        wdtype = self.base_layer.weight.dtype
-        return wdtype == dtype or (wdtype == torch.float32 and dtype in _HALF_DTYPES)
-
-    @torch.no_grad()
-    def unfuse(self) -> None:
-        """Restore ``W0`` at the fused positions of the base weight (O(k)); no-op while unfused. The next
-        fused forward writes ``W0 + Δ`` again. Call before reading ``base_layer.weight`` directly."""
-        self._check_fused_state()
-        if self._fused_weight is None:
-            return
-        weight = self.base_layer.weight
-        flat = weight.view(-1)
-        flat[self._fused_indices] = self._fused_base.to(device=flat.device, dtype=flat.dtype)
-        self._forget_fused()
-
-    def _forget_fused(self) -> None:
-        """Drop the fused state without writing to the base weight."""
-        if self._fused_weight is not None and _fused_owner(self._fused_weight) is self:
-            _set_fused_owner(self._fused_weight, None)
-        weight = self.base_layer.weight
-        if _fused_owner(weight) is self:
-            _set_fused_owner(weight, None)
-        self._fused_weight = self._fused_version = None
-        self._fused_indices = self._fused_base = None
-
-    @torch.no_grad()
-    def _check_fused_state(self) -> None:
-        """Forget the fused state where the base weight no longer holds what this layer wrote into it:
-
-        * the same Parameter written in place by other code since (``load_state_dict`` on the base layer
-          alone, a manual edit): its contents are taken as the new ``W0``;
-        * a different Parameter: adopted if it holds the fused values at η (a copy of the fused weight,
-          e.g. an ``nn.DataParallel`` replica), else taken as a new ``W0``."""
-        old = self._fused_weight
-        if old is None:
-            return
-        weight = self.base_layer.weight
-        if weight is old:
-            if weight._version != self._fused_version:
-                self._forget_fused()
-            return
-        copy = False
-        if weight.shape == old.shape and weight.dtype == old.dtype and weight.is_floating_point():
-            idx = self._fused_indices
-            copy = torch.equal(weight.reshape(-1)[idx.to(weight.device)],
-                               old.detach().reshape(-1)[idx.to(old.device)].to(weight.device))
-        if not copy:
-            self._forget_fused()
-            return
-        self._fused_indices = self._fused_indices.to(weight.device)
-        self._fused_base = self._fused_base.to(weight.device)
-        self._fused_weight, self._fused_version = weight, weight._version
-        _set_fused_owner(weight, self)
-
-    def _release_base(self) -> None:
-        """Make the base weight hold ``W0``: unfuse this layer and any other layer fused over the same base
-        Parameter (layers sharing a base, e.g. :class:`spielbench.reference_layer.ReferenceSparseDeltaLinear`
-        built from this one). Owners are kept in a weak mapping from the base Parameter."""
-        self.unfuse()
-        other = _fused_owner(self.base_layer.weight)
-        if other is not None and other is not self:
-            other.unfuse()
-
-    @torch.no_grad()
-    def _fuse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Write ``W[η] = W0[η] + Δ`` (fp32 sum, one rounding) into the base weight and return it. Re-takes
-        ``W0[η]`` (restoring the previously fused positions first) when η changed since the last call."""
-        weight = self.base_layer.weight
-        self._check_fused_state()
-        # a value comparison (O(k)) also catches η written through ``.data``, which keeps the version counter
-        if self._fused_weight is not None and not torch.equal(self._fused_indices, indices):
-            self.unfuse()  # η changed: restore the old positions
-        if self._fused_weight is None:
-            self._release_base()
-            with torch.inference_mode(False):  # the cached tensors outlive any inference-mode region
-                flat = weight.view(-1)
-                self._fused_indices = indices.detach().clone()
-                self._fused_base = flat[indices]
-            self._fused_weight = weight
-            _set_fused_owner(weight, self)
-        flat = weight.view(-1)
-        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        flat[indices] = (self._fused_base.to(acc) + values.detach().to(acc)).to(flat.dtype)
-        self._fused_version = weight._version
-        return weight
-
     def _compute_weight(self, dtype: torch.dtype, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The effective weight ``W0 + scatter(η, Δ)`` ``[out, in]`` in ``dtype`` for one forward or backward:
         the fused base weight itself where possible (cast once if ``dtype`` is narrower), else a fresh
         per-layer tensor (:meth:`_effective_weight`). Bit-identical either way."""
+        if self._fused is not None:
+            self._valid_fused_state()  # may find the weight swapped and turn fusion off
         if self._can_fuse(dtype):
             weight = self._fuse(values, indices)
             return weight if weight.dtype == dtype else weight.to(dtype)
         return self._effective_weight(dtype, values, indices)  # base_weight() inside restores W0 first
-
-    def _apply(self, fn, *args, **kwargs):
-        self._release_base()  # dtype/device conversions (.to, .half, .cuda) see W0; the next forward fuses again
-        return super()._apply(fn, *args, **kwargs)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._release_base()  # the base layer's entries (saved after this module's own) must hold W0
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        self._release_base()  # W0 goes back before the base layer's entries are overwritten
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def _effective_weight(self, dtype: torch.dtype, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """A new dense ``W0 + scatter(η, Δ)`` in ``dtype``; each changed entry is ``(W0[η] + Δ)`` summed in
@@ -524,48 +366,21 @@ class SparseDeltaLinear(nn.Module):
                 and all(t is ref and t._version == version for t, (ref, version) in zip(index_sets, cache[0]))):
             return cache[1:]
         key = tuple((t, t._version) for t in index_sets)  # strong refs: identity + version, never stale
-        flat = torch.cat([t.reshape(-1).long() for t in index_sets]) if len(index_sets) > 1 else index_sets[0].long()
-        perm = torch.argsort(flat)
-        ordered = flat[perm]
-        gather = torch.empty_like(perm)
-        if len(index_sets) > 1:
-            ordered, slot = torch.unique_consecutive(ordered, return_inverse=True)
-            gather[perm] = slot
-        else:  # η alone is distinct
-            gather[perm] = torch.arange(perm.numel(), device=perm.device)
-        rows = torch.div(ordered, self.in_features, rounding_mode="floor")
-        cols = ordered - rows * self.in_features
-        crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=flat.device)
-        crow[1:] = torch.bincount(rows, minlength=self.out_features).cumsum(0)
-        idx_dtype = torch.int32 if max(self.dense_numel, flat.numel()) < 2**31 else torch.int64
-        crow, cols, gather = crow.to(idx_dtype), cols.to(idx_dtype), gather.to(idx_dtype)
+        crow, cols, gather = csr_pattern((self.out_features, self.in_features), *index_sets)
         self._csr_cache = (key, crow, cols, gather)
         return crow, cols, gather
 
     def _sampled_grad(self, grad_out: torch.Tensor, x2d: torch.Tensor, *index_sets: torch.Tensor) -> torch.Tensor:
         """``dW[p] = Σ_t grad_out[t, row_p] · x2d[t, col_p]`` at every flat position p of the concatenated
-        ``index_sets`` (``grad_out [T, out]``, ``x2d [T, in]``, fp32/fp64) without a dense ``[out, in]``
-        temporary: one SDDMM (``torch.sparse.sampled_addmm``) over the cached CSR pattern of the distinct
-        positions. Returns ``[Σ len]`` in the order of ``cat(index_sets)``."""
-        crow, cols, gather = self._csr_pattern(*index_sets)
-        with warnings.catch_warnings():  # torch's one-time "CSR support is in beta" notice
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            pattern = torch.sparse_csr_tensor(
-                crow, cols, torch.zeros(cols.numel(), dtype=grad_out.dtype, device=grad_out.device),
-                (self.out_features, self.in_features), check_invariants=False)
-        tokens = grad_out.shape[0]
-        step = tokens if grad_out.device.type != "cpu" else _token_chunk(tokens, self.in_features, self.out_features)
-        sampled = None
-        for start in range(0, tokens, step):
-            part = torch.sparse.sampled_addmm(pattern, grad_out[start:start + step].t(), x2d[start:start + step],
-                                              beta=0.0).values()
-            sampled = part if sampled is None else sampled.add_(part)
-        return sampled.index_select(0, gather)
+        ``index_sets`` (``grad_out [T, out]``, ``x2d [T, in]``, fp32/fp64) by the sampled path
+        (:func:`spiel.delta_grad.sampled_grad` over the cached CSR pattern), whatever :attr:`delta_grad`
+        says. Returns ``[Σ len]`` in the order of ``cat(index_sets)``."""
+        return _sampled_path(self._csr_pattern(*index_sets), (self.out_features, self.in_features), grad_out, x2d)
 
     def sample_weight_grad(self, indices: Optional[torch.Tensor], hook: Optional[Callable[[torch.Tensor], None]]
                            ) -> None:
         """Ask each following backward for the weight gradient at extra flat positions (e.g. SpIEL-AG's
-        fixed candidates after the first micro-batch of a selection phase, spec §4.1): ``hook`` receives
+        fixed candidates after the first micro-batch of a selection phase, docs/METHOD.md §4.1): ``hook`` receives
         ``dW.flatten()[indices]`` as an fp32 tensor ``[m]``, computed in the same SDDMM as dΔ (no dense dW
         unless ``weight_grad_hook`` is also set, in which case it is gathered from that). Pass
         ``(None, None)`` to stop. ``indices`` may overlap η (shared positions are computed once).
@@ -615,7 +430,7 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def replace_entries(self, slots: torch.Tensor, new_indices: torch.Tensor) -> None:
         """Write ``new_indices`` into η at positions ``slots`` and zero Δ (and any ``values.grad``) there
-        (spec §3.2: grown entries start at Δ = 0). Invalidates the cached CSR pattern.
+        (docs/METHOD.md §3.2: grown entries start at Δ = 0). Invalidates the cached CSR pattern.
 
         ``slots [n]`` are positions in ``[0, k)``; ``new_indices [n]`` flat positions in ``[0, out*in)``.
         The caller keeps η distinct (the selection rules guarantee it; not re-checked here, O(k log k)).
@@ -644,7 +459,7 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def merge(self, keep_backup: bool = True) -> None:
         """Add Δ into the base weight in place: ``W[η] = (W[η] + Δ)`` computed in fp32, cast to the weight
-        dtype (spec §7). With ``keep_backup`` the original ``W0[η]`` (k values) is kept so that
+        dtype (docs/METHOD.md §7). With ``keep_backup`` the original ``W0[η]`` (k values) is kept so that
         :meth:`unmerge` restores W bit-exactly. No-op if already merged.
 
         Raises ValueError for a 4-bit base (re-quantising is lossy; evaluate 4-bit runs unmerged)."""

@@ -3,11 +3,11 @@
 Both optimizers keep state only for the *active* entries of each sparse delta (the ``values`` of a
 :class:`spiel.layer.SparseDeltaLinear`), never for the dense weight matrix:
 
-- :class:`SparseAdamW` (SpIEL-AG, SPIEL_SPEC.md §3.3): per-entry ``age`` (bias-correction counter),
+- :class:`SparseAdamW` (SpIEL-AG, docs/METHOD.md §3.3): per-entry ``age`` (bias-correction counter),
   ``exp_avg`` and ``exp_avg_sq``, all fp32 tensors of shape ``[k]``. Because every entry carries its
   own age, entries grown by a reselection can be given a fresh (or seeded, §4.3) state while the
   rest keep theirs.
-- :class:`SM3` (SpIEL-MA, SPIEL_SPEC.md §5.1): one fp32 accumulator per row ``[out_features]`` and
+- :class:`SM3` (SpIEL-MA, docs/METHOD.md §5.1): one fp32 accumulator per row ``[out_features]`` and
   one per column ``[in_features]`` of the weight matrix; the MA growth rule scores inactive positions
   by ``row[i] * col[j]`` (§5.2).
 
@@ -89,7 +89,7 @@ def _bias_correction_table(beta1: float, beta2: float, length: int, device: torc
 
 
 def _apply_update(p: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """``Δ -= lr · update``, then decoupled weight decay ``Δ -= lr · wd · Δ`` (SPIEL_SPEC.md §3.3, §5.1), in
+    """``Δ -= lr · update``, then decoupled weight decay ``Δ -= lr · wd · Δ`` (docs/METHOD.md §3.3, §5.1), in
     fp32: in place for a contiguous fp32 ``p``, else through an fp32 copy written back once. ``update``
     is fp32 ``[numel(p)]``."""
     direct = p.dtype == torch.float32 and p.is_contiguous()
@@ -132,7 +132,29 @@ class _FP32StateMixin:
     class has loaded, each state tensor is replaced by a copy of the saved tensor in its saved dtype.
     """
 
+    #: ``(kind as the user knows it, the per-parameter state keys this optimizer writes)``; set per class.
+    _KIND: tuple[str, frozenset] = ("", frozenset())
+
+    def _check_kind(self, state_dict: dict[str, Any]) -> None:
+        """Refuse the state of the other SpIEL optimizer (an AG checkpoint resumed as MA, or back)."""
+        kinds = {cls._KIND[0]: cls._KIND[1] for cls in (SparseAdamW, SM3)}
+        own_name, own_keys = self._KIND
+        groups = state_dict.get("param_groups") or [{}]
+        own_group_keys = set(self.param_groups[0]) - {"params"}  # type: ignore[attr-defined]
+        for entry in (state_dict.get("state") or {}).values():
+            keys = set(entry)
+            if keys and not keys & own_keys:
+                saved = next((name for name, k in kinds.items() if keys & k), "an unknown optimizer")
+                raise ValueError(f"optimizer state: saved by {saved} (state {sorted(keys)}), but this optimizer is "
+                                 f"{own_name}; resume with the selection_algorithm the checkpoint was trained with")
+        missing = own_group_keys - set(groups[0])
+        if missing:
+            raise ValueError(f"optimizer state: its parameter groups lack {sorted(missing)}, which {own_name} needs "
+                             "(saved by another optimizer); resume with the selection_algorithm the checkpoint was "
+                             "trained with")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102 (documented on the class)
+        self._check_kind(state_dict)
         super().load_state_dict(state_dict)  # type: ignore[misc]
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]  # type: ignore[attr-defined]
@@ -146,7 +168,7 @@ class _FP32StateMixin:
 
 
 class SparseAdamW(_FP32StateMixin, Optimizer):
-    """AdamW with per-entry bias correction and decoupled weight decay (SPIEL_SPEC.md §3.3).
+    """AdamW with per-entry bias correction and decoupled weight decay (docs/METHOD.md §3.3).
 
     State per parameter ``p`` of shape ``[k]`` (any shape works; state has the shape of ``p``), all
     fp32: ``age`` (initialised to 1), ``exp_avg`` (0), ``exp_avg_sq`` (0). One step, per entry:
@@ -178,8 +200,11 @@ class SparseAdamW(_FP32StateMixin, Optimizer):
         weight_decay: decoupled weight decay coefficient (pulls Δ toward 0, i.e. toward W0).
 
     Raises:
-        ValueError: a hyper-parameter out of range (named in the message); a sparse gradient.
+        ValueError: a hyper-parameter out of range (named in the message); a sparse gradient;
+            ``load_state_dict`` of an SM3 state.
     """
+
+    _KIND = ("SparseAdamW (SpIEL-AG)", frozenset({"age", "exp_avg", "exp_avg_sq"}))
 
     def __init__(
         self,
@@ -254,7 +279,7 @@ class SparseAdamW(_FP32StateMixin, Optimizer):
         grad_sq_mean: torch.Tensor,
         age: torch.Tensor | float,
     ) -> None:
-        """Seed the state of grown entries from accumulated gradients (SPIEL_SPEC.md §4.3).
+        """Seed the state of grown entries from accumulated gradients (docs/METHOD.md §4.3).
 
         ``exp_avg = grad_mean·(1−β1^age)``, ``exp_avg_sq = grad_sq_mean·(1−β2^age)``, ``age = age``, so
         that this optimizer's per-entry bias correction turns them back into the observed means.
@@ -397,7 +422,7 @@ class SparseAdamW(_FP32StateMixin, Optimizer):
 
 
 class SM3(_FP32StateMixin, Optimizer):
-    """SM3 for sparse deltas with a row and a column accumulator (SPIEL_SPEC.md §5.1).
+    """SM3 for sparse deltas with a row and a column accumulator (docs/METHOD.md §5.1).
 
     For each values parameter ``Δ`` (shape ``[k]``) of a sparse-delta layer with weight shape
     ``[out_features, in_features]`` and active positions ``(i, j)`` (from ``layer.indices``), state:
@@ -426,8 +451,11 @@ class SM3(_FP32StateMixin, Optimizer):
         row_cover_only: use the row accumulator only.
 
     Raises:
-        ValueError: a parameter without a layer in ``sparse_layers``; a hyper-parameter out of range.
+        ValueError: a parameter without a layer in ``sparse_layers``; a hyper-parameter out of range;
+            ``load_state_dict`` of a SparseAdamW state.
     """
+
+    _KIND = ("SM3 (SpIEL-MA)", frozenset({"row_accumulator", "col_accumulator", "momentum_buffer"}))
 
     def __init__(
         self,
@@ -484,7 +512,7 @@ class SM3(_FP32StateMixin, Optimizer):
         """Zero the momentum buffer at ``slots`` (int64 ``[n]``) after a reselection.
 
         The row/column accumulators are per row/column, not per entry, and stay untouched
-        (SPIEL_SPEC.md §3.2, §5.2). The reference has no momentum in its runs; a stale per-slot
+        (docs/METHOD.md §3.2, §5.2). The reference has no momentum in its runs; a stale per-slot
         momentum would belong to the position that was dropped, so it is cleared here.
         """
         self.layer_of(p)
@@ -580,7 +608,7 @@ def build_optimizer(
     """The optimizer SpIEL uses for ``model``: :class:`SparseAdamW` for SpIEL-AG, :class:`SM3` for MA.
 
     The choice follows ``model.spiel_config.selection_algorithm`` ("ag"/"rigl" → SparseAdamW,
-    "ma"/"sm3" → SM3; SPIEL_SPEC.md §8.3) unless ``algorithm`` overrides it. All trainable ``values``
+    "ma"/"sm3" → SM3; docs/METHOD.md §8.3) unless ``algorithm`` overrides it. All trainable ``values``
     of ``model.sparse_layers()`` are optimised; under SparseAdamW any other trainable parameter
     (for instance a classifier head) joins with the same settings.
 
@@ -603,7 +631,9 @@ def build_optimizer(
     layers = [layer for _, layer in model.sparse_layers()]
     values = [layer.values for layer in layers if layer.values.requires_grad]
     if not values:
-        raise ValueError("model: no trainable sparse deltas (every SparseDeltaLinear.values is frozen)")
+        hint = (" (loaded with SpielModel.from_pretrained: pass is_trainable=True to train it)"
+                if getattr(model, "inference_mode", False) else "")
+        raise ValueError(f"model: no trainable sparse deltas (every SparseDeltaLinear.values is frozen){hint}")
     value_ids = {id(v) for v in values}
     others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in value_ids]
     if algo in _AG_NAMES:

@@ -1,6 +1,6 @@
 """SpIEL reselection: the drop/grow schedule and the SpIEL-AG and SpIEL-MA growth rules.
 
-Schedule (SPIEL_SPEC.md §3), with S = ``reselection_steps``, γ = ``selection_accumulation_steps``,
+Schedule (docs/METHOD.md §3), with S = ``reselection_steps``, γ = ``selection_accumulation_steps``,
 ζ = ``initial_reselection_rate`` and T = ``total_steps``; ``t`` counts completed optimizer updates and
 :meth:`SpielSelector.step` is called after each one::
 
@@ -15,7 +15,7 @@ Schedule (SPIEL_SPEC.md §3), with S = ``reselection_steps``, γ = ``selection_a
 So reselections happen at t = γ, γ+S, γ+2S, … ≤ T; SpIEL-AG's first gradient window covers γ updates
 and later ones γ+1 (the reference's off-by-one, kept). Differences from the reference, all on purpose:
 
-- §10.9: ending a phase always removes the hooks, also past T (the reference leaks them there); a
+- §10.2.9: ending a phase always removes the hooks, also past T (the reference leaks them there); a
   phase whose reselection step would fall after T is not opened at all (its gradients would never be
   used, and collecting them costs a dense ``dW`` per layer per micro-batch). Likewise the phase opened
   at construction is skipped when γ = 0, because the reference's next opening (after step S−1)
@@ -23,10 +23,10 @@ and later ones γ+1 (the reference's off-by-one, kept). Differences from the ref
 - Within one ``step()`` the phase is ended before the next one begins (the reference begins first).
   The two coincide only for γ = S−1, where the reference's order would discard the whole window;
   for every other γ the order makes no difference.
-- §10.10: on resume the selector restores the exact phase state from :meth:`SpielSelector.state_dict`
+- §10.2.10: on resume the selector restores the exact phase state from :meth:`SpielSelector.state_dict`
   (open/closed, accumulated candidate gradients). Given only ``completed_steps`` it opens a phase only
   if the schedule has one open at that step; it never starts an extra one.
-- §10.1: SpIEL-AG accumulates candidate gradients, squared gradients and the sample count in fp32.
+- §10.2.1: SpIEL-AG accumulates candidate gradients, squared gradients and the sample count in fp32.
 - §4.1: only the first backward of a phase through a matrix forms its dense ``dW`` (to choose the
   candidates); the hook then switches the layer to
   :meth:`~spiel.layer.SparseDeltaLinear.sample_weight_grad`, so later micro-batches of the phase get
@@ -162,7 +162,7 @@ def drop_slots(values: torch.Tensor, n: int) -> torch.Tensor:
 
 def choose_ag_growth(indices: torch.Tensor, outgoing: torch.Tensor, candidates: torch.Tensor,
                      scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SpIEL-AG's swap decision for one matrix (SPIEL_SPEC.md §4.2, steps 2–5).
+    """SpIEL-AG's swap decision for one matrix (docs/METHOD.md §4.2, steps 2–5).
 
     Args:
         indices: current η ``[k]`` (int32/int64).
@@ -357,7 +357,7 @@ def _sample_positions(numel: int, device: str) -> torch.Tensor:
 
 def topk_abs_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     """Flat positions of the ``k`` largest ``|values|`` (unordered), as ``torch.topk(values.abs(), k)``
-    gives them (SPIEL_SPEC.md §4.1, the SpIEL-AG candidate set), without a full top-k of the matrix.
+    gives them (docs/METHOD.md §4.1, the SpIEL-AG candidate set), without a full top-k of the matrix.
 
     The k-th magnitude is bracketed from below by a generous quantile of a fixed pseudo-random sample of
     ``_SAMPLE_SIZE`` magnitudes; the exact top-k is then taken among the positions at or above that
@@ -415,7 +415,7 @@ def _config_of(model: Any) -> Any:
 
 
 class SpielSelector:
-    """Runs the SpIEL drop/grow schedule on a wrapped model (SPIEL_SPEC.md §3–§5).
+    """Runs the SpIEL drop/grow schedule on a wrapped model (docs/METHOD.md §3–§5).
 
     Call :meth:`step` after every optimizer update (not after every micro-batch). SpIEL-AG installs a
     ``weight_grad_hook`` on every :class:`~spiel.layer.SparseDeltaLinear` when a selection phase opens;
@@ -754,6 +754,11 @@ class SpielSelector:
         """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError(f"selector state: expected a dict with version {_STATE_VERSION}")
+        saved_algorithm = (state.get("schedule") or {}).get("algorithm")
+        if saved_algorithm is not None and saved_algorithm != self.algorithm:
+            raise ValueError(f"selector state: saved by a SpIEL-{saved_algorithm.upper()} run, this selector is "
+                             f"SpIEL-{self.algorithm.upper()}; resume with the selection_algorithm the checkpoint was "
+                             "trained with")
         names = {name for name, _ in self.layers}
         unknown = set(state["accumulators"]) - names
         if state.get("initial_indices") is not None:

@@ -1,31 +1,47 @@
-"""Training SpIEL models: a Hugging Face ``Trainer`` integration and the plain PyTorch loop.
+"""Training SpIEL models: Hugging Face ``Trainer`` (and TRL ``SFTTrainer``) through public API, and the
+plain PyTorch loop (docs/METHOD.md §3).
 
-With Hugging Face ``Trainer`` (recommended): :class:`SpielTrainer` builds the optimizer with
-:func:`spiel.optim.build_optimizer` (SparseAdamW for SpIEL-AG, SM3 for SpIEL-MA, from the model's
-``SpielConfig``), builds a :class:`~spiel.selection.SpielSelector` once the number of update steps is
-known, steps it after every optimizer update through :class:`SpielCallback`, saves only the adapter
-(``adapter_config.json`` + ``adapter_model.safetensors``) in checkpoints and at the end, and stores the
-selector state (``spiel_selector.pt``) next to the optimizer state, so that
-``trainer.train(resume_from_checkpoint=...)`` continues exactly where the interrupted run stopped::
+Any ``transformers.Trainer`` (TRL's ``SFTTrainer`` included) trains a :class:`~spiel.model.SpielModel`
+given two things, both public API:
 
-    from transformers import TrainingArguments
-    from spiel.config import SpielConfig
-    from spiel.model import get_spiel_model
-    from spiel.trainer import SpielTrainer
+* the optimizer, from :func:`make_optimizer` (SparseAdamW for SpIEL-AG, SM3 for SpIEL-MA, with the
+  Trainer's learning rate, weight decay, betas and epsilon), passed as ``optimizers=(optimizer, None)``;
+* a :class:`SpielCallback`, which builds the :class:`~spiel.selection.SpielSelector` at
+  ``on_train_begin`` (for the run's ``max_steps`` and ``gradient_accumulation_steps``), steps it after
+  every update, writes the adapter folder and ``spiel_selector.pt`` into each checkpoint, and restores
+  the selector state when the run resumes.
 
-    model = get_spiel_model(hf_model, SpielConfig(lora_rank_equivalent=16, selection_algorithm="ag"))
+``SpielModel.state_dict()`` is the adapter alone, so the Trainer's own checkpoint file
+(``model.safetensors``) holds only ``<module>.indices``/``<module>.values`` (tied embeddings are no
+problem, and no checkpoint copies the base), and ``train(resume_from_checkpoint=...)`` loads it back in
+place. Resuming checks the optimizer kind: an AG checkpoint resumed as MA (or back) is refused, naming
+both. ::
+
+    import spiel
+    from spiel.trainer import SpielCallback, make_optimizer
+    from transformers import Trainer, TrainingArguments
+
+    model = spiel.get_spiel_model(hf_model, spiel.SpielConfig(lora_rank_equivalent=16))
     args = TrainingArguments(output_dir="out", max_steps=500, learning_rate=1e-4, weight_decay=1.0,
                              gradient_accumulation_steps=8, save_steps=100)
-    trainer = SpielTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                      optimizers=(make_optimizer(model, args), None), callbacks=[SpielCallback()])
     trainer.train()                     # or trainer.train(resume_from_checkpoint=True)
-    trainer.save_model("out/adapter")   # adapter only; reload with SpielModel.from_pretrained(base, dir)
+    model.save_pretrained("out/adapter")  # reload: spiel.SpielModel.from_pretrained(base, "out/adapter")
 
-A stock ``Trainer`` also works: pass ``optimizers=(make_optimizer(model, args), None)`` and
-``callbacks=[SpielCallback(selector)]`` with a selector built for ``args.max_steps``; the callback then
-also writes ``spiel_selector.pt`` into each checkpoint and, given ``resume_from_checkpoint``, reloads it.
+With TRL the same two arguments go to ``trl.SFTTrainer(model=model, args=SFTConfig(..., loss_type="nll"),
+...)``: TRL's default ``loss_type="chunked_nll"`` replaces the model's forward with one that reads
+``model.base_model`` as the transformer backbone (on a SpielModel it is the whole causal LM), which the
+callback detects and refuses.
+:class:`SpielTrainer` is that recipe in one class (a ``Trainer`` subclass that only fills in
+``optimizers`` and ``callbacks`` and makes ``save_model`` write the adapter folder).
 
-The plain PyTorch loop (what the callback does, spelled out)::
+The plain PyTorch loop (what the callback does, spelled out). The loss of each micro-batch is its summed
+token cross-entropy divided by the label tokens of the whole update step, so ``GA`` micro-batches of
+any lengths give the gradient of one batch holding them all (dividing each micro-batch's mean by ``GA``
+would weight short and long micro-batches alike)::
 
+    import torch.nn.functional as F
     from spiel.optim import build_optimizer
     from spiel.selection import SpielSelector
 
@@ -33,8 +49,12 @@ The plain PyTorch loop (what the callback does, spelled out)::
     selector = SpielSelector(model, optimizer, total_steps=T, grad_accumulation_steps=GA)
     model.train()
     for step in range(T):
-        for micro_batch in batches_for(step):            # GA micro-batches per update
-            loss = model(**micro_batch).loss / GA
+        micro_batches = batches_for(step)                  # GA dicts: input_ids, attention_mask, labels
+        n_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+        for mb in micro_batches:
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), mb["labels"][:, 1:].flatten(),
+                                   ignore_index=-100, reduction="sum") / n_tokens
             loss.backward()                               # SpIEL-AG collects dW here during a phase
         optimizer.step()
         selector.step()                                   # drop/grow when the schedule says so
@@ -48,6 +68,7 @@ selection is identical on all ranks (see :mod:`spiel.selection`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -71,8 +92,9 @@ __all__ = [
     "SELECTOR_STATE_NAME",
 ]
 
+logger = logging.getLogger(__name__)
+
 SELECTOR_STATE_NAME = "spiel_selector.pt"
-_TRAINING_ARGS_NAME = "training_args.bin"
 
 
 def make_optimizer(model: Any, args: TrainingArguments) -> torch.optim.Optimizer:
@@ -140,28 +162,76 @@ def load_adapter_weights(model: Any, directory: Union[str, os.PathLike]) -> None
     model.load_adapter(directory)
 
 
+def _is_spiel_model(model: Any) -> bool:
+    return callable(getattr(model, "sparse_layers", None)) and getattr(model, "spiel_config", None) is not None
+
+
 class SpielCallback(TrainerCallback):
-    """Steps a :class:`~spiel.selection.SpielSelector` after every optimizer update (``on_step_end``).
+    """Runs SpIEL's reselection inside any ``transformers.Trainer`` (TRL's trainers included).
+
+    * ``on_train_begin``: builds the :class:`~spiel.selection.SpielSelector` (unless one was given) on
+      the Trainer's model and optimizer, for ``state.max_steps`` updates and the Trainer's
+      ``gradient_accumulation_steps``; on a resumed run (``state.global_step > 0``) it loads
+      ``spiel_selector.pt`` from the checkpoint (``resume_from_checkpoint``, else
+      ``<output_dir>/checkpoint-<global_step>``), or, when the checkpoint has none, follows the
+      schedule from that step (no extra phase; docs/METHOD.md §10).
+    * ``on_step_end``: ``selector.step()`` after every optimizer update.
+    * ``on_save``: writes the adapter folder (``save_pretrained``) and ``spiel_selector.pt`` into the
+      new ``checkpoint-<step>`` folder (``save_state``).
+    * ``on_train_end``: removes the selector's gradient hooks.
 
     Args:
-        selector: the selector (may be set later through the ``selector`` attribute, as
-            :class:`SpielTrainer` does).
-        save_state: write the selector state into ``<output_dir>/checkpoint-<step>/`` on each save
-            (for a stock ``Trainer``; :class:`SpielTrainer` saves it itself and passes False).
-        resume_from_checkpoint: a checkpoint directory whose selector state is loaded at
-            ``on_train_begin`` (stock ``Trainer`` resume).
+        selector: a ready selector, or None to build one at ``on_train_begin`` (``selector_kwargs`` go
+            to :class:`SpielSelector`, e.g. ``block_elements``).
+        save_state: write the adapter and selector state into each checkpoint.
+        resume_from_checkpoint: the checkpoint folder of a resumed run, when it is not
+            ``<output_dir>/checkpoint-<global_step>``.
+
+    Raises (at ``on_train_begin``):
+        ValueError: the Trainer's model is not a SpielModel, or it has no optimizer; its forward was
+            replaced (TRL's chunked loss); a saved selector state of the other algorithm (AG vs MA) or of
+            another model (naming the file).
     """
 
     def __init__(self, selector: Optional[SpielSelector] = None, *, save_state: bool = True,
-                 resume_from_checkpoint: Optional[Union[str, os.PathLike]] = None) -> None:
+                 resume_from_checkpoint: Optional[Union[str, os.PathLike]] = None,
+                 selector_kwargs: Optional[dict[str, Any]] = None) -> None:
         self.selector = selector
         self.save_state = save_state
         self.resume_from_checkpoint = resume_from_checkpoint
+        self.selector_kwargs = dict(selector_kwargs or {})
+        self._model: Any = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.selector is not None and self.resume_from_checkpoint is not None:
-            if not load_selector_state(self.selector, self.resume_from_checkpoint):
-                raise FileNotFoundError(f"{Path(self.resume_from_checkpoint) / SELECTOR_STATE_NAME}: no selector state")
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        spiel_model = unwrap_spiel_model(model) if model is not None else None
+        if spiel_model is None or not _is_spiel_model(spiel_model):
+            raise ValueError(f"SpielCallback: the Trainer's model must be a spiel SpielModel, got "
+                             f"{type(model).__name__}")
+        replaced = [vars(spiel_model).get(key) for key in ("forward", "_original_forward")]  # accelerate keeps one
+        if any(str(getattr(getattr(f, "__func__", f), "__module__", "")).startswith("trl.") for f in replaced if f):
+            raise ValueError("SpielCallback: SpielModel.forward was replaced by the trainer (TRL's loss_type="
+                             "'chunked_nll' does this, and reads model.base_model as the transformer backbone, which "
+                             "on a SpielModel is the whole causal LM); pass loss_type='nll' in SFTConfig")
+        self._model = spiel_model
+        resumed = int(state.global_step) > 0
+        if self.selector is None:
+            if optimizer is None:
+                raise ValueError("SpielCallback: the Trainer has no optimizer; pass optimizers=(spiel.trainer."
+                                 "make_optimizer(model, args), None)")
+            self.selector = SpielSelector(spiel_model, _raw_optimizer(optimizer), total_steps=int(state.max_steps),
+                                          grad_accumulation_steps=args.gradient_accumulation_steps,
+                                          **self.selector_kwargs)
+        if resumed or self.resume_from_checkpoint is not None:
+            checkpoint = Path(self.resume_from_checkpoint) if self.resume_from_checkpoint is not None else \
+                Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if not load_selector_state(self.selector, checkpoint):
+                logger.warning("%s: no %s; following the SpIEL schedule from step %d", checkpoint,
+                               SELECTOR_STATE_NAME, state.global_step)
+                self.selector.close()
+                self.selector = SpielSelector(spiel_model, self.selector.optimizer,
+                                              total_steps=self.selector.total_steps,
+                                              grad_accumulation_steps=self.selector.grad_accumulation_steps,
+                                              completed_steps=int(state.global_step), **self.selector_kwargs)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -170,8 +240,12 @@ class SpielCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if self.save_state and self.selector is not None and args.should_save:
-            save_selector_state(self.selector, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self.save_state and args.should_save:
+            directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if self._model is not None:
+                self._model.save_pretrained(directory)
+            if self.selector is not None:
+                save_selector_state(self.selector, directory)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -181,90 +255,45 @@ class SpielCallback(TrainerCallback):
 
 
 class SpielTrainer(Trainer):
-    """``transformers.Trainer`` for a :class:`spiel.model.SpielModel` (SpIEL-AG, SpIEL-MA, qSpIEL).
+    """``transformers.Trainer`` set up for a :class:`spiel.model.SpielModel` (SpIEL-AG, SpIEL-MA, qSpIEL):
+    the recipe of this module's docstring in one class, overriding no private ``Trainer`` method.
 
-    Differences from ``Trainer``: the optimizer comes from :func:`make_optimizer`; a
-    :class:`SpielSelector` (available as ``trainer.selector`` once training starts) is built for the
-    run's ``max_steps`` and the Trainer's ``gradient_accumulation_steps`` and stepped after each
-    update; checkpoints and ``save_model`` hold the adapter only (plus ``spiel_selector.pt`` in
-    checkpoints); resuming loads the adapter in place and restores the selector state exactly (a
-    checkpoint without one falls back to the schedule at the checkpoint's step, spec §10.10).
+    It passes ``optimizers=(make_optimizer(model, args), None)`` unless ``optimizers`` is given, adds a
+    :class:`SpielCallback` (``trainer.selector`` is its selector once training starts), and its
+    ``save_model`` also writes the adapter folder, so ``trainer.save_model(dir)`` is loadable with
+    ``SpielModel.from_pretrained(base, dir)``.
 
     Args:
         model: the SpielModel (its ``spiel_config`` decides AG/MA).
+        args: ``TrainingArguments`` (default: ``TrainingArguments("trainer_output")``, as ``Trainer``).
         selector_kwargs: extra keyword arguments for :class:`SpielSelector` (e.g. ``block_elements``).
-        *args, **kwargs: as for ``transformers.Trainer``. A custom ``optimizers=(opt, sched)`` is honoured
-            for the scheduler; an optimizer passed there replaces the SpIEL one.
+        **kwargs: as for ``transformers.Trainer``.
 
     Raises:
         ValueError: ``model`` is not a SpielModel (no ``sparse_layers()``/``spiel_config``).
     """
 
-    def __init__(self, model: Any = None, *args: Any, selector_kwargs: Optional[dict[str, Any]] = None,
-                 **kwargs: Any) -> None:
-        if model is None or not callable(getattr(model, "sparse_layers", None)) or getattr(
-                model, "spiel_config", None) is None:
+    def __init__(self, model: Any = None, args: Optional[TrainingArguments] = None, *,
+                 selector_kwargs: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
+        if model is None or not _is_spiel_model(model):
             raise ValueError("model: SpielTrainer needs a spiel SpielModel (from spiel.model.get_spiel_model)")
-        self.selector: Optional[SpielSelector] = None
-        self.selector_kwargs = dict(selector_kwargs or {})
-        self._spiel_callback = SpielCallback(save_state=False)
-        super().__init__(model, *args, **kwargs)
-        self.add_callback(self._spiel_callback)
+        args = args if args is not None else TrainingArguments(output_dir="trainer_output")
+        if kwargs.get("optimizers") in (None, (None, None)):
+            kwargs["optimizers"] = (make_optimizer(model, args), None)
+        self._spiel_callback = SpielCallback(selector_kwargs=selector_kwargs)
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [self._spiel_callback]
+        super().__init__(model=model, args=args, **kwargs)
 
-    # ------------------------------------------------------------------------------ optimizer
-    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
-        """Build the SpIEL optimizer (:func:`make_optimizer`) unless one was given."""
-        if self.optimizer is None:
-            self.optimizer = make_optimizer(self.model, self.args)
-        return self.optimizer
+    @property
+    def selector(self) -> Optional[SpielSelector]:
+        """The run's :class:`SpielSelector` (None before ``train()``)."""
+        return self._spiel_callback.selector
 
-    def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
-        """The Trainer's scheduler, then a fresh :class:`SpielSelector` for ``num_training_steps`` updates."""
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        self._build_selector(num_training_steps)
-        return scheduler
-
-    def _build_selector(self, total_steps: int, completed_steps: int = 0) -> None:
-        if self.selector is not None:
-            self.selector.close()
-        self.selector = SpielSelector(self.model, _raw_optimizer(self.optimizer), total_steps=total_steps,
-                                      grad_accumulation_steps=self.args.gradient_accumulation_steps,
-                                      completed_steps=completed_steps, **self.selector_kwargs)
-        self._spiel_callback.selector = self.selector
-
-    # ------------------------------------------------------------------------------ checkpoints
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        """Save only the adapter (``SpielModel.save_pretrained``: ``adapter_config.json`` +
-        ``adapter_model.safetensors``, never the base weights), the processing class and the training
-        args. Used by ``save_model`` and by every checkpoint. ``state_dict`` is ignored."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        model = unwrap_spiel_model(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
-        model.save_pretrained(output_dir, is_main_process=True)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, _TRAINING_ARGS_NAME))
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.selector is not None and self.args.should_save:
-            save_selector_state(self.selector, output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        load_adapter_weights(self.model if model is None else self.accelerator.unwrap_model(model),
-                             resume_from_checkpoint)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.selector is None:
-            return
-        if not load_selector_state(self.selector, checkpoint):
-            # No saved selector state: follow the schedule from the checkpoint's step (no extra phase).
-            self._build_selector(self.selector.total_steps, completed_steps=int(self.state.global_step))
-
-    def _load_best_model(self) -> None:
-        best = self.state.best_model_checkpoint
-        if best is not None:
-            load_adapter_weights(self.model, best)
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` (the adapter tensors as ``model.safetensors``, the processing class, the
+        training arguments) plus, when called by the user, the adapter folder
+        (``SpielModel.save_pretrained``) in ``output_dir`` (checkpoints get theirs from the callback)."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save and not _internal_call:
+            model = unwrap_spiel_model(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
+            model.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)

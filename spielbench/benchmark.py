@@ -9,9 +9,11 @@ JSON. A step is forward + backward + optimizer update + ``SpielSelector.step()``
 
 Methods: every name of :data:`spielbench.methods.METHODS` (``spiel-ag``, ``spiel-ma``,
 ``spiel-static``, ``qspiel-ag``, ``qspiel-ma``, ``lora``, ``qlora``, ``ia3``, ``shira``, ``full``) plus
-``floor`` (frozen weights, gradient to the inputs only: the cost no fine-tuning method can go below)
-and ``spiel-reference`` (SpIEL-AG with :mod:`spielbench.reference_layer`: a dense ``dW`` in every
-backward, as the original code, SPIEL_SPEC.md §6). 4-bit methods are recorded ``"unsupported"`` when
+``floor`` (frozen weights, gradient to the inputs only: the cost no fine-tuning method can go below),
+``lora-dropout0`` (LoRA without dropout: the registry's ``lora`` keeps the reference's dropout 0.1,
+which costs LoRA a large share of its step on CPU, so both rows are reported; tables give ratios to
+both) and ``spiel-reference`` (SpIEL-AG with :mod:`spielbench.reference_layer`: a dense ``dW`` in every
+backward, as the original code, docs/METHOD.md §6). 4-bit methods are recorded ``"unsupported"`` when
 bitsandbytes cannot run an NF4 layer forward+backward on the device.
 
 Sizes (:data:`SIZES`): ``tiny`` (tests), ``smollm2-135m``, ``smollm2-360m``, ``smollm2-1.7b`` (CPU
@@ -20,7 +22,7 @@ default), ``llama2-7b``, ``llama2-13b`` (the paper's models, for GPUs).
 Selection phases in their natural proportion (the *schedule-weighted* estimate)
 -----------------------------------------------------------------------------
 Under the reference schedule (S = ``reselection_steps`` = 20, γ = ``selection_accumulation_steps`` = 5,
-SPIEL_SPEC.md §3) a steady-state period of S update steps holds, for SpIEL-AG, γ + 1 steps of an
+docs/METHOD.md §3) a steady-state period of S update steps holds, for SpIEL-AG, γ + 1 steps of an
 open selection phase (the selector collects candidate gradients): one *phase-start* step (a dense
 ``dW`` per layer and the top-k candidate choice), one *phase-first* step (the first sampled at the
 candidates: the layers build the CSR pattern of η ∪ candidates), γ − 2 *phase* steps (accumulation at
@@ -100,7 +102,9 @@ OpenMP spin-waiting when threads > 1), ``step_cpu_times_s``, ``phase_mean_s`` ({
 optimizer, selector: mean [s] over timed steps}), ``schedule`` (natural S/γ, weights, driving
 S_b/γ_b/c0/T), ``adapter_state`` (byte components), ``adapter_state_bytes_per_trainable_param``,
 ``memory_estimate`` (the prediction's components [bytes]), ``memory_available_bytes``,
-``peak_rss_scope``, ``build_time_s``, ``wall_time_s``,
+``peak_rss_scope``, ``build_time_s``, ``wall_time_s``, ``gradient_checkpointing`` (the option),
+``step_time_cuda_event_mean_s``/``step_times_cuda_event_s`` (CUDA only: the same steps timed by CUDA
+events on the current stream, schedule-weighted),
 ``load_avg_start``/``load_avg_end`` (1-minute load average: other work on the machine disturbs
 timings), ``versions``, ``created_utc``, ``model_source`` (``"random-init"`` or a model folder).
 
@@ -133,18 +137,21 @@ from spielbench.fsio import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: Benchmark-only methods (not training methods of the registry).
-EXTRA_METHODS = ("floor", "spiel-reference")
+#: Benchmark-only variants of registry methods: name -> (registry method, RunConfig overrides).
+#: ``lora-dropout0`` is LoRA without dropout, the fastest LoRA (the registry's LoRA keeps the reference's 0.1).
+VARIANTS = {"spiel-reference": ("spiel-ag", {}), "lora-dropout0": ("lora", {"lora_dropout": 0.0})}
 #: Status values of a record.
 STATUSES = ("ok", "oom", "unsupported", "error", "timeout")
 #: Canonical order of methods in tables.
-METHOD_ORDER = ("floor", "lora", "ia3", "shira", "spiel-ag", "spiel-ma", "spiel-static", "spiel-reference",
+METHOD_ORDER = ("floor", "lora", "lora-dropout0", "ia3", "shira", "spiel-ag", "spiel-ma", "spiel-static",
+                "spiel-reference",
                 "full", "qlora", "qspiel-ag", "qspiel-ma")
 #: Columns of the efficiency_benchmark table (CSV header).
 TABLE_COLUMNS = ("size", "method", "status", "step_time_mean_s", "step_time_p50_s", "tokens_per_s",
                  "step_cpu_time_mean_s", "step_cpu_time_vs_lora",
                  "peak_memory_bytes", "trainable_params", "adapter_state_bytes",
-                 "adapter_state_bytes_per_trainable_param", "step_time_vs_lora", "step_time_vs_floor",
+                 "adapter_state_bytes_per_trainable_param", "step_time_vs_lora", "step_time_vs_lora_dropout0",
+                 "step_time_vs_floor", "peak_memory_vs_lora_dropout0",
                  "peak_memory_vs_lora", "peak_memory_vs_floor", "peak_memory_over_floor_bytes",
                  "n_params_model", "device", "threads", "batch_size", "seq_len", "steps", "detail")
 
@@ -227,11 +234,11 @@ SIZES: dict[str, ModelSize] = {s.name: s for s in (
 
 
 def all_methods() -> tuple[str, ...]:
-    """Every method name the benchmark accepts: the training registry plus :data:`EXTRA_METHODS`."""
-    from spielbench.methods import METHODS
+    """Every method name the benchmark accepts (the registry's benchmark entries), in :data:`METHOD_ORDER`."""
+    from spielbench.methods import benchmark_methods
 
-    names = list(METHODS) + [m for m in EXTRA_METHODS if m not in METHODS]
-    return tuple(sorted(names, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)))
+    return tuple(sorted(benchmark_methods(),
+                        key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)))
 
 
 # ----------------------------------------------------------------------------------------- options
@@ -249,7 +256,7 @@ class BenchmarkOptions:
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         threads: CPU threads (``torch.set_num_threads``) in each worker; None = torch's default.
         reselection_steps, selection_accumulation_steps, initial_reselection_rate: the natural SpIEL
-            schedule S, γ, ζ whose proportions the weighted step time reproduces (SPIEL_SPEC.md §3).
+            schedule S, γ, ζ whose proportions the weighted step time reproduces (docs/METHOD.md §3).
         seed: seed of the random weights, indices and token batches.
         timeout_s: wall-clock limit of one worker [s] (status "timeout" past it).
         memory_limit_bytes: treat at most this much as available (prediction) and cap the worker to it
@@ -259,6 +266,8 @@ class BenchmarkOptions:
         model_dir: benchmark a real model folder instead of a random-init size (float methods only;
             ``size`` is then only a label).
         profile_out: write a ``torch.profiler`` summary of the timed steps to this file (timings inflate).
+        gradient_checkpointing: recompute each block's activations in the backward (non-reentrant
+            ``gradient_checkpointing_enable``), as memory-bound GPU runs train.
     """
 
     rank: int = 16
@@ -278,6 +287,7 @@ class BenchmarkOptions:
     predict_oom: bool = True
     model_dir: Optional[str] = None
     profile_out: Optional[str] = None
+    gradient_checkpointing: bool = False
 
     def validate(self) -> "BenchmarkOptions":
         """Check every field; returns self. Raises InputError naming the field and what was expected."""
@@ -295,6 +305,8 @@ class BenchmarkOptions:
         if not 0.0 <= float(self.initial_reselection_rate) <= 1.0:
             raise InputError("initial_reselection_rate: expected a number in [0, 1], "
                              f"got {self.initial_reselection_rate!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise InputError(f"gradient_checkpointing: expected true or false, got {self.gradient_checkpointing!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise InputError(f"dtype: expected 'float32' or 'bfloat16', got {self.dtype!r}")
         dev = self.device
@@ -358,24 +370,19 @@ def check_pairs(sizes: Sequence[str], methods: Sequence[str], options: Benchmark
 
 
 def _method_family(method: str) -> str:
-    if method == "floor":
-        return "floor"
-    if method == "spiel-reference":
-        return "spiel"
-    from spielbench.methods import get_method
+    """The registry family of a benchmark entry ("floor", "lora", "spiel", ...)."""
+    from spielbench.methods import REGISTRY
 
-    return get_method(method).family
+    return REGISTRY[method].family
 
 
 def _spiel_algorithm(method: str) -> Optional[str]:
     """"ag"/"ma" for dynamic SpIEL methods (they call a selector), else None."""
-    if method == "spiel-reference":
-        return "ag"
     if method == "floor":
         return None
     from spielbench.methods import get_method
 
-    spec = get_method(method)
+    spec = get_method(VARIANTS.get(method, (method,))[0])
     return spec.selection_algorithm if spec.needs_selector else None
 
 
@@ -400,7 +407,7 @@ class DrivingSchedule:
 
 
 def natural_weights(algorithm: Optional[str], period: int, accumulation: int) -> dict[str, float]:
-    """Fraction of steady-state steps of each kind under the natural schedule (S, γ) (SPIEL_SPEC.md §3).
+    """Fraction of steady-state steps of each kind under the natural schedule (S, γ) (docs/METHOD.md §3).
 
     SpIEL-AG, hooks on in the γ + 1 steps ``t ≡ 0 … γ (mod S)``: ``phase-start 1/S`` (the first hooked
     step: a dense ``dW`` and the top-k candidate choice), ``phase-first 1/S`` (the first step sampled at
@@ -727,7 +734,8 @@ def _run_config(method: str, size_label: str, options: BenchmarkOptions, device:
     from spielbench.methods import get_method
     from spielbench.runconfig import RunConfig
 
-    spec = get_method("spiel-ag" if method == "spiel-reference" else method)
+    registry_name, overrides = VARIANTS.get(method, (method, {}))
+    spec = get_method(registry_name)
     spiel_opts = {}
     if spec.family == "spiel":
         spiel_opts = {"reselection_steps": options.reselection_steps,
@@ -735,7 +743,7 @@ def _run_config(method: str, size_label: str, options: BenchmarkOptions, device:
                       "initial_reselection_rate": options.initial_reselection_rate}
     cfg = RunConfig(method=spec.name, model=f"benchmark:{size_label}", train_data="benchmark:random-tokens",
                     rank=options.rank if spec.takes_rank else None, seed=options.seed, device=device,
-                    weight_decay=0.0, spiel=spiel_opts)
+                    weight_decay=0.0, spiel=spiel_opts, **overrides)
     return spec, cfg
 
 
@@ -784,11 +792,13 @@ def _adapter_state(setup: _Setup) -> dict[str, int]:
     return out
 
 
-def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = None) -> tuple[dict[str, float], str]:
+def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = None,
+          cuda_events: bool = False) -> tuple[dict[str, float], str]:
     """One training step; returns ({phase: seconds}, kind): "select" (ended with a reselection),
     "phase-start" (gradient hooks on, the first such step of a phase), "phase-first" (the second),
     "phase" (hooks on, later),
-    "after-select" (the step after a "select"), else "plain"."""
+    "after-select" (the step after a "select"), else "plain". With ``cuda_events`` the step is also timed
+    by CUDA events on the current stream (``"cuda_event"`` [s])."""
     import torch
     from torch.profiler import record_function
 
@@ -796,8 +806,11 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
     # an AG selection phase is open: the step collects candidate gradients (dense dW or sampled candidates)
     hooks_on = sel is not None and getattr(sel, "algorithm", None) == "ag" and bool(getattr(sel, "phase_open", False))
     history = len(setup.selector.history) if setup.selector is not None else 0
+    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda_events else None
     c0 = time.process_time()
     t0 = time.perf_counter()
+    if events:
+        events[0].record()
     with record_function("bench/forward"), autocast():
         if setup.floor:
             embeds = setup.model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -820,6 +833,8 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
     with record_function("bench/selector"):
         if setup.selector is not None:
             setup.selector.step()
+    if events:
+        events[1].record()
     sync()
     t4 = time.perf_counter()
     c4 = time.process_time()
@@ -831,8 +846,11 @@ def _step(setup: _Setup, ids, autocast, sync, previous_kind: Optional[str] = Non
                                                                                           "phase-start")
     else:
         kind = "after-select" if previous_kind == "select" else "plain"
-    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "selector": t4 - t3, "total": t4 - t0,
-            "cpu": c4 - c0}, kind
+    out = {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "selector": t4 - t3, "total": t4 - t0,
+           "cpu": c4 - c0}
+    if events:
+        out["cuda_event"] = events[0].elapsed_time(events[1]) / 1e3
+    return out, kind
 
 
 def _device_name(device: str) -> str:
@@ -1003,6 +1021,14 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
         vocab = int(base.config.vocab_size)
         setup = _build(method, base, options, device, size, schedule)
         del base
+        if options.gradient_checkpointing:
+            model = setup.model
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (and SpielModel)
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            setup.model.train()
+        record["gradient_checkpointing"] = options.gradient_checkpointing
         record["build_time_s"] = time.perf_counter() - t0
         record["trainable_params"] = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
         gen = torch.Generator(device="cpu").manual_seed(options.seed + 1)
@@ -1027,7 +1053,7 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
             profiler.__enter__()
         try:
             for i in range(timed_steps(schedule.algorithm, options.steps, options.selection_accumulation_steps)):
-                phase, kind = _step(setup, batches[i % 2], autocast, sync, previous)
+                phase, kind = _step(setup, batches[i % 2], autocast, sync, previous, cuda_events=on_cuda)
                 previous = kind
                 times.append(phase["total"])
                 cpu_times.append(phase["cpu"])
@@ -1039,6 +1065,10 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
         peaks = measure.peak_memory(device, scope)
         state = _adapter_state(setup)
         stats = weighted_step_stats(times, kinds, schedule.weights)
+        if on_cuda:
+            event_times = [p["cuda_event"] for p in phases]
+            record.update(step_times_cuda_event_s=event_times,
+                          step_time_cuda_event_mean_s=weighted_step_stats(event_times, kinds, schedule.weights)["mean"])
         cpu_stats = weighted_step_stats(cpu_times, kinds, schedule.weights)
         record.update(
             status="ok", steps=len(times),
@@ -1263,6 +1293,10 @@ def table_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row.update(
             step_time_vs_lora=_ratio(step, ok(s, lora, "step_time_mean_s")),
             step_time_vs_floor=_ratio(step, ok(s, "floor", "step_time_mean_s")),
+            step_time_vs_lora_dropout0=(None if r["method"].startswith("q")
+                                        else _ratio(step, ok(s, "lora-dropout0", "step_time_mean_s"))),
+            peak_memory_vs_lora_dropout0=(None if r["method"].startswith("q")
+                                          else _ratio(mem, ok(s, "lora-dropout0", "peak_memory_bytes"))),
             step_cpu_time_vs_lora=_ratio(r.get("step_cpu_time_mean_s") if step is not None else None,
                                          ok(s, lora, "step_cpu_time_mean_s")),
             peak_memory_vs_lora=_ratio(mem, ok(s, lora, "peak_memory_bytes")),
@@ -1315,15 +1349,17 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
         "disturbs timings)." if loads else "",
         "Step time: schedule-weighted mean/median (SpIEL selection phases in their natural proportion, "
         "S=20, γ=5; see `spielbench/benchmark.py`). Peak memory: CUDA max allocated, else peak RSS of the worker "
-        "after model build. Ratios \"/LoRA\" divide by LoRA of the same size (4-bit methods: by qLoRA); "
+        "after model build. Ratios \"/LoRA\" divide by LoRA of the same size (dropout 0.1 as the reference; 4-bit "
+        "methods: by qLoRA), \"/LoRA-d0\" by LoRA without dropout (`lora-dropout0`, the fastest LoRA); "
         "\"/floor\" by the frozen-weight float floor. "
         "Adapter state: trainable parameters + gradients + optimizer state + SpIEL indices and fused-forward cache. "
         "CPU-time/LoRA: ratio of process CPU time per step (steadier than wall time when other work shares "
         "the machine).",
         "",
         "| size | method | status | step [s] | p50 [s] | tokens/s | peak [GiB] | trainable | state [MiB] | "
-        "B/param | step/LoRA | step/floor | CPU-time/LoRA | mem/LoRA | mem/floor | mem over floor [GiB] |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "B/param | step/LoRA | step/LoRA-d0 | step/floor | CPU-time/LoRA | mem/LoRA | mem/LoRA-d0 | mem/floor | "
+        "mem over floor [GiB] |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('detail') or '')[:80]}"
@@ -1331,8 +1367,9 @@ def render_markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, 
             r["size"], r["method"], status, _fmt(r["step_time_mean_s"], "s"), _fmt(r["step_time_p50_s"], "s"),
             _fmt(r["tokens_per_s"], "f0"), _fmt(r["peak_memory_bytes"], "gib"), _fmt(r["trainable_params"], "int"),
             _fmt(r["adapter_state_bytes"], "mib"), _fmt(r["adapter_state_bytes_per_trainable_param"], "f1"),
-            _fmt(r["step_time_vs_lora"], "x"), _fmt(r["step_time_vs_floor"], "x"),
-            _fmt(r["step_cpu_time_vs_lora"], "x"), _fmt(r["peak_memory_vs_lora"], "x"),
+            _fmt(r["step_time_vs_lora"], "x"), _fmt(r["step_time_vs_lora_dropout0"], "x"),
+            _fmt(r["step_time_vs_floor"], "x"), _fmt(r["step_cpu_time_vs_lora"], "x"),
+            _fmt(r["peak_memory_vs_lora"], "x"), _fmt(r["peak_memory_vs_lora_dropout0"], "x"),
             _fmt(r["peak_memory_vs_floor"], "x"),
             _fmt(r["peak_memory_over_floor_bytes"], "gib"),
         ]) + " |")
@@ -1382,6 +1419,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-predict-oom", dest="no_predict_oom", action="store_true",
                    help="always try, even when the estimate exceeds the available memory")
     p.add_argument("--model-dir", dest="model_dir", help="benchmark a real model folder (size is then a label)")
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward (non-reentrant checkpointing)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Evaluate a base model or a trained run with lm-eval, offline, and write one result JSON per run.
 
-The benchmarks are the paper's where they can be had offline (SPIEL_SPEC.md §8.5) plus the
+The benchmarks are the paper's where they can be had offline (docs/METHOD.md §8.5) plus the
 multiple-choice tasks whose data the asset rules ship; each is an lm-eval task in
 ``spielbench/lm_eval_tasks/`` reading ``<eval_dir>/<file>.jsonl``:
 
@@ -324,12 +324,27 @@ def adapter_kind(adapter_dir: str | os.PathLike) -> str:
             data = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{cfg}: not valid JSON ({exc})") from None
+        from spiel.adapter_io import is_spiel_adapter
+
+        if is_spiel_adapter(d):
+            return "spiel"
         if not isinstance(data, dict) or "peft_type" not in data:
-            raise InputError(f"{cfg}: expected a JSON object with 'peft_type' (a peft or SpIEL adapter config)")
-        return "spiel" if str(data["peft_type"]).upper() == "SPIEL" else "peft"
+            raise InputError(f"{cfg}: expected a JSON object with 'peft_type' or 'spiel_format_version' "
+                             "(a peft or SpIEL adapter config)")
+        return "peft"
     if (d / "config.json").is_file():
         return "full"
     raise InputError(f"adapter: {d} holds neither adapter_config.json (an adapter) nor config.json (a model)")
+
+
+def _recorded_quantization(adapter_dir: Path) -> str | None:
+    """``base_model_quantization`` recorded in a SpIEL adapter's config (None for a version-1 adapter)."""
+    from spiel.config import SpielConfig
+
+    try:
+        return SpielConfig.from_pretrained(adapter_dir).base_model_quantization
+    except (FileNotFoundError, ValueError) as exc:
+        raise InputError(f"adapter: {exc}") from None
 
 
 def _method_of(adapter_dir: Path, method: str | None) -> str | None:
@@ -347,7 +362,7 @@ def load_for_eval(base: str | os.PathLike, adapter: str | os.PathLike | None = N
                   device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
     """Load a model ready for evaluation: the base, with the run's adapter applied.
 
-    SpIEL adapters (SPIEL_SPEC.md §7) and peft adapters are merged into a float32 base
+    SpIEL adapters (docs/METHOD.md §7) and peft adapters are merged into a float32 base
     (``SpielModel.from_pretrained(...).merge_and_unload()`` / ``PeftModel.from_pretrained(...)
     .merge_and_unload()``); for 4-bit methods (``qspiel-*``, ``qlora``) the base is loaded in NF4
     (``baselines.quant.load_nf4_model``) and the adapter stays unmerged, as merging into 4-bit weights
@@ -358,7 +373,8 @@ def load_for_eval(base: str | os.PathLike, adapter: str | os.PathLike | None = N
         base: local base model folder (``save_pretrained`` layout with a tokenizer).
         adapter: saved adapter folder, or None for the base model.
         method: method name (``spielbench.methods.METHODS``); read from ``<adapter>/method.json`` when
-            None. Decides whether the base is 4-bit.
+            None. Decides whether the base is 4-bit; without one, a SpIEL adapter's recorded
+            ``base_model_quantization`` decides.
         quantized: force (True/False) the 4-bit decision instead of taking it from the method.
         device: "cpu" or "cuda[:i]".
 
@@ -368,7 +384,8 @@ def load_for_eval(base: str | os.PathLike, adapter: str | os.PathLike | None = N
         "adapter", "adapter_kind", "adapter_application", "quantized", "dtype"}``.
 
     Raises:
-        InputError: missing base folder, unusable adapter folder, or unknown method.
+        InputError: missing base folder, unusable adapter folder, unknown method, or a method/``quantized``
+            that contradicts the base a SpIEL adapter records.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -378,12 +395,20 @@ def load_for_eval(base: str | os.PathLike, adapter: str | os.PathLike | None = N
         raise InputError(f"model: {base_dir} is not a model folder (no config.json)")
     kind = adapter_kind(adapter) if adapter is not None else None
     method = _method_of(Path(adapter), method) if adapter is not None else method
+    recorded = _recorded_quantization(Path(adapter)) if kind == "spiel" else None
+    forced = quantized is not None
     if quantized is None:
         quantized = False
         if method:
             from spielbench.methods import get_method
 
             quantized = get_method(method).quantized
+        elif recorded is not None:
+            quantized = recorded != "none"  # the adapter's own record decides (docs/METHOD.md §7)
+    if recorded is not None and bool(quantized) != (recorded != "none"):
+        asked = f"quantized={quantized}" if forced else f"method {method!r}"
+        raise InputError(f"adapter: {Path(adapter) / 'adapter_config.json'} records a base_model_quantization="
+                         f"{recorded!r} base, but {asked} asks for {'an NF4' if quantized else 'a dense'} base")
     info: dict[str, Any] = {"method": method, "adapter": str(adapter) if adapter is not None else None,
                             "adapter_kind": kind, "quantized": bool(quantized)}
     tok_dir = Path(adapter) if kind == "full" and (Path(adapter) / "tokenizer_config.json").is_file() else base_dir

@@ -265,7 +265,7 @@ def plot_loss_curves(records: list[RunRecord], path: str | Path) -> Path:
 def plot_spiel_dynamics(records: list[RunRecord], path: str | Path) -> Path:
     """SpIEL index dynamics per reselection: share of indices replaced, and overlap with the initial set.
 
-    Left: replaced indices ÷ active indices at each reselection step (SPIEL_SPEC.md §3; with the linear
+    Left: replaced indices ÷ active indices at each reselection step (docs/METHOD.md §3; with the linear
     policy the first reselection replaces up to all of them). Right: fraction of the current index set
     that was in the initial one. One line per SpIEL run.
     """

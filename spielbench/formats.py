@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -55,11 +56,12 @@ def _record_format(rec: object) -> str | None:
     return None
 
 
-def _iter_records(path: Path) -> Iterator[tuple[int, object]]:
-    """Yield ``(line_number, record)`` from a JSON-lines file or a file holding one JSON list.
+def _iter_records(path: Path) -> Iterator[tuple[int, object, InputError | None]]:
+    """Yield ``(line_number, record, None)`` from a JSON-lines file or a file holding one JSON list, and
+    ``(line_number, None, error)`` for a JSON-lines line that is not valid JSON (the caller raises or skips it).
 
     Blank lines in JSON-lines files are skipped. Raises ``InputError`` for a missing or empty file
-    and for text that is not valid JSON (naming the line).
+    and for a JSON list that is not valid JSON (naming the line; the list cannot be read past it).
     """
     if not path.exists():
         raise InputError(f"{path}: instruction data file not found; expected {ACCEPTED}")
@@ -84,13 +86,14 @@ def _iter_records(path: Path) -> Iterator[tuple[int, object]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); expected one "
-                             f"JSON object per line ({ACCEPTED})") from None
-        yield lineno, rec
+            yield lineno, None, InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                           f"expected one JSON object per line ({ACCEPTED})")
+            continue
+        yield lineno, rec, None
 
 
-def _iter_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, object]]:
-    """Yield ``(line_number, element)`` for each element of the JSON list starting at ``text[start]``."""
+def _iter_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, object, None]]:
+    """Yield ``(line_number, element, None)`` for each element of the JSON list starting at ``text[start]``."""
     decoder = json.JSONDecoder()
     pos = start + 1
     n = len(text)
@@ -115,7 +118,7 @@ def _iter_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, ob
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); expected "
                              f"a JSON list of objects ({ACCEPTED})") from None
-        yield lineno(pos), rec
+        yield lineno(pos), rec, None
         pos = skip_ws(end)
         if pos < n and text[pos] == ",":
             pos += 1
@@ -189,28 +192,111 @@ _FIELDS = {
 }
 
 
-def _scan(path: str | os.PathLike, max_examples: int | None, convert: bool):
+#: Key of the provenance a derived file keeps per record (``{"file": str, "line": int}``: the user's file and
+#: line the record came from), so that reports and errors name the user's file whichever split it landed in.
+ORIGIN_KEY = "origin"
+
+#: Values of ``on_malformed`` (config ``data.on_malformed``): reject the file at the first malformed record,
+#: or skip malformed records and report them.
+ON_MALFORMED = ("error", "skip")
+
+#: How many skipped or dropped records a report lists by line.
+MAX_REPORTED = 5
+
+
+@dataclass
+class InstructionFile:
+    """An instruction file read by :func:`read_instruction_file`.
+
+    Attributes:
+        format: "alpaca", "tulu" or "flan".
+        examples: ``[{"messages": [...]}]`` in file order (empty when read without keeping examples).
+        origins: per record (kept or not), ``(file, line)`` it came from: its ``origin`` field in a
+            derived file, else this file and the record's 1-based line.
+        count: valid records read.
+        skipped: ``[(file, line, reason)]`` of the malformed records skipped (``on_malformed="skip"``).
+    """
+
+    format: str
+    examples: list[dict] = field(default_factory=list)
+    origins: list[tuple[str, int]] = field(default_factory=list)
+    count: int = 0
+    skipped: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def skipped_report(self) -> dict:
+        """``{"count", "first": [{"file", "line", "reason"}, ...]}`` (at most :data:`MAX_REPORTED` listed)."""
+        return {"count": len(self.skipped),
+                "first": [{"file": f, "line": n, "reason": r} for f, n, r in self.skipped[:MAX_REPORTED]]}
+
+
+def _origin(path: Path, lineno: int, rec: object) -> tuple[str, int]:
+    o = rec.get(ORIGIN_KEY) if isinstance(rec, dict) else None
+    if isinstance(o, dict) and isinstance(o.get("file"), str) and isinstance(o.get("line"), int):
+        return o["file"], o["line"]
+    return str(path), lineno
+
+
+def read_instruction_file(path: str | os.PathLike, max_examples: int | None = None, on_malformed: str = "error",
+                          keep_examples: bool = True) -> InstructionFile:
+    """Read and validate an instruction file (Alpaca JSON, Tülu JSONL, Flan JSONL), strictly or skipping
+    malformed records.
+
+    Args:
+        path: the file.
+        max_examples: stop after this many valid records (None: all).
+        on_malformed: "error" raises at the first malformed record; "skip" leaves it out and lists it in
+            ``skipped`` (a record of the wrong type or fields, another format than the first valid one, a
+            JSON-lines line that is not JSON). File-level problems always raise.
+        keep_examples: keep the converted examples (False: only validate and count).
+
+    Raises:
+        InputError: naming the file and line: a missing, empty or unreadable file; a JSON list that is not
+            valid JSON; with "error" any malformed record; with "skip" a file without one valid record.
+    """
+    if on_malformed not in ON_MALFORMED:
+        raise InputError(f"on_malformed: expected one of {list(ON_MALFORMED)}, got {on_malformed!r}")
     path = Path(path)
+    out = InstructionFile(format="")
     fmt = None
-    examples: list[dict] = []
-    count = 0
-    for lineno, rec in _iter_records(path):
-        if fmt is None:
-            fmt = _record_format(rec)
+    for lineno, rec, error in _iter_records(path):
+        try:
+            if error is not None:
+                raise error
             if fmt is None:
-                what = f"an object with {', '.join(sorted(rec)) or 'no fields'}" if isinstance(rec, dict) \
-                    else f"a JSON {type(rec).__name__}"
-                raise InputError(f"{path}:{lineno}: unrecognised instruction data format ({what}); "
-                                 f"expected {ACCEPTED}")
-        msgs = _to_messages(path, lineno, rec, fmt)
-        count += 1
-        if convert:
-            examples.append({"messages": msgs})
-        if max_examples is not None and count >= max_examples:
+                got = _record_format(rec)
+                if got is None:
+                    what = f"an object with {', '.join(sorted(rec)) or 'no fields'}" if isinstance(rec, dict) \
+                        else f"a JSON {type(rec).__name__}"
+                    raise InputError(f"{path}:{lineno}: unrecognised instruction data format ({what}); "
+                                     f"expected {ACCEPTED}")
+                msgs = _to_messages(path, lineno, rec, got)
+                fmt = got
+            else:
+                msgs = _to_messages(path, lineno, rec, fmt)
+        except InputError as err:
+            if on_malformed == "error":
+                raise
+            file, line = _origin(path, lineno, rec)
+            out.skipped.append((file, line, str(err).split(": ", 1)[-1]))
+            continue
+        out.count += 1
+        if keep_examples:
+            out.examples.append({"messages": msgs})
+            out.origins.append(_origin(path, lineno, rec))
+        if max_examples is not None and out.count >= max_examples:
             break
     if fmt is None:
+        if out.skipped:
+            raise InputError(f"{path}: none of its {len(out.skipped)} records is valid (first, line "
+                             f"{out.skipped[0][1]}: {out.skipped[0][2]}); expected {ACCEPTED}")
         raise InputError(f"{path}: holds no records (an empty JSON list or only blank lines); expected {ACCEPTED}")
-    return fmt, count, examples
+    out.format = fmt
+    return out
+
+
+def _scan(path: str | os.PathLike, max_examples: int | None, convert: bool):
+    read = read_instruction_file(path, max_examples=max_examples, keep_examples=convert)
+    return read.format, read.count, read.examples
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -224,16 +310,17 @@ def detect_format(path: str | os.PathLike) -> str:
     return fmt
 
 
-def validate_instruction_file(path: str | os.PathLike) -> tuple[str, int]:
+def validate_instruction_file(path: str | os.PathLike, on_malformed: str = "error") -> tuple[str, int]:
     """Check an instruction data file completely without keeping it in memory as messages.
 
     Checks that the file exists, that its format is recognised, and that every record is valid for
-    that format. Returns ``(format, number_of_records)``. Raises ``InputError`` naming the file, the
+    that format (with ``on_malformed="skip"``: that at least one is; see :func:`read_instruction_file`).
+    Returns ``(format, number_of_valid_records)``. Raises ``InputError`` naming the file, the
     line and what was expected at the first problem. Meant to run at pipeline start, before any
     model is loaded (about 1 s per 100k short records).
     """
-    fmt, count, _ = _scan(path, max_examples=None, convert=False)
-    return fmt, count
+    read = read_instruction_file(path, on_malformed=on_malformed, keep_examples=False)
+    return read.format, read.count
 
 
 def load_instruction_examples(path: str | os.PathLike, max_examples: int | None = None) -> list[dict]:
@@ -250,31 +337,51 @@ def load_instruction_examples(path: str | os.PathLike, max_examples: int | None 
     return examples
 
 
+def heldout_indices(n: int, heldout_examples: int, seed: int, what: str = "the data") -> set[int]:
+    """The seeded held-out draw of a split: ``min(heldout_examples, n // 10)`` indices (at least 1) of
+    ``range(n)`` drawn with ``random.Random(seed)``.
+
+    Raises:
+        InputError: ``heldout_examples < 1``, or fewer than 2 examples (naming ``what``).
+    """
+    import random
+
+    if not isinstance(heldout_examples, int) or heldout_examples < 1:
+        raise InputError(f"heldout_examples: expected a positive integer, got {heldout_examples!r}")
+    if n < 2:
+        raise InputError(f"{what}: holds {n} usable record(s); at least 2 are needed to split off a held-out set")
+    k = max(1, min(heldout_examples, n // 10))
+    return set(random.Random(seed).sample(range(n), k))
+
+
+def write_split(examples: list[dict], origins: list[tuple[str, int]], held: set[int],
+                train_out: str | os.PathLike, heldout_out: str | os.PathLike) -> tuple[int, int]:
+    """Write ``examples`` (file order kept) to a train and a held-out Tülu JSONL file, the indices in ``held``
+    to the held-out one, each record with its ``origin`` (:data:`ORIGIN_KEY`). Atomic writes.
+
+    Returns ``(n_train, n_heldout)``."""
+    from spielbench.assets import write_jsonl
+
+    def rec(i):
+        return {**examples[i], ORIGIN_KEY: {"file": origins[i][0], "line": origins[i][1]}}
+
+    write_jsonl(heldout_out, (rec(i) for i in sorted(held)))
+    write_jsonl(train_out, (rec(i) for i in range(len(examples)) if i not in held))
+    return len(examples) - len(held), len(held)
+
+
 def split_instruction_file(path: str | os.PathLike, train_out: str | os.PathLike,
                            heldout_out: str | os.PathLike, heldout_examples: int, seed: int) -> tuple[int, int]:
     """Split a user's instruction file into a train and a held-out file (Tülu ``messages`` JSONL).
 
-    Reads ``path`` with ``load_instruction_examples``, draws ``min(heldout_examples, n // 10)``
-    examples (at least 1) with ``random.Random(seed)`` for the held-out file and keeps the rest, in
-    file order, for the train file; the two files share no record. Both are written atomically as
-    JSON lines of ``{"messages": [...]}`` (the ``tulu`` format). Used when ``data.train`` is a local
-    file and ``data.heldout`` is not given.
+    Reads ``path`` with ``read_instruction_file``, draws the held-out examples with :func:`heldout_indices`
+    and writes both files with :func:`write_split` (they share no record; each record names the user's
+    file and line it came from). The workflow's split (``spielbench.data.split_user_data``) also drops
+    examples training could not use before drawing.
 
     Returns ``(n_train, n_heldout)``. Raises ``InputError`` on bad input, when ``heldout_examples < 1``
     or when the file holds fewer than 2 records.
     """
-    import random
-
-    from spielbench.assets import write_jsonl
-
-    if not isinstance(heldout_examples, int) or heldout_examples < 1:
-        raise InputError(f"heldout_examples: expected a positive integer, got {heldout_examples!r}")
-    examples = load_instruction_examples(path)
-    n = len(examples)
-    if n < 2:
-        raise InputError(f"{path}: holds {n} record(s); at least 2 are needed to split off a held-out set")
-    k = max(1, min(heldout_examples, n // 10))
-    held = set(random.Random(seed).sample(range(n), k))
-    write_jsonl(heldout_out, (examples[i] for i in sorted(held)))
-    write_jsonl(train_out, (ex for i, ex in enumerate(examples) if i not in held))
-    return n - k, k
+    read = read_instruction_file(path)
+    held = heldout_indices(len(read.examples), heldout_examples, seed, what=str(path))
+    return write_split(read.examples, read.origins, held, train_out, heldout_out)

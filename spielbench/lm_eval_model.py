@@ -14,7 +14,8 @@ registers the model lazily); elsewhere a thin wrapper imports this module and ru
 (or the ``spiel-lm-eval`` console script with the same arguments, when the project is installed).
 Every other argument is lm-eval's. ``model_args``: ``pretrained`` (base model folder), ``adapter``
 (adapter folder; omitted = the base model), ``method`` (default: ``<adapter>/method.json``; decides an
-NF4 base for ``qspiel-*``/``qlora``), ``device`` (default ``cpu``), plus any ``HFLM`` argument
+NF4 base for ``qspiel-*``/``qlora``; a SpIEL adapter's own record of its base decides when there is no
+method, and a method that contradicts it is refused), ``device`` (default ``cpu``), plus any ``HFLM`` argument
 (``batch_size``, ``max_length``, ...). The adapter is applied by
 :func:`spielbench.evaluate.load_for_eval` (merged in float32; unmerged on an NF4 base).
 """
@@ -38,9 +39,10 @@ class SpielLM(HFLM):
 
     Args:
         pretrained: base model folder (local; the hub is never contacted).
-        adapter: adapter folder (SpIEL ``adapter_config.json`` with ``peft_type: SPIEL``, a peft
-            adapter, or a full model folder), or None for the base model alone.
-        method: method name (``spielbench.methods.METHODS``), default from ``<adapter>/method.json``.
+        adapter: adapter folder (a SpIEL adapter, ``spiel_format_version`` in its ``adapter_config.json``;
+            a peft adapter; or a full model folder), or None for the base model alone.
+        method: method name (``spielbench.methods.METHODS``), default from ``<adapter>/method.json``; a
+            SpIEL adapter's recorded base (dense or NF4) is applied without one and checked against one.
         device: "cpu" or "cuda[:i]" ("cuda" falls back to "cpu" when no GPU is available, as in HFLM).
         **kwargs: passed to ``HFLM`` (``batch_size``, ``max_length``, ...); ``tokenizer`` and
             ``dtype`` are ignored (the base folder's tokenizer is used; weights are float32 or NF4).
@@ -49,7 +51,8 @@ class SpielLM(HFLM):
         spiel_info: how the adapter was applied (``spielbench.evaluate.load_for_eval``'s info dict).
 
     Raises:
-        spielbench.errors.InputError: bad base or adapter folder, unknown method.
+        spielbench.errors.InputError: bad base or adapter folder, unknown method, a method whose base
+            contradicts the SpIEL adapter's record.
     """
 
     def __init__(self, pretrained: str, adapter: str | None = None, method: str | None = None,

@@ -134,7 +134,7 @@ def trainable_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 def index_bytes(model: torch.nn.Module) -> int:
     """Bytes of the position indices sparse adapters keep next to their values (not parameters).
 
-    SpIEL: every ``SparseDeltaLinear.indices`` buffer (int32/int64, one per entry; SPIEL_SPEC.md §6.1);
+    SpIEL: every ``SparseDeltaLinear.indices`` buffer (int32/int64, one per entry; docs/METHOD.md §6.1);
     SHiRA (peft): the ``shira_indices`` tensors (int32 row and column, 8 bytes per entry). 0 for dense adapters.
     """
     total = 0

@@ -11,10 +11,10 @@ Each :class:`MethodSpec` knows how to
 * load the base model (float, or NF4 for the 4-bit variants; :meth:`MethodSpec.load_base`);
 * turn it into the trainable model (:meth:`MethodSpec.build`);
 * build its optimizer (:meth:`MethodSpec.build_optimizer`): ``spiel.build_optimizer`` for SpIEL
-  (SparseAdamW for AG, SM3 for MA; SPIEL_SPEC.md §8.3), ``torch.optim.AdamW`` otherwise;
+  (SparseAdamW for AG, SM3 for MA; docs/METHOD.md §8.3), ``torch.optim.AdamW`` otherwise;
 * whether it needs a ``spiel.SpielSelector`` (dynamic SpIEL only).
 
-Budgets are matched (SPIEL_SPEC.md §2.2): at rank r, LoRA has ``r * (in + out)`` parameters per
+Budgets are matched (docs/METHOD.md §2.2): at rank r, LoRA has ``r * (in + out)`` parameters per
 targeted layer, SHiRA exactly the same per layer, SpIEL ``N = r * Σ(in + out)`` in total, allocated
 across layers in proportion to their size.
 
@@ -131,7 +131,7 @@ class MethodSpec:
             "reselection_rate_policy": self.reselection_rate_policy,
             "seed": cfg.seed,
         }
-        if self.quantized:  # the reference trains qSpIEL deltas in bf16 (SPIEL_SPEC.md §6); CPU keeps fp32
+        if self.quantized:  # the reference trains qSpIEL deltas in bf16 (docs/METHOD.md §6); CPU keeps fp32
             device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
             kwargs["delta_dtype"] = "bfloat16" if device.startswith("cuda") else "float32"
         kwargs.update(cfg.spiel)
@@ -217,7 +217,7 @@ class MethodSpec:
             spiel_cfg = self.spiel_config(cfg)
             what = "density" if cfg.density is not None else "rank"
             value = cfg.density if cfg.density is not None else r
-            try:  # the exact per-matrix allocation (floor of the proportional share; SPIEL_SPEC.md §2.2)
+            try:  # the exact per-matrix allocation (floor of the proportional share; docs/METHOD.md §2.2)
                 trainable = sum(compute_num_deltas(meta_model, spiel_cfg).values())
             except ValueError as exc:
                 small = "k = 0" in str(exc) or "at least 1 trainable parameter" in str(exc)
@@ -389,6 +389,8 @@ REGISTRY: dict[str, MethodSpec] = {
               benchmark=False, trainable=False),
         _spec("floor", "floor", None, "frozen weights, gradient to the inputs only (benchmark only)",
               "Floor (frozen weights)", 110, trainable=False),
+        _spec("lora-dropout0", "lora", None, "LoRA without dropout, the fastest LoRA (benchmark only)",
+              "LoRA (dropout 0)", 12, trainable=False),
         _spec("spiel-reference", "spiel", None, "SpIEL-AG with the reference-style layer (benchmark only)",
               "SpIEL (reference-style layer)", 120, algorithm="ag", policy="linear", trainable=False),
     )

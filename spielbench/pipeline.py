@@ -9,6 +9,8 @@ files on disk, formats, duplicate run ids, and per-method requirements.
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,11 @@ class Pipeline:
     user_train_file: str | None
     user_heldout_file: str | None
     runs: dict[str, dict] = field(default_factory=dict)
+    #: The split of a local data.train without data.heldout (None otherwise): ``report`` (the JSON file
+    #: ``spielbench.data.split_user_data`` writes beside the split), ``max_seq_length`` (the smallest of
+    #: the runs: longer examples are dropped before the split, so every run trains on the same examples)
+    #: and ``on_malformed``.
+    user_split: dict | None = None
 
 
 def run_id_for(entry: dict) -> str:
@@ -66,31 +73,143 @@ def _check_file(key: str, path: str) -> Path:
     return p
 
 
-def _check_run(key: str, run: dict) -> None:
-    """Validate one resolved run as the training entry point will (fields, method rules), without files.
+def _check_data_file(key: str, path: str, on_malformed: str) -> None:
+    """Validate a local data file (``spielbench.formats.read_instruction_file``); with ``data.on_malformed:
+    skip`` say on stderr how many malformed records the jobs will skip, and the first lines.
 
     Raises:
-        PipelineConfigError: naming ``key`` (e.g. ``runs[3]``) and the offending field.
+        PipelineConfigError: ``<key>: <file>:<line>: ...`` at the first malformed record (strict), or
+            when no record is valid.
+    """
+    import sys
+
+    from spielbench.errors import InputError
+    from spielbench.formats import read_instruction_file
+
+    try:
+        read = read_instruction_file(path, on_malformed=on_malformed, keep_examples=False)
+    except InputError as err:
+        hint = " (data.on_malformed: skip leaves malformed records out)" if on_malformed == "error" else ""
+        raise PipelineConfigError(f"{key}: {err}{hint}") from None
+    if read.skipped:
+        first = "; ".join(f"line {n}: {r}" for _, n, r in read.skipped[:3])
+        print(f"note: {key}: {len(read.skipped)} malformed record(s) of {path} will be skipped "
+              f"(data.on_malformed: skip); {first}", file=sys.stderr)
+
+
+def _config_key(i: int, entry: dict, field_path: str) -> str:
+    """The config key a run field came from: ``runs[i].<field>`` when the run entry sets it, else
+    ``training.<field> (runs[i])`` for a value inherited from the training defaults."""
+    top, _, sub = field_path.partition(".")
+    own = entry.get(top)
+    if top in entry and (not sub or (isinstance(own, dict) and sub.split(".")[0] in own)):
+        return f"runs[{i}].{field_path}"
+    if top in ("model", "train_data", "heldout_data"):
+        return {"model": "model.source", "train_data": "data.train", "heldout_data": "data.heldout"}[top] + \
+            f" (runs[{i}])"
+    if top in ("run_id",):
+        return f"runs[{i}].id"
+    return f"training.{field_path} (runs[{i}])"
+
+
+def _run_error(i: int, entry: dict, err: Exception) -> PipelineConfigError:
+    """Turn the ``InputError`` of one run (``"<field>: <detail>"``) into an error naming the config key."""
+    msg = str(err)
+    if msg.startswith(f"runs[{i}]"):
+        return PipelineConfigError(msg)
+    field_path, sep, detail = msg.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_./]*", field_path):
+        fields = field_path.split("/")  # "rank/density"
+        return PipelineConfigError(f"{' / '.join(_config_key(i, entry, f) for f in fields)}: {detail}")
+    return PipelineConfigError(f"runs[{i}]: {msg}")
+
+
+def _check_run(i: int, entry: dict, run: dict, model_info, check_device: bool) -> None:
+    """Validate one resolved run as the training entry point will: fields and method rules, the device,
+    and (when ``model_info`` is known) the checks against the model (``spielbench.preflight``).
+
+    Raises:
+        PipelineConfigError: naming the config key (e.g. ``runs[3].rank``, ``training.device (runs[0])``).
     """
     from spielbench.errors import InputError
     from spielbench.methods import get_method
+    from spielbench.preflight import check_run_against_model, resolve_device
     from spielbench.runconfig import RunConfig
 
     try:
-        cfg = RunConfig.from_mapping(dict(run), source=key)
-        get_method(cfg.method).check_config(cfg)
+        cfg = RunConfig.from_mapping(dict(run), source=f"runs[{i}]")
+        spec = get_method(cfg.method)
+        spec.check_config(cfg)
+        device = resolve_device(cfg.device) if check_device else None
+        if model_info is not None:
+            check_run_against_model(cfg, spec, model_info, device)
     except InputError as err:
-        msg = str(err)
-        raise PipelineConfigError(msg if msg.startswith(key) else f"{key}.{msg}") from None
+        raise _run_error(i, entry, err) from None
 
 
-def resolve_pipeline(config: dict) -> Pipeline:
+def user_split_key(path: str) -> str:
+    """The folder name of a user file's train/held-out split: 16 hex digits of the sha256 of its absolute
+    path and its bytes, so that configs with different ``data.train`` never share or overwrite a split."""
+    digest = hashlib.sha256(os.path.abspath(path).encode() + b"\0")
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _model_info(source: str, model_dir: str, gguf: str | None):
+    """What the parse-time checks read from the model (config and tokenizer, no weights), or None with
+    a note on stderr when the model is built by a job that has not run yet (then the training job runs
+    the same checks before it writes anything).
+
+    A ``.gguf`` source is read from its converted folder when present, else from the file's metadata."""
+    import sys
+
+    from spielbench.errors import InputError
+    from spielbench.preflight import load_model_info
+
+    try:
+        if (Path(model_dir) / "config.json").is_file():
+            return load_model_info(model_dir)
+        if gguf is not None:
+            return load_model_info(str(Path(gguf).parent), gguf_file=Path(gguf).name)
+    except InputError as err:
+        raise PipelineConfigError(f"model.source: {err}") from None
+    print(f"note: model.source {source!r} is not built yet ({model_dir}); the checks of rank, density, "
+          "target modules and max_seq_length against it run at the start of each training job", file=sys.stderr)
+    return None
+
+
+def check_evaluation(ev: dict) -> None:
+    """Evaluation settings that cannot work: tasks that execute model-written code without consent.
+
+    Raises:
+        PipelineConfigError: ``evaluation.allow_code_execution: ...`` naming the task.
+    """
+    from spielbench.evaluate import TASKS
+
+    for name in ev.get("tasks", []):
+        if name in TASKS and TASKS[name].executes_code and not ev.get("allow_code_execution", False):
+            raise PipelineConfigError(
+                f"evaluation.allow_code_execution: task {name!r} (in evaluation.tasks) runs model-written code "
+                "to score it; set evaluation.allow_code_execution: true to allow that, or remove the task")
+
+
+def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool = True) -> Pipeline:
     """Turn a schema-validated config into a :class:`Pipeline`.
+
+    Args:
+        config: the workflow config after schema validation.
+        check_device: check that a requested CUDA device exists here (off on a cluster submit host).
+        check_model: check every run against the model's config and tokenizer (``spielbench.preflight``).
 
     Raises:
         PipelineConfigError: a local model or data path is missing or has the wrong form, a data file
-            is in none of the accepted instruction formats, two runs share an id, or a method that needs
-            a rank has none. The message names the config key (e.g. ``runs[3].rank``).
+            is in none of the accepted instruction formats, two runs share an id, a method that needs
+            a rank has none, a non-finite number, CUDA requested without CUDA, a rank/density/target
+            module the model's layers do not allow, a ``max_seq_length`` shorter than the chat
+            template's overhead, or a code-executing task without ``evaluation.allow_code_execution``.
+            The message names the config key (e.g. ``runs[3].rank``).
     """
     resources = config.get("resources_dir", "resources")
     runs_dir = config.get("runs_dir", "runs")
@@ -122,25 +241,20 @@ def resolve_pipeline(config: dict) -> Pipeline:
     data = config.get("data", {})
     train = data.get("train", "mixture")
     heldout = data.get("heldout")
+    on_malformed = data.get("on_malformed", "error")
     user_train = user_heldout = None
     if train == "mixture":
         train_file = f"{resources}/data/mixture/train.jsonl"
         heldout_file = f"{resources}/data/mixture/heldout.jsonl"
     else:
         _check_file("data.train", train)
-        try:
-            validate_instruction_file(train)
-        except InputError as err:
-            raise PipelineConfigError(f"data.train: {err}") from None
+        _check_data_file("data.train", train, on_malformed)
         user_train = str(Path(train).expanduser())
-        train_file = f"{resources}/data/user/train.jsonl"
-        heldout_file = f"{resources}/data/user/heldout.jsonl"
+        split_dir = f"{resources}/data/user/{user_split_key(user_train)}"
+        train_file, heldout_file = f"{split_dir}/train.jsonl", f"{split_dir}/heldout.jsonl"
     if heldout is not None:
         _check_file("data.heldout", heldout)
-        try:
-            validate_instruction_file(heldout)
-        except InputError as err:
-            raise PipelineConfigError(f"data.heldout: {err}") from None
+        _check_data_file("data.heldout", heldout, on_malformed)
         user_heldout = str(Path(heldout).expanduser())
         heldout_file = user_heldout
         if user_train is not None:
@@ -150,11 +264,13 @@ def resolve_pipeline(config: dict) -> Pipeline:
     for key in ("bbh_path", "tydiqa_path"):
         if ev.get(key) is not None:
             _check_file(f"evaluation.{key}", ev[key])
+    check_evaluation(ev)
 
     # --- runs --------------------------------------------------------------------------------
     defaults = copy.deepcopy(config.get("training", {}))
     spiel_defaults = defaults.pop("spiel", {})
     runs: dict[str, dict] = {}
+    model_info = _model_info(source, model_dir, gguf) if check_model and config.get("runs") else None
     for i, entry in enumerate(config.get("runs", [])):
         method = entry["method"]
         if method in RANKED_METHODS and entry.get("rank") is None:
@@ -179,10 +295,27 @@ def resolve_pipeline(config: dict) -> Pipeline:
         if "learning_rate" not in run:
             raise PipelineConfigError(f"runs[{i}].learning_rate: not set here nor in training.learning_rate")
         run.update(run_id=rid, model=model_dir, train_data=train_file, heldout_data=heldout_file)
-        _check_run(f"runs[{i}]", run)
+        if on_malformed != "error":  # only non-defaults, so that existing run configs stay as they are
+            run["on_malformed"] = on_malformed
+        if user_train is not None and user_heldout is None:
+            run["data_report"] = user_split_report(train_file)
+        _check_run(i, entry, run, model_info, check_device)
         runs[rid] = run
+    user_split = None
+    if user_train is not None and user_heldout is None:
+        from spielbench.runconfig import RunConfig
+
+        default_len = RunConfig.__dataclass_fields__["max_seq_length"].default
+        user_split = {"report": user_split_report(train_file), "on_malformed": on_malformed,
+                      "max_seq_length": min([r.get("max_seq_length", default_len) for r in runs.values()]
+                                            or [default_len])}
     return Pipeline(
         resources_dir=resources, runs_dir=runs_dir, results_dir=results, model_source=source,
         model_dir=model_dir, gguf_file=gguf, train_file=train_file, heldout_file=heldout_file,
-        user_train_file=user_train, user_heldout_file=user_heldout, runs=runs,
+        user_train_file=user_train, user_heldout_file=user_heldout, runs=runs, user_split=user_split,
     )
+
+
+def user_split_report(train_file: str) -> str:
+    """The report of the user split, beside its train file (``report.json``)."""
+    return str(Path(train_file).with_name("report.json"))

@@ -1,12 +1,12 @@
 """A reference-style SpIEL layer, for the side-by-side efficiency benchmark only ("spiel-reference").
 
 It computes the same function as :class:`spiel.layer.SparseDeltaLinear`, ``y = x (W0 + scatter(η, Δ))ᵀ + b``,
-the way the original implementation does (SPIEL_SPEC.md §6, ``linear_sd.cpp``):
+the way the original implementation does (docs/METHOD.md §6, ``linear_sd.cpp``):
 
 * forward: ``W' = W0.clone(); W'.view(-1)[η] += Δ`` (one dense per-layer copy, dequantised for a 4-bit
   base), ``y = F.linear(x, W', b)``; only ``x``, Δ and η are saved;
 * backward: recompute ``W'``; ``dx = dY·W'``; the **dense** ``dW = dYᵀ·X`` is formed in **every**
-  backward, in the activation dtype (spec §10.2.5); ``dΔ = dW.view(-1)[η]``; a ``weight_grad_hook``, when
+  backward, in the activation dtype (docs/METHOD.md §10.2.5); ``dΔ = dW.view(-1)[η]``; a ``weight_grad_hook``, when
   installed (SpIEL-AG selection phase), receives that ``dW``.
 
 The project's layer differs only in the backward: it evaluates ``dΔ`` at the k active positions
@@ -67,7 +67,7 @@ class _ReferenceFunction(torch.autograd.Function):
         weight = _reference_weight(layer, values, indices, dtype)
         grad_x = (g @ weight).view(*grad_out.shape[:-1], layer.in_features).to(ctx.x_dtype)
         del weight
-        dense_grad = g.t() @ xc.reshape(-1, layer.in_features)  # [out, in], every backward (spec §6 step 3)
+        dense_grad = g.t() @ xc.reshape(-1, layer.in_features)  # [out, in], every backward (docs/METHOD.md §6 step 3)
         grad_values = dense_grad.view(-1).index_select(0, indices).to(values.dtype)
         if layer.weight_grad_hook is not None:
             layer.weight_grad_hook(dense_grad)

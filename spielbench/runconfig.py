@@ -2,15 +2,16 @@
 
 A run config is a flat mapping (docs/DESIGN.md, "One training run"); the pipeline writes one per run
 from config/*.yaml, and people write them by hand. Every field has a default except ``method``,
-``model`` and ``train_data``. Unknown keys, wrong types and out-of-range values raise
+``model`` and ``train_data``. Unknown keys, wrong types, non-finite numbers and out-of-range values raise
 :class:`spielbench.errors.InputError` naming the field. Defaults follow the reference runs
-(SPIEL_SPEC.md §8.2) where they fit a CPU machine: linear schedule, warm-up ratio 0.03, seed 42,
+(docs/METHOD.md §8.2) where they fit a CPU machine: linear schedule, warm-up ratio 0.03, seed 42,
 no gradient clipping, checkpoints every 50 steps.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,11 @@ class RunConfig:
         heldout_examples: use only the first this many examples of ``heldout_data`` (None: all).
         lora_alpha, lora_dropout: LoRA/qLoRA scaling numerator and dropout (reference: 16, 0.1).
         device: "auto" (CUDA when available), "cpu" or "cuda"/"cuda:N".
+        on_malformed: a malformed record in ``train_data``/``heldout_data``: "error" rejects the file
+            (naming the line), "skip" leaves it out and reports it (``metrics.json``: ``dropped_examples``).
+        data_report: a JSON report of the examples dropped when the data was prepared (the workflow's
+            split of a local ``data.train``, ``spielbench.data.split_user_data``); copied into
+            ``metrics.json`` (``dropped_examples.before_split``). None: no such step.
         spiel: SpIEL hyper-parameters passed to ``spiel.SpielConfig`` (e.g. reselection_steps,
             selection_accumulation_steps, initial_reselection_rate, reselection_rate_policy, delta_dtype);
             the budget and the selection algorithm come from ``rank``/``density`` and ``method``.
@@ -76,6 +82,8 @@ class RunConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
     device: str = "auto"
+    on_malformed: str = "error"
+    data_report: str | None = None
     spiel: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +93,9 @@ class RunConfig:
         self._check_ranges()
 
     def _check_ranges(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_finite(f.name, getattr(self, f.name))
+
         def positive(name):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -111,6 +122,8 @@ class RunConfig:
             self.device == "cuda" or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             raise InputError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.on_malformed not in ("error", "skip"):
+            raise InputError(f"on_malformed: expected 'error' or 'skip', got {self.on_malformed!r}")
         for name in ("method", "model", "train_data"):
             if not getattr(self, name):
                 raise InputError(f"{name}: expected a non-empty string")
@@ -139,6 +152,22 @@ class RunConfig:
             if key not in data or data[key] is None:
                 raise InputError(f"{source}: missing required key {key!r}")
         return cls(**data)
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """Reject NaN and infinities in a number, or in any number nested in a mapping/list (``spiel.*``).
+
+    Raises:
+        InputError: naming ``name`` (``spiel.<key>`` for nested values).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{name}: expected a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{name}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(name, item)
 
 
 def _type_name(tp) -> str:

@@ -4,7 +4,7 @@ All methods go through the same Hugging Face ``Trainer`` loop, data, schedule an
 only in the adapter (``spielbench.methods``). SpIEL methods use ``spiel.trainer`` (the Trainer
 integration that runs the ``SpielSelector`` after each update and checkpoints its state).
 
-Order of work (SPIEL_SPEC.md §8.2 for the training settings):
+Order of work (docs/METHOD.md §8.2 for the training settings):
 1. :func:`prepare_run` checks everything that can be checked without the weights: config fields, method,
    budget against the layer shapes (a model built on the ``meta`` device), data files, tokenization and
    filtering. Bad input raises :class:`spielbench.errors.InputError` here, and nothing has been written.
@@ -22,6 +22,7 @@ it; the checkpoints written so far are kept.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from spielbench.errors import InputError
+from spielbench.preflight import meta_model_from_config as _meta_model  # noqa: F401 (used by tests)
+from spielbench.preflight import resolve_device
 from spielbench.runconfig import RunConfig, load_run_config
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -66,25 +69,11 @@ class PreparedRun:
     heldout_dataset: Any | None
     budget: dict[str, Any]
     resume_from: Path | None = None
+    dropped_examples: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ preparation
-
-
-def resolve_device(requested: str) -> str:
-    """``"auto"`` → ``"cuda"`` when available else ``"cpu"``; an explicit CUDA request needs CUDA.
-
-    Raises:
-        InputError: ``device`` asks for CUDA on a machine without it.
-    """
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device: {requested!r} requested but CUDA is not available (use 'cpu' or 'auto')")
-    return requested
 
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -117,10 +106,12 @@ def _check_resume(cfg: RunConfig, output_dir: Path, restart_if_changed: bool = F
     if saved_file.is_file():
         saved = json.loads(saved_file.read_text()).get("config", {})
         current = cfg.to_dict()
+        # a field added to RunConfig after the checkpoints were written holds its default there
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
         for key in sorted(set(saved) | set(current)):
             if key in RESUMABLE_CHANGES:
                 continue
-            if saved.get(key) != current.get(key):
+            if saved.get(key, defaults.get(key)) != current.get(key):
                 if restart_if_changed:
                     _move_checkpoints_aside(output_dir, f"{key} changed ({saved.get(key)!r} -> {current.get(key)!r})")
                     return None
@@ -143,35 +134,16 @@ def _move_checkpoints_aside(output_dir: Path, reason: str) -> None:
     print(f"note: {reason}; checkpoints of the old run moved to {stale}, training from scratch", file=sys.stderr)
 
 
-def _meta_model(model_dir: Path):
-    """The model built from its config on the ``meta`` device: layer shapes without weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-#: bitsandbytes' NF4 block size; its CPU kernels reshape each row into blocks of this many weights.
-NF4_BLOCKSIZE = 64
-
-
-def _check_nf4_cpu_shapes(meta_model) -> None:
-    """NF4 on CPU needs every quantized layer's ``in_features`` to be a multiple of the block size."""
-    from baselines.lora import TARGET_MODULES, targeted_linears
-
-    for name, fin, fout in targeted_linears(meta_model, TARGET_MODULES):
-        if fin % NF4_BLOCKSIZE:
-            raise InputError(f"model: 4-bit methods on CPU need in_features divisible by {NF4_BLOCKSIZE} "
-                             f"(bitsandbytes NF4 blocks); {name} has in_features={fin}")
-
-
 def prepare_run(cfg: RunConfig, output_dir: str | Path, restart_if_changed: bool = False) -> PreparedRun:
-    """Check a run and load what it needs except the model weights. Writes nothing.
+    """Check a run and load what it needs except the model weights. Writes nothing (with
+    ``restart_if_changed`` it may move a changed run's checkpoints aside, after every other check passed).
+
+    The model-dependent checks are :func:`spielbench.preflight.check_run_against_model`, the same the
+    workflow runs at parse time.
 
     Raises:
         InputError: unknown method; rank/density missing, misplaced or larger than the layers allow;
+            unknown ``spiel.target_modules``; ``max_seq_length`` shorter than the chat template's overhead;
             missing model folder or data file; unreadable data; no example left after filtering;
             CUDA requested without CUDA; checkpoints in ``output_dir`` from a different config.
     """
@@ -195,34 +167,35 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path, restart_if_changed: bool
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise InputError(f"method: {cfg.method!r} needs bitsandbytes, which is not installed") from None
-    resume_from = _check_resume(cfg, output_dir, restart_if_changed)
 
-    from transformers import AutoTokenizer
+    from spielbench.data import describe_drops, dropped_examples, load_instruction_dataset, read_data_report
+    from spielbench.preflight import check_run_against_model, load_model_info
 
-    from spielbench.data import load_instruction_dataset
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"model: cannot load a tokenizer from {model_dir} ({exc})") from None
+    info = load_model_info(model_dir)
+    budget = check_run_against_model(cfg, spec, info, device)
+    tokenizer = info.tokenizer
+    data_report = None
+    if cfg.data_report is not None:
+        data_report = read_data_report(Path(cfg.data_report))
     train_dataset = load_instruction_dataset(train_path, tokenizer, cfg.max_seq_length,
-                                             max_examples=cfg.max_train_examples, field_name="train_data")
+                                             max_examples=cfg.max_train_examples, field_name="train_data",
+                                             on_malformed=cfg.on_malformed)
     heldout_dataset = None
     if cfg.heldout_data is not None:
         heldout_dataset = load_instruction_dataset(cfg.heldout_data, tokenizer, cfg.max_seq_length,
-                                                   max_examples=cfg.heldout_examples, field_name="heldout_data")
-    try:
-        meta = _meta_model(model_dir)
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"model: {model_dir}/config.json does not describe a causal LM transformers can build "
-                         f"({exc})") from None
-    budget = spec.check_budget(cfg, meta)
-    if spec.quantized and device == "cpu":
-        _check_nf4_cpu_shapes(meta)
+                                                   max_examples=cfg.heldout_examples, field_name="heldout_data",
+                                                   on_malformed=cfg.on_malformed)
+    drops = dropped_examples(train_dataset, heldout_dataset, data_report)
+    for what, report in (("data split", drops["before_split"]), ("train_data", drops["train"]),
+                         ("heldout_data", drops["heldout"])):
+        line = describe_drops(report["dropped"], what, report["read"]) if report else None
+        if line:
+            print(f"note: {line}", file=sys.stderr)
+    resume_from = _check_resume(cfg, output_dir, restart_if_changed)  # last: it may move old checkpoints aside
     lr = cfg.learning_rate if cfg.learning_rate is not None else spec.default_learning_rate
     return PreparedRun(cfg=cfg, spec=spec, output_dir=output_dir, device=device, learning_rate=lr,
                        tokenizer=tokenizer, train_dataset=train_dataset, heldout_dataset=heldout_dataset,
-                       budget=budget, resume_from=resume_from,
+                       budget=budget, resume_from=resume_from, dropped_examples=drops,
                        timings_s={"prepare_s": time.perf_counter() - t0})
 
 
@@ -551,6 +524,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
                      "resumed_from_step": int(prep.resume_from.name.split("-")[1]) if prep.resume_from else None},
         "data": {"train": prep.train_dataset.stats.as_dict(),
                  "heldout": prep.heldout_dataset.stats.as_dict() if prep.heldout_dataset else None},
+        "dropped_examples": prep.dropped_examples,
         **summary,
         "wall_time_s": time.perf_counter() - t_start,
         "model_load_s": load_s,

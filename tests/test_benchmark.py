@@ -102,7 +102,7 @@ def test_natural_weights_are_the_reference_schedule_proportions():
     ag = B.natural_weights("ag", 20, 5)
     assert ag == pytest.approx({"after-select": 0.05, "plain": 0.65, "phase-start": 0.05, "phase-first": 0.05,
                                 "phase": 0.15, "select": 0.05})
-    # hooks are on in 6 of 20 steps (γ + 1), as SPIEL_SPEC.md §3 describes
+    # hooks are on in 6 of 20 steps (γ + 1), as docs/METHOD.md §3 describes
     assert (ag["phase-start"] + ag["phase-first"] + ag["phase"] + ag["select"]) * 20 == pytest.approx(6)
     assert B.natural_weights("ag", 20, 1) == pytest.approx({"after-select": 0.05, "plain": 0.85,
                                                            "phase-start": 0.05, "select": 0.05})
@@ -304,3 +304,46 @@ def test_timeout_is_recorded_not_raised(tmp_path):
     rec = B.run_one("tiny", "floor", B.BenchmarkOptions(timeout_s=0.05), tmp_path / "t.json")
     assert rec["status"] == "timeout" and "timeout_s=0.05" in rec["detail"]
     _check_fields(rec)
+
+
+def test_cuda_check_dry_run_writes_every_section(tmp_path):
+    """benchmarks/cuda_check.py --dry-run (CPU, tiny shapes): the device tests subset passes, both dΔ paths
+    are timed per shape, every method runs with and without checkpointing and the tables carry both LoRAs."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cuda"
+    proc = subprocess.run([sys.executable, str(B.REPO_ROOT / "benchmarks" / "cuda_check.py"), "--dry-run",
+                           "--out", str(out)], cwd=B.REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "cuda_check.json").read_text())
+    assert summary["dry_run"] and summary["size"] == "tiny"
+    assert summary["tests"]["rc"] == 0 and summary["tests"]["counts"]["passed"] >= 2
+    assert summary["tests"]["counts"]["failed"] == 0
+    shapes = {(o, i) for _, i, o in B.SIZES["tiny"].linear_shapes()}
+    rows = summary["delta_grad"]
+    assert {(r["out_features"], r["in_features"]) for r in rows} == shapes and len(rows) == 2 * len(shapes)
+    for r in rows:
+        assert r["sampled_ms"] > 0 and r["dense_ms"] > 0 and r["auto_choice"] in ("sampled", "dense")
+        assert r["k"] == 2 * (r["out_features"] + r["in_features"]) and r["tokens"] == 16
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cuda_check", B.REPO_ROOT / "benchmarks" / "cuda_check.py")
+    cuda_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_check)
+    plain, ckpt = summary["points"]["plain"], summary["points"]["checkpointed"]
+    assert [r["method"] for r in plain] == list(cuda_check.METHODS)
+    assert [r["method"] for r in ckpt] == list(cuda_check.DRY_RUN_CHECKPOINTED)
+    for r in plain + ckpt:
+        assert r["status"] == "ok", (r["method"], r.get("detail"))
+        assert r["dtype"] == "bfloat16" and r["seq_len"] == 16
+    assert all(not r["gradient_checkpointing"] for r in plain) and all(r["gradient_checkpointing"] for r in ckpt)
+    ag = next(r for r in plain if r["method"] == "spiel-ag")
+    assert set(ag["step_kinds"]) == {"after-select", "plain", "phase-start", "phase-first", "phase", "select"}
+    ratio_rows = {r["method"]: r for r in summary["ratios"]["plain"]}
+    assert ratio_rows["spiel-ag"]["step_time_vs_lora_dropout0"] is not None
+    assert ratio_rows["lora-dropout0"]["step_time_vs_lora_dropout0"] == pytest.approx(1.0)
+    assert (out / "steps" / "checkpointed" / "tiny__spiel-ag.json").is_file()
+    md = (out / "cuda_check.md").read_text()
+    assert "## dΔ paths per layer shape" in md and "## Step time and peak memory, checkpointed" in md
+    assert "step/LoRA-d0" in md and str(B.REPO_ROOT) not in md

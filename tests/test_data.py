@@ -9,10 +9,12 @@ import torch
 from spielbench.data import (
     IGNORE_INDEX,
     PaddingCollator,
+    describe_drops,
     encode_examples,
     encode_messages,
     load_instruction_dataset,
     pad_token_id_of,
+    split_user_data,
 )
 from spielbench.errors import InputError
 
@@ -126,3 +128,82 @@ def test_tokenizer_without_chat_template_gets_the_tulu_format(chat_tokenizer):
     answer = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]
     assert "four" in tok.decode(answer)
     assert "two plus two" not in tok.decode(answer)
+
+
+# ------------------------------------------------------------------------------ drops, skips, the user split
+
+
+def _alpaca(path, outputs):
+    """An Alpaca JSON list with one record per line (record i on line i + 2), ``output`` from ``outputs``."""
+    lines = [json.dumps({"instruction": f"Repeat {i}", "input": "", "output": out}) for i, out in enumerate(outputs)]
+    path.write_text("[\n" + ",\n".join(lines) + "\n]\n")
+    return path
+
+
+def test_empty_response_is_dropped_and_reported_with_file_and_line(tmp_path, chat_tokenizer):
+    """An empty response used to be kept and trained on the end-of-turn token alone."""
+    path = _alpaca(tmp_path / "a.json", ["one", "", "three", "  ", "five"])
+    ds = load_instruction_dataset(path, chat_tokenizer, 64)
+    assert len(ds) == 3 and ds.stats.dropped_empty_response == 2
+    report = ds.stats.drop_report()
+    assert report == {"count": 2, "by_reason": {"empty response": 2},
+                      "first": [{"file": str(path), "line": 3, "reason": "empty response"},
+                                {"file": str(path), "line": 5, "reason": "empty response"}]}
+    assert describe_drops(report, "train_data", 5) == (
+        f"train_data: dropped 2 of 5 examples (empty response: 2); first: {path}:3 (empty response), "
+        f"{path}:5 (empty response)")
+
+
+def test_malformed_records_reject_the_file_or_are_skipped_and_reported(tmp_path, chat_tokenizer):
+    """One Tülu record without an assistant turn used to reject the whole file with no way to skip it."""
+    recs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(4)]
+    recs[2] = {"messages": [{"role": "user", "content": "no answer"}]}
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + "{not json\n")
+    with pytest.raises(InputError, match=r"t.jsonl:3: 'messages' has no assistant turn"):
+        load_instruction_dataset(path, chat_tokenizer, 64)
+    ds = load_instruction_dataset(path, chat_tokenizer, 64, on_malformed="skip")
+    assert len(ds) == 3 and ds.stats.skipped_malformed == 2
+    first = ds.stats.drop_report()["first"]
+    assert [(d["file"], d["line"]) for d in first] == [(str(path), 3), (str(path), 5)]
+    assert first[0]["reason"].startswith("malformed record (skipped): 'messages' has no assistant turn")
+    assert "not valid JSON" in first[1]["reason"]
+    with pytest.raises(InputError, match=r"on_malformed: expected one of \['error', 'skip'\]"):
+        load_instruction_dataset(path, chat_tokenizer, 64, on_malformed="ignore")
+
+
+def test_user_split_drops_unusable_examples_before_the_split_and_names_the_users_lines(tmp_path, chat_tokenizer):
+    """An over-long example that the seeded draw puts in the held-out split used to make every training job
+    fail, naming the derived held-out file; now it is dropped before the split, reported with the user's
+    file and line, and the split files keep each record's origin."""
+    from spielbench.formats import heldout_indices, load_instruction_examples
+
+    n = 20
+    held_before = sorted(heldout_indices(n, 2, seed=5))  # what the old split drew from all 20 records
+    outputs = [f"answer {i}" for i in range(n)]
+    for i in held_before:
+        outputs[i] = "y" * 200  # longer than max_seq_length: truncated away in the held-out loss
+    outputs[7 if 7 not in held_before else 8] = ""
+    src = _alpaca(tmp_path / "mine.json", outputs)
+    report = split_user_data(src, chat_tokenizer, 48, tmp_path / "u" / "train.jsonl", tmp_path / "u" / "heldout.jsonl",
+                             tmp_path / "u" / "report.json", heldout_examples=2, seed=5)
+    assert report["read"] == n and report["train"] + report["heldout"] == n - 3
+    assert report["dropped"]["by_reason"] == {"empty response": 1, "longer than max_seq_length": 2}
+    lines = sorted(d["line"] for d in report["dropped"]["first"])
+    assert lines == sorted([i + 2 for i in held_before] + [(7 if 7 not in held_before else 8) + 2])
+    assert all(d["file"] == str(src) for d in report["dropped"]["first"])
+    assert json.loads((tmp_path / "u" / "report.json").read_text()) == report
+
+    held = load_instruction_dataset(tmp_path / "u" / "heldout.jsonl", chat_tokenizer, 48)
+    assert len(held) == report["heldout"] and held.stats.drop_report()["count"] == 0
+    # a run with a shorter max_seq_length drops more; the report names the user's file and line
+    # (at 28 tokens the prompt "Repeat <i>" leaves a response token for one-digit i only)
+    again = load_instruction_dataset(tmp_path / "u" / "train.jsonl", chat_tokenizer, 28)
+    first = again.stats.drop_report()["first"]
+    assert first and all(d["file"] == str(src) and d["line"] >= 10 + 2 for d in first)
+    assert first[0]["reason"] == "no response token within max_seq_length"
+    with pytest.raises(InputError, match=r"no example of .*mine.json has an assistant response token"):
+        load_instruction_dataset(tmp_path / "u" / "train.jsonl", chat_tokenizer, 20)
+    # the split files are plain Tülu JSONL (the origin field is ignored by readers)
+    assert len(load_instruction_examples(tmp_path / "u" / "train.jsonl")) == report["train"]

@@ -268,8 +268,10 @@ def test_4bit_runs_are_evaluated_unmerged_on_an_nf4_base(tmp_path, scripted_llam
                                                         eval_fixture_dir):
     from spiel.layer import SparseDeltaLinear
 
+    from baselines.quant import load_nf4_model
+
     adapter = tmp_path / "spiel"
-    _spiel_adapter(scripted_llama, adapter, seed=4)
+    _spiel_adapter(load_nf4_model(scripted_model_dir, "cpu"), adapter, seed=4, copy_model=False)  # a qSpIEL adapter
     model, tok, info = load_for_eval(scripted_model_dir, adapter, method="qspiel-ag")
     assert info["quantized"] and info["adapter_application"] == "unmerged" and info["dtype"] == "nf4/float32"
     layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
@@ -285,6 +287,14 @@ def test_4bit_runs_are_evaluated_unmerged_on_an_nf4_base(tmp_path, scripted_llam
     assert not torch.allclose(on, off, atol=1e-3)  # the unmerged deltas take part in the forward pass
     report = evaluate_model(model, tok, ["boolq"], eval_dir=eval_fixture_dir, limit=2)
     assert report["tasks"]["boolq"]["n"] == 2
+    # the adapter records its NF4 base: without a method it is applied, against a dense method refused
+    assert load_for_eval(scripted_model_dir, adapter)[2]["quantized"]
+    with pytest.raises(InputError, match="base_model_quantization='nf4'.*method 'spiel-ag'"):
+        load_for_eval(scripted_model_dir, adapter, method="spiel-ag")
+    dense = tmp_path / "dense"
+    _spiel_adapter(scripted_llama, dense, seed=4)
+    with pytest.raises(InputError, match="base_model_quantization='none'.*quantized=True"):
+        load_for_eval(scripted_model_dir, dense, quantized=True)
 
 
 def test_item_limit_takes_a_seeded_random_subset_not_the_first_items(scripted_llama, eval_tokenizer,

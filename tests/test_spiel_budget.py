@@ -1,5 +1,5 @@
 """SpielConfig validation and serialisation; parameter counting, targeting and budget allocation
-(SPIEL_SPEC.md §1, §2.1, §2.2)."""
+(docs/METHOD.md §1, §2.1, §2.2)."""
 from __future__ import annotations
 
 import json
@@ -59,10 +59,18 @@ def test_config_defaults_aliases_and_round_trip(tmp_path):
     full = SpielConfig(lora_rank_equivalent=4, target_modules=["q_proj", "v_proj"], selection_algorithm="ma",
                        num_deltas={"m.q_proj": 5}, base_model_name_or_path="x/y", seed=7)
     data = full.to_dict()
-    assert data["peft_type"] == "SPIEL" and data["num_deltas"] == {"m.q_proj": 5}
+    assert data["spiel_format_version"] == 2 and data["num_deltas"] == {"m.q_proj": 5}
+    assert "spiel" in data["peft_type"] and "from_pretrained" in data["peft_type"]  # a message, not a peft type
     assert SpielConfig.from_dict(json.loads(json.dumps(data))) == full
     with pytest.raises(ValueError, match="peft_type"):
         SpielConfig.from_dict({**data, "peft_type": "LORA"})
+    legacy = {k: v for k, v in data.items() if k not in ("spiel_format_version", "base_model_dtype",
+                                                          "base_model_quantization")}
+    assert SpielConfig.from_dict({**legacy, "peft_type": "SPIEL"}) == full  # version-1 files still load
+    with pytest.raises(ValueError, match="not a SpIEL adapter"):
+        SpielConfig.from_dict({**legacy, "peft_type": "LORA"})
+    with pytest.raises(ValueError, match="spiel_format_version.*newer"):
+        SpielConfig.from_dict({**data, "spiel_format_version": 3})
     with pytest.raises(ValueError, match="unknown field"):
         SpielConfig.from_dict({**data, "lora_alpha": 16})
 
@@ -126,7 +134,7 @@ def test_allocate_hand_computed_and_errors():
         allocate(5, {"big": 1000, "small": 10})
     with pytest.raises(ValueError, match="'a' k = 20 > its 10"):
         allocate(40, {"a": 10, "b": 10})
-    # spec §2.2 table: LLaMA-2-7B at r=8 (N = 8 * 2,498,560)
+    # docs/METHOD.md §2.2 table: LLaMA-2-7B at r=8 (N = 8 * 2,498,560)
     h, f, layers = 4096, 11008, 32
     sizes = {}
     for i in range(layers):

@@ -248,7 +248,10 @@ def test_disabled_forward_with_grad_then_fused_forward_backward_matches_unfused(
         assert torch.equal(got, want)
 
 
-def test_indices_written_through_data_are_detected():
+@pytest.mark.parametrize("how", ["in-place", "through-data-then-refresh"])
+def test_indices_written_outside_replace_entries(how):
+    """An in-place write to η is seen by its version counter; a write through ``.data`` (which keeps the
+    counter) is seen after ``refresh()``, the documented call for that case. Forward and dΔ both follow."""
     (layer, _), w0 = _pair()
     with torch.no_grad():
         layer.values.normal_()
@@ -256,10 +259,20 @@ def test_indices_written_through_data_are_detected():
     layer(x)
     new = layer.indices.clone()
     new[:5] = torch.tensor([i for i in range(480) if i not in set(layer.indices.tolist())][:5], dtype=new.dtype)
-    layer.indices.data.copy_(new)  # .data keeps the version counter
-    y = layer(x)
+    if how == "in-place":
+        with torch.no_grad():
+            layer.indices.copy_(new)
+    else:
+        layer.indices.data.copy_(new)
+        layer.refresh()
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
     dense = w0 + layer.delta_weight()
     torch.testing.assert_close(y, nn.functional.linear(x, dense, layer.bias), rtol=0, atol=1e-6)
+    grad_out = torch.randn(4, 24)
+    y.backward(grad_out)
+    torch.testing.assert_close(layer.values.grad, (grad_out.t() @ x).reshape(-1)[layer.indices.long()],
+                               rtol=1e-5, atol=1e-5)
     assert torch.equal(layer.base_weight(), w0)
 
 
@@ -271,7 +284,8 @@ def test_base_weight_replaced_or_reloaded_while_fused_is_taken_as_new_base():
     layer(x)
     w1 = torch.randn(24, 20)
     layer.base_layer.weight = nn.Parameter(w1.clone(), requires_grad=False)  # a new Parameter
-    y = layer(x)
+    with pytest.warns(RuntimeWarning, match="fusion is turned off"):
+        y = layer(x)
     torch.testing.assert_close(y, nn.functional.linear(x, w1 + layer.delta_weight(), layer.bias), rtol=0, atol=1e-6)
     assert torch.equal(layer.base_weight(), w1)
     layer(x)
@@ -312,3 +326,220 @@ def test_tied_weights_are_not_fused():
     with torch.no_grad():
         a, b = sm(input_ids=ids).logits, sm(input_ids=ids).logits
     assert torch.equal(a, b) and torch.equal(model.model.embed_tokens.weight, w0)
+
+
+# --------------------------------------------------------------- no registration, ownership, wrappers
+def test_parameter_names_and_state_dict_keys_unchanged_by_forward():
+    """The fused state is a plain attribute: a wrapped model's parameters, buffers and state_dict keys are the
+    same before and after forward/backward/step, and no parameter is counted twice (tie detection)."""
+    import spiel
+    from conftest import make_tiny_llama
+
+    model = spiel.get_spiel_model(make_tiny_llama(0), spiel.SpielConfig(num_tunable_weights=400))
+
+    def names():
+        return ([n for n, _ in model.named_parameters(remove_duplicate=False)],
+                [n for n, _ in model.named_buffers(remove_duplicate=False)], list(model.state_dict()))
+
+    before = names()
+    opt = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model(input_ids=ids)
+    assert all(layer.fused for _, layer in model.sparse_layers())
+    assert names() == before
+    assert len({id(p) for p in model.parameters()}) == len(before[0])
+
+
+class _SubclassedWeight(torch.Tensor):
+    """A stand-in for a tensor-subclass weight (DTensor, a quantised tensor): fusion must not write into it."""
+
+
+@pytest.mark.parametrize("kind", ["subclass", "view-into-flat-buffer", "zero3-placeholder-attr"])
+def test_fusion_off_for_weights_it_cannot_own(kind):
+    torch.manual_seed(0)
+    base = nn.Linear(20, 24)
+    w0 = base.weight.detach().clone()
+    if kind == "subclass":
+        base.weight = nn.Parameter(w0.clone().as_subclass(_SubclassedWeight), requires_grad=False)
+        assert type(base.weight) is not nn.Parameter
+    elif kind == "view-into-flat-buffer":  # as FSDP's flat parameter holds every weight of a unit
+        flat = torch.cat([w0.reshape(-1), torch.zeros(7)])
+        base.weight = nn.Parameter(flat[:480].view(24, 20), requires_grad=False)
+    else:
+        base.weight.ds_id = 3  # a DeepSpeed ZeRO-3 partitioned parameter carries ds_id
+    snapshot = base.weight.detach().clone()
+    layer = SparseDeltaLinear(base, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.values.normal_()
+    x = torch.randn(4, 20, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert not layer.fused
+    assert torch.equal(base.weight.detach().as_subclass(torch.Tensor), snapshot.as_subclass(torch.Tensor))
+    torch.testing.assert_close(y.as_subclass(torch.Tensor),
+                               nn.functional.linear(x.detach(), w0 + layer.delta_weight(), base.bias.detach()),
+                               rtol=0, atol=1e-6)
+
+
+def test_get_spiel_model_marks_unownable_weights_unfused():
+    import spiel
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(0)
+    model.model.layers[0].self_attn.q_proj.weight.ds_id = 1
+    sm = spiel.get_spiel_model(model, spiel.SpielConfig(num_tunable_weights=400))
+    layers = dict(sm.sparse_layers())
+    assert layers["model.layers.0.self_attn.q_proj"].fuse_delta is False
+    assert layers["model.layers.0.self_attn.k_proj"].fuse_delta is True
+
+
+def test_weight_swapped_between_calls_turns_fusion_off():
+    """A wrapper that hands the layer a new Parameter per call (FSDP's unshard/reshard): the layer notices
+    once, turns fusion off for itself and never writes into the swapped-out weights."""
+    (layer, _), w0 = _pair()
+    with torch.no_grad():
+        layer.values.normal_()
+    x = torch.randn(4, 20)
+    first = layer.base_layer.weight
+    layer(x)
+    layer.base_layer.weight = nn.Parameter(w0.clone(), requires_grad=False)  # "reshard, unshard"
+    with pytest.warns(RuntimeWarning, match="fusion is turned off"):
+        y = layer(x)
+    assert layer.fuse_delta is False and not layer.fused
+    torch.testing.assert_close(y, nn.functional.linear(x, w0 + layer.delta_weight(), layer.bias), rtol=0, atol=1e-6)
+    assert torch.equal(layer.base_layer.weight.detach(), w0)
+    assert not torch.equal(first.detach(), w0)  # the swapped-out weight kept what was written; nobody reads it
+
+
+def test_fully_shard_single_rank_matches_unwrapped():
+    """FSDP2 (``fully_shard``) over a one-rank gloo group on CPU: outputs and dΔ equal the unwrapped layer's
+    over two steps, and the sharded parameter keeps W0 (fusion writes only into FSDP's unsharded copy)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised in this process")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as exc:
+        pytest.skip(f"fully_shard unavailable: {exc}")
+    (layer, plain), w0 = _pair()
+    with torch.no_grad():
+        layer.values.copy_(torch.linspace(-1, 1, layer.k))
+        plain.values.copy_(layer.values)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        outer = nn.Sequential(layer)
+        fully_shard(outer, mesh=init_device_mesh("cpu", (1,)))
+        for step in range(2):
+            x = torch.randn(3, 20, generator=torch.Generator().manual_seed(step))
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = outer(xa), plain(xb)
+            ya.sum().backward()
+            yb.sum().backward()
+            assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+            assert torch.equal(layer.values.grad.full_tensor(), plain.values.grad)
+            layer.values.grad = plain.values.grad = None
+        sharded = layer.base_layer.weight
+        assert torch.equal(sharded.full_tensor() if hasattr(sharded, "full_tensor") else sharded.detach(), w0)
+        outer.state_dict()  # sees the sharded DTensor: nothing to restore there, fusion stays on
+        assert layer.fuse_delta is True
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_replica_carries_the_fused_state():
+    """``nn.DataParallel`` replicas (``_replicate_for_data_parallel`` plus copies of the parameters, as
+    ``replicate`` broadcasts them) hold a copy of the fused weight: the replica computes with W0 + Δ once."""
+    (layer, plain), w0 = _pair()
+    with torch.no_grad():
+        layer.values.normal_()
+        plain.values.copy_(layer.values)
+    x = torch.randn(4, 20)
+    layer(x)  # fused
+    replica = layer._replicate_for_data_parallel()
+    replica.base_layer = layer.base_layer._replicate_for_data_parallel()
+    replica.base_layer._parameters = {name: p.detach().clone() for name, p in layer.base_layer._parameters.items()}
+    replica._parameters = {"values": layer.values.detach().clone()}
+    assert torch.equal(replica(x), plain(x))
+    assert layer.fuse_delta  # the master is untouched
+    assert torch.equal(layer(x), plain(x)) and torch.equal(layer.base_weight(), w0)
+
+
+def _compile_or_skip(fn, backend):
+    try:
+        compiled = torch.compile(fn, backend=backend)
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"torch.compile({backend}) unavailable: {exc}")
+    return compiled
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_matches_eager(backend):
+    """A compiled tiny model of two SpIEL layers: loss, input gradient and dΔ equal eager over two optimizer
+    steps, the fused state survives, and W0 comes back intact (the layer's autograd function may run as a
+    graph break)."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(SparseDeltaLinear(nn.Linear(20, 32), 60, generator=torch.Generator().manual_seed(1)),
+                             nn.GELU(),
+                             SparseDeltaLinear(nn.Linear(32, 8), 30, generator=torch.Generator().manual_seed(2)))
+
+    models = [make(), make()]
+    w0 = [layer.base_weight().clone() for layer in (models[0][0], models[0][2])]
+    opts = [SparseAdamW([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in models]
+    eager = models[0]
+    compiled = _compile_or_skip(models[1], backend)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(4, 5, 20, generator=gen)
+        grads = []
+        for model, module, opt in zip((eager, compiled), models, opts):
+            xi = x.clone().requires_grad_()
+            try:
+                loss = (model(xi) ** 2).mean()
+            except Exception as exc:
+                if model is compiled and ("compiler" in str(exc).lower() or "cpp" in str(exc).lower()):
+                    pytest.skip(f"torch.compile({backend}) cannot run here (no working C++ toolchain?): {exc}")
+                raise
+            loss.backward()
+            grads.append((loss.detach(), xi.grad, [m.values.grad.clone() for m in (module[0], module[2])]))
+            opt.step()
+            opt.zero_grad()
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)
+        for a, b in zip(grads[0][2], grads[1][2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    layers = (models[1][0], models[1][2])
+    assert all(layer.fused for layer in layers)
+    for layer, base in zip(layers, w0):
+        assert torch.equal(layer.base_weight(), base)
+
+
+def test_load_adapter_while_fused_matches_a_fresh_load(tmp_path):
+    """load_adapter writes η and Δ in place while the layers are fused: the next forward restores the old
+    positions and fuses the loaded ones (same logits as loading onto a fresh model, base back to W0)."""
+    import spiel
+    from conftest import make_tiny_llama
+
+    cfg = spiel.SpielConfig(num_tunable_weights=400, seed=1)
+    donor = spiel.get_spiel_model(make_tiny_llama(0), cfg)
+    with torch.no_grad():
+        for _, layer in donor.sparse_layers():
+            layer.values.normal_(0, 0.05)
+    donor.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    live = spiel.get_spiel_model(make_tiny_llama(0), cfg.replace(seed=2))  # other η
+    w0 = {name: layer.base_weight().clone() for name, layer in live.sparse_layers()}
+    with torch.no_grad():
+        for _, layer in live.sparse_layers():
+            layer.values.normal_(0, 0.05)
+        live(input_ids=ids)
+    assert all(layer.fused for _, layer in live.sparse_layers())
+    live.load_adapter(tmp_path / "adapter")
+    fresh = spiel.SpielModel.from_pretrained(make_tiny_llama(0), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(live(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    for name, layer in live.sparse_layers():
+        assert torch.equal(layer.base_weight(), w0[name]), name

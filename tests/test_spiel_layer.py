@@ -1,5 +1,5 @@
 """SparseDeltaLinear: forward/backward numerics (fp64 gradcheck, bf16 autocast, 4-bit base),
-the sampled gradient path, caches, merge/unmerge and index replacement (SPIEL_SPEC.md §2, §6, §7, §11)."""
+the sampled gradient path, caches, merge/unmerge and index replacement (docs/METHOD.md §2, §6, §7, §11)."""
 from __future__ import annotations
 
 import pytest
@@ -287,6 +287,7 @@ def test_4bit_base_against_dequantized_weight():
 @pytest.mark.parametrize("dense_hook", [False, True], ids=["sampled", "with-dense-hook"])
 def test_sample_weight_grad_at_candidates(dense_hook):
     layer = _layer(out=20, inp=12, k=30, dtype=torch.float32)
+    layer.delta_grad = "sampled"  # 16% density: "auto" would take the dense path on CPU (spiel/delta_grad.py)
     x = torch.randn(2, 3, 12)
     grad_out = torch.randn(2, 3, 20)
     dense = (grad_out.reshape(-1, 20).t().double() @ x.reshape(-1, 12).double()).reshape(-1)
@@ -324,10 +325,10 @@ def test_sample_weight_grad_at_candidates(dense_hook):
 
 
 def test_sampled_grad_chunked_over_tokens(monkeypatch):
-    import spiel.layer as layer_module
+    import spiel.delta_grad as delta_grad_module
 
-    monkeypatch.setattr(layer_module, "_CPU_CHUNK_ELEMENTS", 1)  # 64-token chunks
-    assert layer_module._token_chunk(150, 16, 24) == 64
+    monkeypatch.setattr(delta_grad_module, "_CPU_CHUNK_ELEMENTS", 1)  # 64-token chunks
+    assert delta_grad_module._token_chunk(150, 16, 24) == 64
     layer = _layer(out=24, inp=16, k=70, dtype=torch.float32)
     x = torch.randn(150, 16)
     grad_out = torch.randn(150, 24)
@@ -341,7 +342,7 @@ def test_sampled_grad_chunked_over_tokens(monkeypatch):
 
 def test_dense_hook_can_switch_to_sampled_candidates():
     """The AG pattern: the first backward of a phase gives the dense dW, the hook picks candidates and
-    switches the layer to sampled candidate gradients for the rest of the phase (spec §4.1)."""
+    switches the layer to sampled candidate gradients for the rest of the phase (docs/METHOD.md §4.1)."""
     layer = _layer(out=10, inp=8, k=12, dtype=torch.float32)
     sums = {}
 

@@ -1,5 +1,5 @@
 """SpielModel on a tiny LLaMA: wrapping, delegation, save/load, merge/unmerge, disable, gradient
-checkpointing, autocast, memory (SPIEL_SPEC.md §2, §6, §7, §11)."""
+checkpointing, autocast, memory (docs/METHOD.md §2, §6, §7, §11)."""
 from __future__ import annotations
 
 import json
@@ -96,7 +96,8 @@ def test_save_load_identical_logits_and_clear_errors(tmp_path):
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]  # no temporary files left
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "SPIEL" and saved["num_deltas"] == model.spiel_config.num_deltas
+    assert saved["spiel_format_version"] == 2 and saved["num_deltas"] == model.spiel_config.num_deltas
+    assert saved["base_model_dtype"] == "float32" and saved["base_model_quantization"] == "none"
 
     loaded = SpielModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter")
     torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)
@@ -281,7 +282,7 @@ def test_no_tensor_of_model_size_in_a_training_step():
 
 
 def test_qspiel_on_a_4bit_model(tmp_path):
-    """qSpIEL (spec §6): NF4 base via transformers' BitsAndBytesConfig, bf16 compute and deltas; the base
+    """qSpIEL (docs/METHOD.md §6): NF4 base via transformers' BitsAndBytesConfig, bf16 compute and deltas; the base
     stays quantised, gradients flow (also checkpointed), save/load reproduces logits, merging is refused."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

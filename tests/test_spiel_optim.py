@@ -1,4 +1,4 @@
-"""SparseAdamW and SM3 against the formulas of SPIEL_SPEC.md §3.3 and §5.1 on hand-computed cases,
+"""SparseAdamW and SM3 against the formulas of docs/METHOD.md §3.3 and §5.1 on hand-computed cases,
 state save/load, per-entry reset/seed, and optimizer choice by selection algorithm."""
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_sparse_adamw_seed_entries_is_unbiased_by_bias_correction():
     st = opt.state[p]
     torch.testing.assert_close(st["exp_avg"], mean * (1 - 0.9 ** 5))
     torch.testing.assert_close(st["exp_avg_sq"], mean_sq * (1 - 0.999 ** 5))
-    # Adam's own bias correction at that age recovers the means (spec §4.3).
+    # Adam's own bias correction at that age recovers the means (docs/METHOD.md §4.3).
     torch.testing.assert_close(st["exp_avg"] / (1 - 0.9 ** st["age"]), mean)
     torch.testing.assert_close(st["exp_avg_sq"] / (1 - 0.999 ** st["age"]), mean_sq)
     opt.reset_entries(p, torch.tensor([1]))

@@ -1,4 +1,4 @@
-"""SpIEL reselection (SPIEL_SPEC.md §3–§5): the schedule, drop, SpIEL-AG and SpIEL-MA growth checked by
+"""SpIEL reselection (docs/METHOD.md §3–§5): the schedule, drop, SpIEL-AG and SpIEL-MA growth checked by
 brute force, invariants of the index sets, training progress and exact resume."""
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_schedule_simulation_steps_rates_and_hooks(policy):
     want = {t for t in range(0, 5)} | {t for s in (19, 39, 59, 79) for t in range(s, s + 6)}
     assert {t for t, o in enumerate(open_after) if o} == want
     assert [phase_open_after(t, 100, 20, 5) for t in range(101)] == open_after
-    assert all(layer.weight_grad_hook is None for layer in layers)  # nothing leaks after the run (§10.9)
+    assert all(layer.weight_grad_hook is None for layer in layers)  # nothing leaks after the run (§10.2.9)
 
 
 def test_schedule_skips_phases_that_end_after_total_steps_and_gamma_zero():

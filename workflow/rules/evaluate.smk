@@ -25,7 +25,7 @@ def _eval_args(wc):
     for key, flag in (("bbh_path", "--bbh-path"), ("tydiqa_path", "--tydiqa-path")):
         if EVAL[key] is not None:
             args += [flag, EVAL[key]]
-    return " ".join(shlex.quote(a) for a in args)
+    return " ".join(shlex.quote(a) for a in args)  # already quoted: the shell command uses {params.args} as is
 
 
 rule evaluate:
@@ -41,8 +41,9 @@ rule evaluate:
         f"{LOGS}/evaluate/{{target}}.log",
     benchmark:
         f"{LOGS}/evaluate/{{target}}.benchmark.tsv"
-    threads: workflow.cores
+    threads: GPU_JOB_THREADS
     resources:
         gpu=1,
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m spielbench.evaluate {params.args} --output {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {GPU_SLOT} {resources.gpu} -- {PYTHON:q} -m spielbench.evaluate {params.args} "
+        "--output {output:q} > {log:q} 2>&1"

@@ -2,6 +2,9 @@
 # config (so a changed setting reruns that run only); `train` calls the training entry point.
 # Checkpoints stay in runs/<id>/checkpoints (not a declared output), so a job killed mid-training
 # resumes from its last checkpoint when the workflow is rerun.
+# A training job asks one GPU per launcher process and runs on devices of its own (gpus.smk).
+
+include: "gpus.smk"
 
 
 localrules:
@@ -39,10 +42,10 @@ rule train:
         f"{LOGS}/train/{{run}}.log",
     benchmark:
         f"{LOGS}/train/{{run}}.benchmark.tsv"
-    threads: workflow.cores
+    threads: GPU_JOB_THREADS
     resources:
-        gpu=1,
+        gpu=lambda wc: launcher_processes(RUNS[wc.run]["method"]),
         mem_mb=8000,
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} spielbench.train {input.run_config} "
-        "--output-dir {params.outdir} --restart-if-changed --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {GPU_SLOT} {resources.gpu} -- {PYTHON:q} {params.launch} spielbench.train "
+        "{input.run_config:q} --output-dir {params.outdir:q} --restart-if-changed --no-progress > {log:q} 2>&1"

@@ -1,10 +1,18 @@
-"""Snakemake script: split the user's instruction file (data.train) into train/held-out JSONL files."""
+"""Snakemake script: split the user's instruction file (data.train) into train/held-out JSONL files, after
+dropping the examples training cannot use (spielbench.data.split_user_data); the drops go to the log and
+to the report beside the split."""
 from spielbench.assets import logging_to
-from spielbench.formats import split_instruction_file
+from spielbench.data import describe_drops, split_user_data
+from spielbench.preflight import load_model_info
 
 p = snakemake.params  # noqa: F821 (snakemake injects the object)
 with logging_to(snakemake.log[0]):  # noqa: F821
-    n_train, n_heldout = split_instruction_file(
-        snakemake.input.data, snakemake.output.train, snakemake.output.heldout,  # noqa: F821
-        heldout_examples=p.heldout_examples, seed=p.seed)
-    print(f"{snakemake.input.data}: {n_train} train, {n_heldout} held-out examples")  # noqa: F821
+    tokenizer = load_model_info(snakemake.input.model).tokenizer  # noqa: F821
+    report = split_user_data(
+        snakemake.input.data, tokenizer, p.max_seq_length, snakemake.output.train,  # noqa: F821
+        snakemake.output.heldout, snakemake.output.report, heldout_examples=p.heldout_examples,  # noqa: F821
+        seed=p.seed, on_malformed=p.on_malformed)
+    print(f"{report['source']}: {report['train']} train, {report['heldout']} held-out examples")
+    line = describe_drops(report["dropped"], report["source"], report["read"])
+    if line:
+        print(f"note: {line}")
