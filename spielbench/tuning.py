@@ -88,12 +88,12 @@ def check_grids(grids: dict[str, list[float]]) -> int:
     return next(iter(sizes.values()), 0)
 
 
-def tuned_targets(runs: dict[str, dict], entries: list[dict], grids: dict[str, list[float]]) -> dict[str, dict]:
-    """The targets to tune: every run whose config entry gives no ``learning_rate`` and whose method has a grid.
+def tuned_targets(runs: dict[str, dict], grids: dict[str, list[float]]) -> dict[str, dict]:
+    """The targets to tune: every run whose resolved config has no ``learning_rate`` (neither its entry
+    nor ``training`` gives one) and whose method has a grid.
 
     Args:
-        runs: run id -> resolved run config (``Pipeline.runs``), in config order.
-        entries: the config's ``runs`` entries (to see which gave a learning rate themselves), same order.
+        runs: run id -> resolved run config, in config order (runs without ``learning_rate`` are tuned).
         grids: ``tuning.grids``.
 
     Returns:
@@ -103,12 +103,12 @@ def tuned_targets(runs: dict[str, dict], entries: list[dict], grids: dict[str, l
         TuningError: a run without a learning rate whose method has no grid.
     """
     out: dict[str, dict] = {}
-    for (rid, run), entry in zip(runs.items(), entries):
-        if "learning_rate" in entry:
+    for rid, run in runs.items():
+        if run.get("learning_rate") is not None:
             continue
         if run["method"] not in grids:
-            raise TuningError(f"runs: {rid!r} gives no learning_rate and tuning.grids has no grid for method "
-                              f"{run['method']!r}")
+            raise TuningError(f"runs: {rid!r} has no learning_rate (neither in its entry nor in training) and "
+                              f"tuning.grids has no grid for method {run['method']!r}")
         out.setdefault(target_of(run["method"], run.get("rank")), run)
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -46,15 +47,13 @@ def _runs():
         "full": {"method": "full", "rank": None, "seed": 42, "max_steps": 120, "learning_rate": None},
         "lora-r4": {"method": "lora", "rank": 4, "seed": 42, "max_steps": 120, "learning_rate": 1e-3},
     }
-    entries = [{"method": "lora", "rank": 16, "seed": 1}, {"method": "lora", "rank": 16, "seed": 2},
-               {"method": "full"}, {"method": "lora", "rank": 4, "learning_rate": 1e-3}]
-    return runs, entries
+    return runs
 
 
 def test_tuned_targets_and_grid_points():
-    runs, entries = _runs()
+    runs = _runs()
     grids = {"lora": [1e-4, 3e-4, 1e-3], "full": [1e-5, 3e-5, 1e-4]}
-    targets = T.tuned_targets(runs, entries, grids)
+    targets = T.tuned_targets(runs, grids)
     assert list(targets) == ["lora-r16", "full"]  # lora-r4 gives its own learning rate; the seeds share a target
     assert targets["lora-r16"]["seed"] == 1
     points = T.grid_points(targets, grids, max_steps=30, validation_file="v.jsonl", validation_examples=90)
@@ -65,8 +64,8 @@ def test_tuned_targets_and_grid_points():
     assert p["heldout_examples"] == 90 and p["run_id"] == "full-lr3e-05"
     assert p["_tune"] == {"target": "full", "learning_rate": 3e-5}
     assert runs["full"]["max_steps"] == 120  # the final run's config is not touched
-    with pytest.raises(T.TuningError, match="'full' gives no learning_rate and tuning.grids has no grid"):
-        T.tuned_targets(runs, entries, {"lora": grids["lora"]})
+    with pytest.raises(T.TuningError, match="'full' has no learning_rate .* tuning.grids has no grid"):
+        T.tuned_targets(runs, {"lora": grids["lora"]})
 
 
 def _scores():
@@ -194,3 +193,54 @@ def test_the_run_seed_changes_initial_indices_adapter_initialisation_and_data_or
         return [next(loader)["input_ids"].tolist() for _ in range(3)]
 
     assert first_batches(1) == first_batches(1) != first_batches(2)
+
+
+def _pipeline_config(**over):
+    from snakemake.utils import validate
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "smoke.yaml").read_text())
+    cfg.update(over)
+    validate(cfg, str(Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"))
+    return cfg
+
+
+def test_pipeline_resolves_tuned_runs_and_rejects_what_cannot_be_tuned(tmp_path):
+    from spielbench.pipeline import PipelineConfigError, resolve_pipeline
+
+    pipe = resolve_pipeline(_pipeline_config(), check_device=False, check_model=False)
+    assert pipe.tuned == {"lora-r2": "lora-r2"} and list(pipe.tune_targets) == ["lora-r2"]
+    assert pipe.validation_file == "resources/data/mixture/validation.jsonl"
+    assert "learning_rate" not in pipe.runs["lora-r2"] and pipe.runs["full"]["learning_rate"] == 1e-4
+    cfg = _pipeline_config()
+    cfg["runs"].append({"method": "ia3"})
+    with pytest.raises(PipelineConfigError, match=r"runs\[4\].learning_rate: .*no grid for method 'ia3'"):
+        resolve_pipeline(cfg, check_device=False, check_model=False)
+    cfg = _pipeline_config()
+    cfg["tuning"]["grids"]["full"] = [1e-5, 3e-5, 1e-4, 3e-4]
+    with pytest.raises(PipelineConfigError, match="same number of grid points"):
+        resolve_pipeline(cfg, check_device=False, check_model=False)
+    # a local data.train has no validation split of its own: tuning needs data.validation
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"inputs": f"q{i}", "targets": f"a{i}"}) + "\n" for i in range(40)))
+    cfg = _pipeline_config()
+    cfg["data"] = {**cfg["data"], "train": str(train)}
+    with pytest.raises(PipelineConfigError, match=r"data.validation: runs \['lora-r2'\]"):
+        resolve_pipeline(cfg, check_device=False, check_model=False)
+    val = tmp_path / "val.jsonl"
+    val.write_text(train.read_text())
+    cfg["data"]["validation"] = str(val)
+    assert resolve_pipeline(cfg, check_device=False, check_model=False).validation_file == str(val)
+
+
+def test_defaults_have_one_value_in_the_schema_and_the_code():
+    from spielbench import assets
+    from spielbench.aggregate.noninferiority import DEFAULT_MARGINS
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas"
+                             / "config.schema.yaml").read_text())
+    margins = schema["properties"]["claims"]["properties"]["margins"]["properties"]
+    assert {k: v["default"] for k, v in margins.items()} == DEFAULT_MARGINS
+    assert all(v["default"] == v["maximum"] for v in margins.values())  # the upper bounds
+    mixture = schema["properties"]["data"]["properties"]["mixture"]["properties"]
+    assert mixture["validation_per_task"]["default"] == assets.DEFAULT_VALIDATION_PER_TASK
+    assert mixture["heldout_per_task"]["default"] == assets.DEFAULT_HELDOUT_PER_TASK

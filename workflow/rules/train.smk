@@ -4,6 +4,9 @@
 # resumes from its last checkpoint when the workflow is rerun.
 # A training job asks one GPU per launcher process and runs on devices of its own (gpus.smk).
 
+import json
+
+
 include: "gpus.smk"
 
 
@@ -12,6 +15,9 @@ localrules:
 
 
 rule run_config:
+    input:
+        # a run without a learning_rate trains at the one the tune stage chose (tune.smk)
+        chosen=lambda wc: [CHOSEN_LR] if wc.run in TUNED_RUNS else [],
     output:
         f"{RUNS_DIR}/{{run}}/run.yaml",
     params:
@@ -21,7 +27,8 @@ rule run_config:
     log:
         f"{LOGS}/run_config/{{run}}.log",
     run:
-        write_yaml_atomic(output[0], params.run)
+        chosen = json.loads(open(input.chosen[0]).read()) if input.chosen else {}
+        write_yaml_atomic(output[0], apply_chosen(params.run, chosen, tuned=bool(input.chosen)))
 
 
 rule train:

@@ -4,26 +4,23 @@
 # results/tuning/chosen_lr.json (with the table and the figure of every grid point), which the final runs'
 # run_config rule reads. The run ids of the final runs do not depend on the chosen values, so the DAG is
 # known at parse time: no checkpoint is needed, chosen_lr.json is an ordinary input.
+# The grids and the tuned runs were checked at parse time (spielbench.pipeline: PIPE.tuned, PIPE.tune_targets).
 import spielbench.tuning
 from spielbench.aggregate.tuning import TUNING_FILES
-from spielbench.tuning import TuningError, check_grids, grid_points, tuned_targets
+from spielbench.tuning import apply_chosen, grid_points
 
 TUNING = config.get("tuning") or {}
 TUNE_DIR = f"{RUNS_DIR}/tune"
 TUNING_RESULTS = f"{RESULTS}/tuning"
 CHOSEN_LR = f"{TUNING_RESULTS}/chosen_lr.json"
-try:
-    _grids = TUNING.get("grids") or {}
-    check_grids(_grids)
-    TUNED = tuned_targets(RUNS, config["runs"], _grids)
-except TuningError as err:
-    raise WorkflowError(f"config error: {err}") from None
-#: run ids of the final runs that train at a chosen learning rate
-TUNED_RUNS = {rid for rid, entry in zip(RUNS, config["runs"]) if "learning_rate" not in entry and TUNED}
-TUNE_POINTS = grid_points(TUNED, _grids, max_steps=TUNING.get("max_steps", 1),
+VALIDATION_FILE = PIPE.validation_file
+TUNED_RUNS = PIPE.tuned              # run id -> target, for the final runs that train at a chosen learning rate
+TUNE_POINTS = grid_points(PIPE.tune_targets, TUNING.get("grids") or {}, max_steps=TUNING.get("max_steps", 20),
                           validation_file=VALIDATION_FILE,
-                          validation_examples=TUNING.get("validation_examples")) if TUNED else {}
-TUNING_OUTPUTS = [f"{TUNING_RESULTS}/{name}" for name in TUNING_FILES] if TUNE_POINTS else []
+                          validation_examples=TUNING.get("validation_examples")) if TUNED_RUNS else {}
+TUNE_SCORES = [f"{TUNE_DIR}/{p}/score.json" for p in TUNE_POINTS]
+# the grid points' scores are targets too, so deleting one reruns that point and the selection
+TUNING_OUTPUTS = ([f"{TUNING_RESULTS}/{name}" for name in TUNING_FILES] + TUNE_SCORES) if TUNE_POINTS else []
 TUNE_PATTERN = "|".join(re.escape(p) for p in TUNE_POINTS) or "^$"
 
 
@@ -49,7 +46,7 @@ rule tune_point:
         run_config=f"{TUNE_DIR}/{{point}}/run.yaml",
         model=MODEL_DIR,
         train=TRAIN_FILE,
-        validation=VALIDATION_FILE,
+        validation=VALIDATION_FILE or [],
     output:
         score=f"{TUNE_DIR}/{{point}}/score.json",
     params:
@@ -71,11 +68,11 @@ rule tune_point:
 
 rule tune_select:
     input:
-        scores=[f"{TUNE_DIR}/{p}/score.json" for p in TUNE_POINTS],
+        scores=TUNE_SCORES,
         code=[os.path.relpath(spielbench.tuning.__file__),
               os.path.relpath(os.path.join(os.path.dirname(spielbench.tuning.__file__), "aggregate", "tuning.py"))],
     output:
-        TUNING_OUTPUTS,
+        [f"{TUNING_RESULTS}/{name}" for name in TUNING_FILES] if TUNE_POINTS else [],
     log:
         f"{LOGS}/tune/select.log",
     shell:
