@@ -266,6 +266,8 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
         user_train = str(Path(train).expanduser())
         split_dir = f"{resources}/data/user/{user_split_key(user_train)}"
         train_file, heldout_file = f"{split_dir}/train.jsonl", f"{split_dir}/heldout.jsonl"
+        if validation_file is None and heldout is None:  # the split also draws a validation set
+            validation_file = f"{split_dir}/validation.jsonl"
     if heldout is not None:
         _check_file("data.heldout", heldout)
         _check_data_file("data.heldout", heldout, on_malformed)

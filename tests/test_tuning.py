@@ -219,17 +219,42 @@ def test_pipeline_resolves_tuned_runs_and_rejects_what_cannot_be_tuned(tmp_path)
     cfg["tuning"]["grids"]["full"] = [1e-5, 3e-5, 1e-4, 3e-4]
     with pytest.raises(PipelineConfigError, match="same number of grid points"):
         resolve_pipeline(cfg, check_device=False, check_model=False)
-    # a local data.train has no validation split of its own: tuning needs data.validation
+    # a local data.train: its split draws a validation set too; with a given data.heldout there is no split,
+    # so tuning needs data.validation
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"inputs": f"q{i}", "targets": f"a{i}"}) + "\n" for i in range(40)))
     cfg = _pipeline_config()
     cfg["data"] = {**cfg["data"], "train": str(train)}
+    pipe = resolve_pipeline(cfg, check_device=False, check_model=False)
+    assert pipe.validation_file == str(Path(pipe.train_file).with_name("validation.jsonl"))
+    cfg["data"]["heldout"] = str(train)
     with pytest.raises(PipelineConfigError, match=r"data.validation: runs \['lora-r2'\]"):
         resolve_pipeline(cfg, check_device=False, check_model=False)
     val = tmp_path / "val.jsonl"
     val.write_text(train.read_text())
     cfg["data"]["validation"] = str(val)
     assert resolve_pipeline(cfg, check_device=False, check_model=False).validation_file == str(val)
+
+
+def test_user_split_draws_a_disjoint_validation_set(tmp_path, chat_tokenizer):
+    from spielbench.data import split_user_data
+
+    src = tmp_path / "mine.jsonl"
+    src.write_text("".join(json.dumps({"inputs": f"question {i}", "targets": f"answer {i}"}) + "\n"
+                           for i in range(100)))
+    out = {k: tmp_path / f"{k}.jsonl" for k in ("train", "heldout", "validation")}
+    rep = split_user_data(src, chat_tokenizer, 64, out["train"], out["heldout"], tmp_path / "report.json",
+                          heldout_examples=10, seed=3, validation_out=out["validation"], validation_examples=9)
+    rows = {k: [json.loads(x) for x in p.read_text().splitlines()] for k, p in out.items()}
+    lines = {k: {r["origin"]["line"] for r in v} for k, v in rows.items()}
+    assert (rep["train"], rep["heldout"], rep["validation"]) == (81, 10, 9)
+    assert {k: len(v) for k, v in lines.items()} == {"train": 81, "heldout": 10, "validation": 9}
+    assert not lines["validation"] & lines["heldout"] and not lines["validation"] & lines["train"]
+    assert len(lines["train"] | lines["heldout"] | lines["validation"]) == 100
+    # without a validation file the split is as before
+    rep = split_user_data(src, chat_tokenizer, 64, out["train"], out["heldout"], tmp_path / "report.json",
+                          heldout_examples=10, seed=3)
+    assert (rep["train"], rep["heldout"], rep["validation"]) == (90, 10, 0)
 
 
 def test_defaults_have_one_value_in_the_schema_and_the_code():

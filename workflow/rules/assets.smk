@@ -138,9 +138,11 @@ if PIPE.user_train_file is not None and PIPE.user_heldout_file is None:
         output:
             train=f"{USER_DATA_DIR}/train.jsonl",
             heldout=f"{USER_DATA_DIR}/heldout.jsonl",
+            validation=f"{USER_DATA_DIR}/validation.jsonl",
             report=PIPE.user_split["report"],
         params:
             heldout_examples=USER_HELDOUT_EXAMPLES,
+            validation_examples=int((config.get("tuning") or {}).get("validation_examples") or 96),
             seed=MIXTURE_SEED,
             max_seq_length=PIPE.user_split["max_seq_length"],
             on_malformed=PIPE.user_split["on_malformed"],

@@ -27,8 +27,11 @@ rule run_config:
     log:
         f"{LOGS}/run_config/{{run}}.log",
     run:
-        chosen = json.loads(open(input.chosen[0]).read()) if input.chosen else {}
-        write_yaml_atomic(output[0], apply_chosen(params.run, chosen, tuned=bool(input.chosen)))
+        if input.chosen:
+            chosen = json.loads(open(input.chosen[0], encoding="utf-8").read())
+            write_yaml_atomic(output[0], apply_chosen(params.run, chosen, tuned=True))
+        else:
+            write_yaml_atomic(output[0], params.run)
 
 
 rule train:
