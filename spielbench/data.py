@@ -361,25 +361,27 @@ def load_instruction_dataset(
 
 def split_user_data(path: str | Path, tokenizer, max_seq_length: int, train_out: str | Path,
                     heldout_out: str | Path, report_out: str | Path, *, heldout_examples: int, seed: int,
-                    on_malformed: str = "error") -> dict:
+                    on_malformed: str = "error", validation_out: str | Path | None = None,
+                    validation_examples: int = 96) -> dict:
     """The workflow's split of a user's ``data.train`` into train and held-out files, after dropping what
     training cannot use.
 
     Reads ``path`` (``on_malformed`` as :func:`load_instruction_dataset`), drops empty-response examples,
     examples without a response token within ``max_seq_length`` and examples longer than
     ``max_seq_length`` tokens after the chat template (:func:`encode_examples` with ``drop_overlong``),
-    then draws the held-out set from the rest (``spielbench.formats.heldout_indices``) and writes both
-    files with each record's origin (the user's file and line; ``spielbench.formats.write_split``), so an
+    then draws the held-out set from the rest (``spielbench.formats.heldout_indices``) and, with
+    ``validation_out``, a validation set (learning-rate selection) from what remains
+    (``spielbench.formats.validation_indices``), and writes the files with each record's origin (the user's file and line; ``spielbench.formats.write_split``), so an
     example can no longer fail a training job from a derived file, and whatever is reported names the
     user's file.
 
     Returns (and writes atomically to ``report_out`` as JSON) ``{"source", "max_seq_length", "read",
-    "train", "heldout", "dropped": drop report}``.
+    "train", "heldout", "validation" (0 without ``validation_out``), "dropped": drop report}``.
 
     Raises:
         InputError: as :func:`load_instruction_dataset`; fewer than 2 usable examples (naming ``path``).
     """
-    from spielbench.formats import heldout_indices, write_split
+    from spielbench.formats import heldout_indices, validation_indices, write_split
     from spielbench.fsio import write_json_atomic
 
     read = _read_examples(Path(path), None, on_malformed)
@@ -391,9 +393,11 @@ def split_user_data(path: str | Path, tokenizer, max_seq_length: int, train_out:
     origins = [read.origins[i] for i in kept]
     held = heldout_indices(len(examples), heldout_examples, seed,
                            what=f"{path} (after dropping {stats.drop_report()['count']} unusable examples)")
-    n_train, n_heldout = write_split(examples, origins, held, train_out, heldout_out)
+    val = validation_indices(len(examples), held, validation_examples, seed) if validation_out is not None else set()
+    n_train, n_heldout = write_split(examples, origins, held, train_out, heldout_out, validation=val,
+                                     validation_out=validation_out)
     report = {"source": str(path), "max_seq_length": max_seq_length, "read": stats.read + stats.skipped_malformed,
-              "train": n_train, "heldout": n_heldout, "dropped": stats.drop_report()}
+              "train": n_train, "heldout": n_heldout, "validation": len(val), "dropped": stats.drop_report()}
     write_json_atomic(report_out, report)
     return report
 

@@ -36,6 +36,7 @@ Result JSON (``format: "spielbench-eval/1"``), written atomically::
      "prompt_format" ("plain" | "chat"), "seed", "limit", "batch_size",
      "lm_eval_version", "transformers_version", "torch_version",
      "tasks": {name: {"lm_eval_task", "metric", "value", "stderr", "n", "n_available", "shots", "limit",
+                      "subset": {"kind": "all" | "seeded-random" | "first-of-shuffled", "seed", "of"},
                       "metrics": {metric: {"value", "stderr"}}, "doc_ids": [int], "item_scores": [float],
                       "subtasks": {...} (groups only)}
                | {"skipped": true, "note": str}},
@@ -65,6 +66,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import tempfile
 import time
@@ -550,6 +552,35 @@ def task_limits(limit: int | dict[str, int | None] | None, tasks: list[str]) -> 
     return {t: value for t in tasks}
 
 
+def subset_indices(n_items: int, limit: int | None, seed: int, task: str) -> list[int] | None:
+    """The items of a task to score under an item limit: a seeded random subset, never the first N.
+
+    The subset depends only on ``(seed, task, n_items, limit)``, so every model evaluated with the
+    same settings is scored on the same items (paired comparisons), and a larger limit does not
+    simply extend a smaller one from the top of the file.
+
+    Args:
+        n_items: number of items (documents) the task has.
+        limit: items to score, or None for all.
+        seed: the evaluation seed; task: the suite task name (keys the generator).
+
+    Returns:
+        Sorted 0-based item indices (lm-eval doc ids), or None when every item is scored
+        (``limit`` is None or at least ``n_items``).
+    """
+    if limit is None or limit >= n_items:
+        return None
+    return sorted(random.Random(f"{seed}/{task}").sample(range(n_items), limit))
+
+
+def _doc_count(spec: TaskSpec, eval_dir: str | os.PathLike) -> int:
+    """Number of documents of a single (non-group) task: the rows of its first data file."""
+    from spielbench.lm_eval_tasks import utils
+
+    file_name, row_format = spec.files[0]
+    return len(utils.load_docs(Path(eval_dir) / file_name, row_format))
+
+
 def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | os.PathLike,
                    limit: int | dict[str, int | None] | None = None, prompt_format: str = "plain",
                    seed: int = 1234, batch_size: int = 4, allow_code_execution: bool = False,
@@ -563,11 +594,13 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
         tasks: suite task names (:data:`TASKS`), a list or comma-separated string.
         eval_dir: folder of the asset JSONL files.
         limit: items per task (per subtask for the ``bbh``/``tydiqa`` groups): an int for every task,
-            or ``{task: int | None}`` (tasks not named: all items); None = all. Where rows are
-            shuffled (MMLU, GSM8K, BBH, TyDiQA) the limit takes a seeded random subset, else the first.
+            or ``{task: int | None}`` (tasks not named: all items); None = all. A limit takes a
+            seeded random subset of the items (:func:`subset_indices` with ``seed``, passed to
+            lm-eval as ``samples``; the scored doc ids are in the result), never the first N; for the
+            groups, whose loaders shuffle rows with a fixed seed, lm-eval's per-subtask limit.
         prompt_format: "plain" (the paper's prompts) or "chat" (lm-eval applies the tokenizer's chat
             template, the whole prompt as one user turn).
-        seed: lm-eval's Python/numpy/torch/few-shot seeds.
+        seed: lm-eval's Python/numpy/torch/few-shot seeds, and the seed of the item subsets.
         batch_size: lm-eval batch size (requests per forward pass).
         allow_code_execution: allow tasks that execute model-written code (``humaneval``).
         bbh_path, tydiqa_path: optional user data; tasks without their data are skipped with a note.
@@ -602,18 +635,36 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
 
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
             manager = TaskManager(include_path=tmp, include_defaults=False)
-            # lm-eval takes one limit per call: one call per distinct limit, in request order
-            for value in dict.fromkeys(limits[t] for t in runnable):
-                group = [t for t in runnable if limits[t] == value]
-                results = simple_evaluate(
-                    model=lm, tasks=[TASKS[t].lm_eval_task for t in group], limit=value,
-                    task_manager=manager, apply_chat_template=prompt_format == "chat",
-                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                    confirm_run_unsafe_code=allow_code_execution, log_samples=True,
-                )
+            common = dict(task_manager=manager, apply_chat_template=prompt_format == "chat",
+                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                          fewshot_random_seed=seed, confirm_run_unsafe_code=allow_code_execution, log_samples=True)
+            # single tasks: one call, each limited task on a seeded random subset of its items (lm-eval's
+            # `samples`; its `limit` would take the first N in file order)
+            single = [t for t in runnable if TASKS[t].source is None]
+            if single:
+                subsets = {t: subset_indices(_doc_count(TASKS[t], eval_dir), limits[t], seed, t) for t in single}
+                chosen = {TASKS[t].lm_eval_task: ids for t, ids in subsets.items() if ids is not None}
+                results = simple_evaluate(model=lm, tasks=[TASKS[t].lm_eval_task for t in single],
+                                          samples=chosen or None, **common)
+                summary = summarise_results(results, single)
+                for t in single:
+                    summary[t]["limit"] = limits[t]
+                    summary[t]["subset"] = ({"kind": "seeded-random", "seed": seed, "of": summary[t]["n_available"]}
+                                            if subsets[t] is not None else {"kind": "all"})
+                report["tasks"].update(summary)
+                if return_samples:
+                    report.setdefault("samples", {}).update(results.get("samples", {}))
+            # groups (user-supplied BBH / TyDiQA): their loaders shuffle the rows with a fixed seed, so
+            # lm-eval's per-subtask limit takes a random subset; one call per distinct limit
+            groups = [t for t in runnable if TASKS[t].source is not None]
+            for value in dict.fromkeys(limits[t] for t in groups):
+                group = [t for t in groups if limits[t] == value]
+                results = simple_evaluate(model=lm, tasks=[TASKS[t].lm_eval_task for t in group], limit=value,
+                                          **common)
                 summary = summarise_results(results, group)
                 for t in group:
                     summary[t]["limit"] = value
+                    summary[t]["subset"] = {"kind": "first-of-shuffled" if value is not None else "all", "seed": None}
                 report["tasks"].update(summary)
                 if return_samples:
                     report.setdefault("samples", {}).update(results.get("samples", {}))
@@ -635,7 +686,8 @@ def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: i
     Examples are encoded exactly as for training (``spielbench.data.load_instruction_dataset``: the
     chat template, labels on assistant tokens only, truncation to ``max_seq_length``); the loss is
     the sum of the negative log-likelihoods (nats) of all label tokens divided by their number (one
-    mean over the whole file, not a mean of per-batch means).
+    mean over the whole file, not a mean of per-batch means). Examples are batched by length (longest
+    first) so that little compute goes to padding; per-example values come back in file order.
 
     Args:
         model: causal LM; tokenizer: its fast tokenizer with a chat template.
@@ -659,20 +711,23 @@ def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: i
                                     field_name="heldout_data")
     collate = PaddingCollator(pad_token_id=pad_token_id_of(tokenizer))
     device = next(model.parameters()).device
-    example_nll: list[float] = []
-    example_tokens: list[int] = []
+    # batches of similar length (longest first), so that padding costs little; results in file order
+    order = sorted(range(len(data)), key=lambda i: -len(data[i]["input_ids"]))
+    example_nll: list[float] = [0.0] * len(data)
+    example_tokens: list[int] = [0] * len(data)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate([data[i] for i in idx])
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits.float()
             labels = batch["labels"][:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, L-1]
-            example_nll += nll.sum(dim=1).tolist()
-            example_tokens += (labels != -100).sum(dim=1).tolist()
+            for i, v, t in zip(idx, nll.sum(dim=1).tolist(), (labels != -100).sum(dim=1).tolist()):
+                example_nll[i], example_tokens[i] = v, int(t)
     model.train(was_training)
     total, count = math.fsum(example_nll), int(sum(example_tokens))
     return {"loss": total / count if count else float("nan"), "n_examples": len(data), "n_tokens": count,

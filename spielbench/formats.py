@@ -355,9 +355,13 @@ def heldout_indices(n: int, heldout_examples: int, seed: int, what: str = "the d
 
 
 def write_split(examples: list[dict], origins: list[tuple[str, int]], held: set[int],
-                train_out: str | os.PathLike, heldout_out: str | os.PathLike) -> tuple[int, int]:
+                train_out: str | os.PathLike, heldout_out: str | os.PathLike, *,
+                validation: set[int] | None = None, validation_out: str | os.PathLike | None = None
+                ) -> tuple[int, int]:
     """Write ``examples`` (file order kept) to a train and a held-out Tülu JSONL file, the indices in ``held``
-    to the held-out one, each record with its ``origin`` (:data:`ORIGIN_KEY`). Atomic writes.
+    to the held-out one, each record with its ``origin`` (:data:`ORIGIN_KEY`). Atomic writes. With
+    ``validation_out``, the indices in ``validation`` (disjoint from ``held``) go to a third file and
+    not to the train file.
 
     Returns ``(n_train, n_heldout)``."""
     from spielbench.assets import write_jsonl
@@ -365,9 +369,32 @@ def write_split(examples: list[dict], origins: list[tuple[str, int]], held: set[
     def rec(i):
         return {**examples[i], ORIGIN_KEY: {"file": origins[i][0], "line": origins[i][1]}}
 
+    val = set(validation or ()) if validation_out is not None else set()
     write_jsonl(heldout_out, (rec(i) for i in sorted(held)))
-    write_jsonl(train_out, (rec(i) for i in range(len(examples)) if i not in held))
-    return len(examples) - len(held), len(held)
+    if validation_out is not None:
+        write_jsonl(validation_out, (rec(i) for i in sorted(val)))
+    write_jsonl(train_out, (rec(i) for i in range(len(examples)) if i not in held and i not in val))
+    return len(examples) - len(held) - len(val), len(held)
+
+
+def validation_indices(n: int, held: set[int], validation_examples: int, seed: int) -> set[int]:
+    """The seeded validation draw of a split (learning-rate selection): ``min(validation_examples, r // 10)``
+    indices (at least 1) of the ``r`` indices of ``range(n)`` not in ``held``, drawn with
+    ``random.Random(f"{seed}/validation")``; disjoint from ``held``.
+
+    Raises:
+        InputError: ``validation_examples < 1``, or no index left outside ``held`` (fewer than 2 remain).
+    """
+    import random
+
+    if not isinstance(validation_examples, int) or validation_examples < 1:
+        raise InputError(f"validation_examples: expected a positive integer, got {validation_examples!r}")
+    rest = [i for i in range(n) if i not in held]
+    if len(rest) < 2:
+        raise InputError(f"the data holds {len(rest)} example(s) besides the held-out set; at least 2 are needed "
+                         "to split off a validation set")
+    k = max(1, min(validation_examples, len(rest) // 10))
+    return set(random.Random(f"{seed}/validation").sample(rest, k))
 
 
 def split_instruction_file(path: str | os.PathLike, train_out: str | os.PathLike,

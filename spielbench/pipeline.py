@@ -52,6 +52,13 @@ class Pipeline:
     #: the runs: longer examples are dropped before the split, so every run trains on the same examples)
     #: and ``on_malformed``.
     user_split: dict | None = None
+    #: The validation split for learning-rate selection (the mixture's, or ``data.validation``); None
+    #: when there is none (then no run may be tuned).
+    validation_file: str | None = None
+    #: Run id -> tuned target (``spielbench.tuning.target_of``) of every run that trains at the learning
+    #: rate the tune stage chooses (its config has no ``learning_rate``); the target's template run.
+    tuned: dict[str, str] = field(default_factory=dict)
+    tune_targets: dict[str, dict] = field(default_factory=dict)
 
 
 def run_id_for(entry: dict) -> str:
@@ -243,15 +250,24 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
     heldout = data.get("heldout")
     on_malformed = data.get("on_malformed", "error")
     user_train = user_heldout = None
+    validation_file = data.get("validation")
+    if validation_file is not None:
+        _check_file("data.validation", validation_file)
+        _check_data_file("data.validation", validation_file, on_malformed)
+        validation_file = str(Path(validation_file).expanduser())
     if train == "mixture":
         train_file = f"{resources}/data/mixture/train.jsonl"
         heldout_file = f"{resources}/data/mixture/heldout.jsonl"
+        if validation_file is None:
+            validation_file = f"{resources}/data/mixture/validation.jsonl"
     else:
         _check_file("data.train", train)
         _check_data_file("data.train", train, on_malformed)
         user_train = str(Path(train).expanduser())
         split_dir = f"{resources}/data/user/{user_split_key(user_train)}"
         train_file, heldout_file = f"{split_dir}/train.jsonl", f"{split_dir}/heldout.jsonl"
+        if validation_file is None and heldout is None:  # the split also draws a validation set
+            validation_file = f"{split_dir}/validation.jsonl"
     if heldout is not None:
         _check_file("data.heldout", heldout)
         _check_data_file("data.heldout", heldout, on_malformed)
@@ -267,6 +283,13 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
     check_evaluation(ev)
 
     # --- runs --------------------------------------------------------------------------------
+    from spielbench.tuning import TuningError, check_grids
+
+    grids = (config.get("tuning") or {}).get("grids") or {}
+    try:
+        check_grids(grids)
+    except TuningError as err:
+        raise PipelineConfigError(str(err)) from None
     defaults = copy.deepcopy(config.get("training", {}))
     spiel_defaults = defaults.pop("spiel", {})
     runs: dict[str, dict] = {}
@@ -292,8 +315,9 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
                 run["spiel"].pop("reselection_rate_policy", None)
         elif entry.get("spiel"):
             raise PipelineConfigError(f"runs[{i}].spiel: SpIEL options given to method {method!r}")
-        if "learning_rate" not in run:
-            raise PipelineConfigError(f"runs[{i}].learning_rate: not set here nor in training.learning_rate")
+        if "learning_rate" not in run and method not in grids:
+            raise PipelineConfigError(f"runs[{i}].learning_rate: not set here nor in training.learning_rate, "
+                                      f"and tuning.grids has no grid for method {method!r} to choose it")
         run.update(run_id=rid, model=model_dir, train_data=train_file, heldout_data=heldout_file)
         if on_malformed != "error":  # only non-defaults, so that existing run configs stay as they are
             run["on_malformed"] = on_malformed
@@ -309,10 +333,20 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
         user_split = {"report": user_split_report(train_file), "on_malformed": on_malformed,
                       "max_seq_length": min([r.get("max_seq_length", default_len) for r in runs.values()]
                                             or [default_len])}
+    from spielbench.tuning import target_of, tuned_targets
+
+    tune_targets = tuned_targets(runs, grids)
+    tuned = {rid: target_of(r["method"], r.get("rank")) for rid, r in runs.items() if "learning_rate" not in r}
+    if tuned and validation_file is None:
+        raise PipelineConfigError(
+            f"data.validation: runs {sorted(tuned)} choose their learning rate on a validation split, and a local "
+            "data.train has none; give data.validation (an instruction file disjoint from data.train and "
+            "data.heldout), or a learning_rate to every run")
     return Pipeline(
         resources_dir=resources, runs_dir=runs_dir, results_dir=results, model_source=source,
         model_dir=model_dir, gguf_file=gguf, train_file=train_file, heldout_file=heldout_file,
         user_train_file=user_train, user_heldout_file=user_heldout, runs=runs, user_split=user_split,
+        validation_file=validation_file, tuned=tuned, tune_targets=tune_targets,
     )
 
 

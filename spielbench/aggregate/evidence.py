@@ -26,13 +26,10 @@ MEMORY_TIE_FRACTION = 0.01
 #: as "proportional to the number of tuned parameters".
 STATE_PER_PARAM_SPREAD_MAX = 1.05
 
-# Printed in claims.md. It still names the module the rules lived in before the package split, so that
-# claims.md stays byte-identical to tests/data/aggregate/*/golden; the thresholds are the constants above
-# and stats.FAMILY_ALPHA.
+# Printed in claims.md (after rule 0, noninferiority.rules_text, which carries the configured margins); the
+# thresholds are the constants above and stats.FAMILY_ALPHA.
 VERDICT_RULES = f"""\
-How the verdicts are computed (spielbench/aggregate.py; every threshold is a constant there):
-
-1. **Accuracy and held-out loss comparisons** (A vs B on one metric). Each side is a *setting* (a run config
+1. **Accuracy and held-out loss comparisons of the other claims** (A vs B on one metric). Each side is a *setting* (a run config
    without its seed); with several seeds, its value is the mean over seeds. The difference d is oriented
    so that d > 0 favours A (for the held-out loss, d = loss(B) − loss(A)). Its standard error s is
    *paired* when both sides are single runs whose eval.json holds per-item results on the same items
@@ -73,8 +70,12 @@ class Comparison:
         diff: the oriented difference (> 0 favours the claim) or a ratio (``kind == "ratio"``).
         stderr: standard error of ``diff`` (statistical comparisons only).
         outcome: "supports", "contradicts", "undecided" or "not counted".
-        kind: "stat" (difference with a standard error), "ratio", "bytes" or "info".
+        kind: "stat" (difference with a standard error), "ni" (difference with an interval judged
+            against a margin, :mod:`spielbench.aggregate.noninferiority`), "ratio", "bytes" or "info".
         detail: free text shown in the evidence table (units, seeds, notes).
+        low, high, level: the interval of ``diff`` and its two-sided coverage ("ni" only).
+        margin: the non-inferiority margin δ ("ni" only; nats/token or a fraction of accuracy).
+        role: "primary" (decides the claim) or "secondary" (shown) for "ni" comparisons.
     """
 
     label: str
@@ -88,6 +89,11 @@ class Comparison:
     detail: str = ""
     counted: bool = True
     z_crit: float | None = None
+    low: float | None = None
+    high: float | None = None
+    level: float | None = None
+    margin: float | None = None
+    role: str = ""
 
 
 @dataclass

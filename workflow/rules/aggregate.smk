@@ -57,6 +57,7 @@ rule aggregate:
         model_name=config["model"]["name"],
         data_name=config["data"]["name"],
         tasks=config["evaluation"]["tasks"],
+        margins=(config.get("claims") or {}).get("margins"),
     log:
         f"{LOGS}/aggregate/aggregate.log",
     script:

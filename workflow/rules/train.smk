@@ -4,6 +4,9 @@
 # resumes from its last checkpoint when the workflow is rerun.
 # A training job asks one GPU per launcher process and runs on devices of its own (gpus.smk).
 
+import json
+
+
 include: "gpus.smk"
 
 
@@ -32,6 +35,9 @@ rule preflight:
 
 
 rule run_config:
+    input:
+        # a run without a learning_rate trains at the one the tune stage chose (tune.smk)
+        chosen=lambda wc: [CHOSEN_LR] if wc.run in TUNED_RUNS else [],
     output:
         f"{RUNS_DIR}/{{run}}/run.yaml",
     params:
@@ -41,7 +47,11 @@ rule run_config:
     log:
         f"{LOGS}/run_config/{{run}}.log",
     run:
-        write_yaml_atomic(output[0], params.run)
+        if input.chosen:
+            chosen = json.loads(open(input.chosen[0], encoding="utf-8").read())
+            write_yaml_atomic(output[0], apply_chosen(params.run, chosen, tuned=True))
+        else:
+            write_yaml_atomic(output[0], params.run)
 
 
 rule train:
