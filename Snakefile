@@ -14,6 +14,7 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/gpus.smk"
 include: "workflow/rules/assets.smk"
 include: "workflow/rules/tune.smk"
 include: "workflow/rules/train.smk"

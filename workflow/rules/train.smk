@@ -7,9 +7,6 @@
 import json
 
 
-include: "gpus.smk"
-
-
 localrules:
     run_config,
     preflight,

@@ -44,6 +44,7 @@ rule tune_run_config:
 rule tune_point:
     input:
         run_config=f"{TUNE_DIR}/{{point}}/run.yaml",
+        preflight=ancient(f"{RUNS_DIR}/.preflight.json"),  # train.smk: the checks against a model built by a job
         model=MODEL_DIR,
         train=TRAIN_FILE,
         validation=VALIDATION_FILE or [],
@@ -57,12 +58,12 @@ rule tune_point:
         f"{LOGS}/tune/{{point}}.log",
     benchmark:
         f"{LOGS}/tune/{{point}}.benchmark.tsv"
-    threads: workflow.cores
+    threads: GPU_JOB_THREADS
     resources:
         gpu=1,
         mem_mb=8000,
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m spielbench.tuning point {input.run_config:q} "
+        "OMP_NUM_THREADS={threads} {GPU_SLOT} {resources.gpu} -- {PYTHON:q} -m spielbench.tuning point {input.run_config:q} "
         "--output-dir {params.outdir:q} --score {output.score:q} > {log:q} 2>&1"
 
 
