@@ -439,9 +439,11 @@ def test_real_model_arc_easy_above_chance(real_model, real_tokenizer):
     eval_dir = REPO / "resources" / "eval"
     if not (eval_dir / "arc_easy_test.jsonl").is_file():
         pytest.skip("resources/eval not built")
-    base = evaluate_model(real_model, real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=16, batch_size=8)
-    assert base["tasks"]["arc_easy"]["n"] == 16
-    assert base["tasks"]["arc_easy"]["value"] > 0.4  # chance is 0.25 (4 choices); measured 11/16
+    base = evaluate_model(real_model, real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=100, batch_size=8)
+    assert base["tasks"]["arc_easy"]["n"] == 100
+    # a seeded random subset of 100 items: chance (0.25, 4 choices) reaches 0.35 with p ~ 1%; the base model
+    # scores about 0.5 (16 items were too few: one subset gave 6/16)
+    assert base["tasks"]["arc_easy"]["value"] >= 0.35
 
 
 @pytest.mark.slow
