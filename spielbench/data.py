@@ -287,6 +287,16 @@ class PaddingCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def make_collator(tokenizer) -> PaddingCollator:
+    """The batch collator of training and held-out loss for ``tokenizer``: right padding with
+    :func:`pad_token_id_of` (labels padded with :data:`IGNORE_INDEX`).
+
+    Raises:
+        InputError: the tokenizer has neither a pad nor an eos token.
+    """
+    return PaddingCollator(pad_token_id_of(tokenizer))
+
+
 def pad_token_id_of(tokenizer) -> int:
     """The id used for padding: the tokenizer's pad token, else its eos token (as the reference does).
 

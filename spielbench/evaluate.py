@@ -41,14 +41,15 @@ Result JSON (``format: "spielbench-eval/1"``), written atomically::
                       "subtasks": {...} (groups only)}
                | {"skipped": true, "note": str}},
      "notes": [str], "heldout": {"loss", "n_examples", "n_tokens", "file", "max_seq_length",
-                                 "example_nll": [float], "example_tokens": [int]} | null,
+                                 "example_nll": [float], "example_tokens": [int],
+                                 "head": "label_rows" | "full"} | null,
      "seconds": {"load", "evaluate", "heldout"}}
 
 ``value`` is a fraction in [0, 1]; ``stderr`` is lm-eval's standard error of the mean (null when
 lm-eval reports none); ``n`` is the number of items scored (after ``limit``; per subtask for groups,
 summed). ``doc_ids``/``item_scores`` give the headline metric per item (lm-eval doc ids; mean =
 ``value``) for paired comparisons. ``heldout.loss`` is the token-mean cross-entropy (nats per
-response token) of :func:`heldout_loss`; ``example_nll``/``example_tokens`` are each example's
+response token) of :func:`spielbench.heldout.heldout_loss`; ``example_nll``/``example_tokens`` are each example's
 summed NLL (nats) and label-token count (``loss = Σ example_nll / Σ example_tokens``).
 
 Command line::
@@ -83,6 +84,8 @@ from spielbench.fsio import write_text_atomic  # noqa: E402
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 FORMAT = "spielbench-eval/1"
 PROMPT_FORMATS = ("plain", "chat")
+#: Dtypes a dense evaluated model may be cast to (``evaluate_run(dtype=...)``, ``--dtype``).
+EVAL_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -676,66 +679,6 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
 
 
 # --------------------------------------------------------------------------------------------
-# Held-out loss
-# --------------------------------------------------------------------------------------------
-
-def heldout_loss(model, tokenizer, path: str | os.PathLike, *, max_seq_length: int = 512,
-                 max_examples: int | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Token-mean cross-entropy on the response tokens of a held-out instruction file.
-
-    Examples are encoded exactly as for training (``spielbench.data.load_instruction_dataset``: the
-    chat template, labels on assistant tokens only, truncation to ``max_seq_length``); the loss is
-    the sum of the negative log-likelihoods (nats) of all label tokens divided by their number (one
-    mean over the whole file, not a mean of per-batch means). Examples are batched by length (longest
-    first) so that little compute goes to padding; per-example values come back in file order.
-
-    Args:
-        model: causal LM; tokenizer: its fast tokenizer with a chat template.
-        path: Alpaca JSON / Tülu JSONL / Flan JSONL file.
-        max_seq_length: truncation length in tokens.
-        max_examples: use only the first this many examples.
-        batch_size: examples per forward pass.
-
-    Returns:
-        ``{"loss": float (nats/token), "n_examples": int, "n_tokens": int (label tokens), "file": str,
-        "max_seq_length": int, "example_nll": [float] (summed nats per example), "example_tokens": [int]}``.
-
-    Raises:
-        InputError: missing or malformed file, or no example with a response token.
-    """
-    import torch
-
-    from spielbench.data import PaddingCollator, load_instruction_dataset, pad_token_id_of
-
-    data = load_instruction_dataset(path, tokenizer, max_seq_length, max_examples=max_examples,
-                                    field_name="heldout_data")
-    collate = PaddingCollator(pad_token_id=pad_token_id_of(tokenizer))
-    device = next(model.parameters()).device
-    # batches of similar length (longest first), so that padding costs little; results in file order
-    order = sorted(range(len(data)), key=lambda i: -len(data[i]["input_ids"]))
-    example_nll: list[float] = [0.0] * len(data)
-    example_tokens: list[int] = [0] * len(data)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = collate([data[i] for i in idx])
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-            labels = batch["labels"][:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, L-1]
-            for i, v, t in zip(idx, nll.sum(dim=1).tolist(), (labels != -100).sum(dim=1).tolist()):
-                example_nll[i], example_tokens[i] = v, int(t)
-    model.train(was_training)
-    total, count = math.fsum(example_nll), int(sum(example_tokens))
-    return {"loss": total / count if count else float("nan"), "n_examples": len(data), "n_tokens": count,
-            "file": str(path), "max_seq_length": max_seq_length,
-            "example_nll": example_nll, "example_tokens": [int(t) for t in example_tokens]}
-
-
-# --------------------------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------------------------
 
@@ -766,6 +709,19 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
+def _cast(model, info: dict[str, Any], dtype: str) -> str | None:
+    """Cast a dense loaded model to ``dtype`` in place and record it in ``info``; an NF4 base is left as it
+    is (returns the note saying so), as is a model already in ``dtype``."""
+    import torch
+
+    if info["quantized"]:
+        return None if dtype == "float32" else f"dtype: {dtype} not applied, the NF4 base keeps {info['dtype']}"
+    if info["dtype"] != dtype:
+        model.to(getattr(torch, dtype))
+        info["dtype"] = dtype
+    return None
+
+
 def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.PathLike | None = None,
                  adapter: str | os.PathLike | None = None, method: str | None = None,
                  tasks: list[str] | str, output: str | os.PathLike, eval_dir: str | os.PathLike = "resources/eval",
@@ -773,7 +729,8 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
                  heldout_examples: int | None = None, max_seq_length: int | None = None,
                  prompt_format: str = "plain", seed: int = 1234, batch_size: int = 4,
                  allow_code_execution: bool = False, bbh_path: str | os.PathLike | None = None,
-                 tydiqa_path: str | os.PathLike | None = None, device: str = "cpu") -> dict[str, Any]:
+                 tydiqa_path: str | os.PathLike | None = None, device: str = "cpu",
+                 dtype: str = "float32") -> dict[str, Any]:
     """Evaluate one trained run (or a base model) and write its result JSON atomically.
 
     With ``run_dir``: the base model and method come from ``<run_dir>/run_config.json`` (``model``,
@@ -790,9 +747,11 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         tasks: suite task names; output: the result JSON path.
         eval_dir, limit, prompt_format, seed, batch_size, allow_code_execution, bbh_path, tydiqa_path:
             as :func:`evaluate_model`.
-        heldout: optional held-out instruction file for :func:`heldout_loss`.
+        heldout: optional held-out instruction file (:func:`spielbench.heldout.heldout_loss_of_file`).
         heldout_examples, max_seq_length: held-out loss settings (default: the run's, else all / 512).
         device: "cpu" or "cuda[:i]".
+        dtype: "float32" or "bfloat16": the loaded (merged) model is cast to it before the tasks and the
+            held-out loss (recorded as ``dtype``); an NF4 base keeps its own compute dtype (a note says so).
 
     Returns:
         The result dict that was written (module docstring).
@@ -821,6 +780,8 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
     task_limits(limit, _task_names(tasks))
     if prompt_format not in PROMPT_FORMATS:
         raise InputError(f"prompt_format: expected one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if dtype not in EVAL_DTYPES:
+        raise InputError(f"dtype: expected one of {EVAL_DTYPES}, got {dtype!r}")
     if heldout is not None:
         from spielbench.formats import load_instruction_examples
 
@@ -828,13 +789,16 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
     msl = int(max_seq_length or run_cfg.get("max_seq_length") or 512)
     hx = heldout_examples if heldout_examples is not None else run_cfg.get("heldout_examples")
 
+    from spielbench.heldout import heldout_loss_of_file
+
     model, tokenizer, info = load_for_eval(base, adapter, method=run_cfg.get("method") or method, device=device)
+    cast_note = _cast(model, info, dtype)
     t1 = time.perf_counter()
     report = evaluate_model(model, tokenizer, tasks, eval_dir=eval_dir, limit=limit, prompt_format=prompt_format,
                             seed=seed, batch_size=batch_size, allow_code_execution=allow_code_execution,
                             bbh_path=bbh_path, tydiqa_path=tydiqa_path)
     t2 = time.perf_counter()
-    held = heldout_loss(model, tokenizer, heldout, max_seq_length=msl, max_examples=hx) if heldout else None
+    held = heldout_loss_of_file(model, tokenizer, heldout, max_seq_length=msl, max_examples=hx) if heldout else None
     t3 = time.perf_counter()
 
     import torch
@@ -857,7 +821,7 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "tasks": report["tasks"],
-        "notes": report["notes"],
+        "notes": report["notes"] + ([cast_note] if cast_note else []),
         "heldout": held,
         "seconds": {"load": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "heldout": round(t3 - t2, 3)},
     }
@@ -910,6 +874,8 @@ def _build_parser():
     ap.add_argument("--bbh-path")
     ap.add_argument("--tydiqa-path")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=EVAL_DTYPES, default="float32",
+                    help="cast the loaded (merged) model to this dtype for the tasks and the held-out loss")
     return ap
 
 
@@ -935,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
             heldout_examples=args.heldout_examples, max_seq_length=args.max_seq_length,
             prompt_format=args.prompt_format, seed=args.seed, batch_size=args.batch_size,
             allow_code_execution=args.allow_code_execution, bbh_path=args.bbh_path,
-            tydiqa_path=args.tydiqa_path, device=args.device,
+            tydiqa_path=args.tydiqa_path, device=args.device, dtype=args.dtype,
         )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

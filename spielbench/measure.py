@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from spielbench.data import IGNORE_INDEX
 from spielbench import fsio
 
 #: Packages whose versions every metrics file records.
@@ -174,50 +173,6 @@ def dir_size_bytes(path: str | Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-# ------------------------------------------------------------------------------------------ held-out
-
-
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, dataset, collator, batch_size: int = 4, device: str | None = None) -> dict:
-    """Token-mean cross-entropy over the response tokens of a held-out dataset.
-
-    Every token with a label (not ``-100``) counts once, whichever example it is in: the result is
-    ``Σ token losses / number of label tokens`` (nats per token), not a mean of per-example means.
-
-    Args:
-        model: a causal LM returning ``.logits`` of shape ``[batch, seq, vocab]``.
-        dataset: a sequence of features with ``input_ids``/``labels`` (``spielbench.data.InstructionDataset``).
-        collator: pads a list of features into tensors (``spielbench.data.PaddingCollator``).
-        batch_size: examples per forward pass.
-        device: where to put the batches (default: the device of the model's first parameter).
-
-    Returns:
-        ``{"loss": float, "tokens": int, "examples": int}``; ``loss`` is NaN when there are no tokens.
-    """
-    was_training = model.training
-    model.eval()
-    if device is None:
-        device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            labels = batch["labels"].to(device)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            shift_logits = logits[:, :-1, :].float()
-            shift_labels = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum",
-            )
-            total += float(loss)
-            count += int((shift_labels != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
-    return {"loss": total / count if count else float("nan"), "tokens": count, "examples": len(dataset)}
 
 
 # ----------------------------------------------------------------------------------------- provenance

@@ -446,7 +446,8 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
     from transformers import PrinterCallback, set_seed
 
     from spielbench import measure
-    from spielbench.data import PaddingCollator, pad_token_id_of
+    from spielbench.data import make_collator
+    from spielbench.heldout import heldout_loss
 
     cfg, spec = prep.cfg, prep.spec
     t_start = time.perf_counter()
@@ -467,11 +468,15 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
     load_s = time.perf_counter() - t0
     trainable = measure.count_parameters(model, trainable_only=True)
 
-    collator = PaddingCollator(pad_token_id_of(prep.tokenizer))
-    eval_bs = max(1, cfg.per_device_train_batch_size)
+    collator = make_collator(prep.tokenizer)
+
+    def measure_heldout():
+        return heldout_loss(model, prep.heldout_dataset, collator, file=cfg.heldout_data,
+                            max_seq_length=cfg.max_seq_length)
+
     heldout_before = None
     if prep.heldout_dataset is not None and prep.resume_from is None:
-        heldout_before = measure.heldout_loss(model, prep.heldout_dataset, collator, batch_size=eval_bs)
+        heldout_before = measure_heldout()
         measure.write_json_atomic(prep.output_dir / CHECKPOINTS_DIR / HELDOUT_BEFORE_FILE, heldout_before)
 
     rss_scope = measure.reset_peak_memory(prep.device)
@@ -502,7 +507,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
 
     heldout_after = None
     if prep.heldout_dataset is not None:
-        heldout_after = measure.heldout_loss(model, prep.heldout_dataset, collator, batch_size=eval_bs)
+        heldout_after = measure_heldout()
     if heldout_before is None and prep.resume_from is not None:
         heldout_before = _previous_heldout_before(prep.output_dir)
 
@@ -536,7 +541,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
         "loss_curve": [{"step": s, "loss": loss} for s, loss in recorder.meter.losses],
         "heldout_loss_before": heldout_before["loss"] if heldout_before else None,
         "heldout_loss": heldout_after["loss"] if heldout_after else None,
-        "heldout_tokens": heldout_after["tokens"] if heldout_after else None,
+        "heldout_tokens": heldout_after["n_tokens"] if heldout_after else None,
         "selector_history": _selector_history(trainer),
         "packages": measure.package_versions(),
         "git": measure.git_commit(),

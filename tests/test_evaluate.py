@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from spielbench.errors import InputError
-from spielbench.evaluate import (TASKS, adapter_kind, check_tasks, evaluate_model, evaluate_run, heldout_loss,
-                                 load_for_eval, main, render_tasks)
+from spielbench.evaluate import (TASKS, adapter_kind, check_tasks, evaluate_model, evaluate_run, load_for_eval, main,
+                                 render_tasks)
+from spielbench.heldout import heldout_loss_of_file as heldout_loss
 from spielbench.lm_eval_tasks import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -358,9 +359,9 @@ def test_heldout_loss_is_the_token_mean_over_responses(tmp_path, scripted_llama,
     assert sum(got["example_nll"]) / count == pytest.approx(got["loss"])
     # the same number as the training harness's own held-out loss
     from spielbench.data import PaddingCollator
-    from spielbench.measure import heldout_loss as training_heldout_loss
+    from spielbench.heldout import heldout_loss as dataset_heldout_loss
 
-    assert training_heldout_loss(scripted_llama, data, PaddingCollator(pad_token_id=0))["loss"] == pytest.approx(
+    assert dataset_heldout_loss(scripted_llama, data, PaddingCollator(pad_token_id=0))["loss"] == pytest.approx(
         got["loss"], rel=1e-6)
 
 
@@ -388,6 +389,24 @@ def test_evaluate_run_writes_one_json(tmp_path, scripted_llama, scripted_model_d
     assert written["tasks"]["tydiqa"]["skipped"] is True
     assert written["heldout"]["n_examples"] == 1 and written["heldout"]["max_seq_length"] == 32
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
+
+
+def test_evaluate_run_casts_to_the_requested_dtype(tmp_path, scripted_model_dir, eval_fixture_dir):
+    heldout = _write_jsonl(tmp_path / "heldout.jsonl", [{"inputs": " hello", "targets": " yes"},
+                                                         {"inputs": " Hi there", "targets": " hello there yes"}])
+    kw = dict(base=scripted_model_dir, tasks="boolq", eval_dir=eval_fixture_dir, heldout=heldout, max_seq_length=32)
+    fp32 = evaluate_run(output=tmp_path / "fp32.json", **kw)
+    bf16 = evaluate_run(output=tmp_path / "bf16.json", dtype="bfloat16", **kw)
+    assert fp32["dtype"] == "float32" and bf16["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "bf16.json").read_text())["dtype"] == "bfloat16"
+    assert fp32["heldout"]["head"] == "label_rows"
+    # the same examples, scored in bfloat16: close to, and not bit-equal with, the float32 numbers
+    assert bf16["heldout"]["example_tokens"] == fp32["heldout"]["example_tokens"]
+    assert bf16["heldout"]["loss"] == pytest.approx(fp32["heldout"]["loss"], rel=5e-2)
+    assert bf16["heldout"]["example_nll"] != fp32["heldout"]["example_nll"]
+    with pytest.raises(InputError, match="dtype: expected one of"):
+        evaluate_run(output=tmp_path / "x.json", dtype="float16", **kw)
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_cli_reports_bad_input_before_loading(tmp_path, capsys, scripted_model_dir, eval_fixture_dir):

@@ -82,7 +82,7 @@ def test_every_method_trains_writes_adapter_and_metrics_and_lowers_heldout_loss(
 
     # the saved adapter is the trained one: reloading it reproduces the held-out loss
     from spielbench.data import PaddingCollator
-    from spielbench.measure import heldout_loss
+    from spielbench.heldout import heldout_loss
 
     prep = prepare_run(cfg, tmp_path / "unused")
     reloaded = spec.load_trained(cfg.model, out / "adapter")
