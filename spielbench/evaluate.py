@@ -45,6 +45,10 @@ Result JSON (``format: "spielbench-eval/1"``), written atomically::
                                  "head": "label_rows" | "full"} | null,
      "seconds": {"load", "evaluate", "heldout"}}
 
+A run that diverged in training (its ``adapter/`` holds only ``diverged.json``, see ``spielbench.train
+--record-divergence``) gets ``{"format", "run_id", "method", "status": "diverged", "detail", ..., "tasks":
+{name: {"skipped": true, "note"}}, "notes", "heldout": null}``: no model is loaded, no value is written.
+
 ``value`` is a fraction in [0, 1]; ``stderr`` is lm-eval's standard error of the mean (null when
 lm-eval reports none); ``n`` is the number of items scored (after ``limit``; per subtask for groups,
 summed). ``doc_ids``/``item_scores`` give the headline metric per item (lm-eval doc ids; mean =
@@ -709,6 +713,41 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
+def _divergence_of(adapter_dir: Path):
+    """The :class:`spielbench.records.Divergence` marker of a diverged run's ``adapter/``, else None.
+
+    Raises:
+        InputError: the marker exists but is not a valid record (names the file).
+    """
+    from spielbench.records import Divergence
+
+    marker = adapter_dir / Divergence.FILE
+    return Divergence.read(marker) if marker.is_file() else None
+
+
+def _write_diverged(run_dir, run_cfg: dict[str, Any], divergence, tasks, output, **settings) -> dict[str, Any]:
+    """Write the result of a run that diverged in training: ``status: "diverged"``, every task skipped with
+    a note naming the step, no held-out loss (no model is loaded)."""
+    from spielbench.records import DIVERGED
+
+    note = f"the run diverged in training (non-finite loss at update step {divergence.step}); nothing evaluated"
+    result = {
+        "format": FORMAT,
+        "run_id": run_cfg.get("run_id") or Path(run_dir).name,
+        "method": run_cfg.get("method"),
+        "status": DIVERGED,
+        "detail": divergence.detail,
+        "base_model": str(run_cfg.get("model")),
+        "adapter": None,
+        **settings,
+        "tasks": {t: {"skipped": True, "note": note} for t in _task_names(tasks)},
+        "notes": [note],
+        "heldout": None,
+    }
+    write_text_atomic(Path(output), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
 def _cast(model, info: dict[str, Any], dtype: str) -> str | None:
     """Cast a dense loaded model to ``dtype`` in place and record it in ``info``; an NF4 base is left as it
     is (returns the note saying so), as is a model already in ``dtype``."""
@@ -761,6 +800,7 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
     """
     t0 = time.perf_counter()
     run_cfg: dict[str, Any] = {}
+    divergence = None
     if run_dir is not None:
         if adapter is not None:
             raise InputError("adapter: give either a run folder (its adapter is <run>/adapter) or --adapter, not both")
@@ -769,11 +809,12 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         adapter = Path(run_dir) / "adapter"
         if not adapter.is_dir():
             raise InputError(f"run: {adapter} not found (the training run saved no adapter)")
+        divergence = _divergence_of(adapter)
     if base is None:
         raise InputError("model: give a run folder (--run) or a base model folder (--base)")
     if not (Path(base) / "config.json").is_file():
         raise InputError(f"model: {base} is not a model folder (no config.json)")
-    if adapter is not None:
+    if adapter is not None and divergence is None:
         adapter_kind(adapter)
     check_tasks(tasks, eval_dir, allow_code_execution=allow_code_execution, bbh_path=bbh_path,
                 tydiqa_path=tydiqa_path)
@@ -786,6 +827,9 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         from spielbench.formats import load_instruction_examples
 
         load_instruction_examples(heldout)
+    if divergence is not None:
+        return _write_diverged(run_dir, run_cfg, divergence, tasks, output, limit=limit, seed=seed,
+                               prompt_format=prompt_format, batch_size=batch_size)
     msl = int(max_seq_length or run_cfg.get("max_seq_length") or 512)
     hx = heldout_examples if heldout_examples is not None else run_cfg.get("heldout_examples")
 
@@ -906,6 +950,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result.get("status") == "diverged":
+        print(f"{result['run_id']}: {result['notes'][0]}")
+        return 0
     for name, entry in result["tasks"].items():
         if entry.get("skipped"):
             print(f"{name}: skipped ({entry['note']})")

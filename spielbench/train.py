@@ -17,7 +17,9 @@ Order of work (docs/METHOD.md §8.2 for the training settings):
    ``DIR/metrics.json`` (atomically, last).
 
 A non-finite training loss stops the run with :class:`NonFiniteLossError` before the optimizer applies
-it; the checkpoints written so far are kept.
+it; the checkpoints written so far are kept. With ``--record-divergence`` (the workflow's choice: a
+diverged run is a row of the tables, not a stopped pipeline) the run is recorded as diverged instead
+(``metrics.json`` with ``status: "diverged"``, ``adapter/diverged.json``) and the command exits 0.
 """
 from __future__ import annotations
 
@@ -52,7 +54,17 @@ RESUMABLE_CHANGES = ("run_id",)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message gives the step and the last checkpoint kept."""
+    """The training loss became NaN or infinite; the message gives the step and the last checkpoint kept.
+
+    Attributes:
+        step: the update step (1-based) whose loss was non-finite.
+        loss_curve: ``(step, loss)`` of the update steps completed before it (nats per label token).
+    """
+
+    def __init__(self, message: str, step: int | None = None, loss_curve: list | None = None):
+        super().__init__(message)
+        self.step = step
+        self.loss_curve = list(loss_curve or [])
 
 
 @dataclass
@@ -222,9 +234,11 @@ def _harness_trainer_class(base_cls):
             if not bool(torch.isfinite(loss)):
                 ckpts = complete_checkpoints(Path(self.args.output_dir))
                 kept = f"the last checkpoint kept is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+                step = self.state.global_step + 1
                 raise NonFiniteLossError(
-                    f"training loss is {float(loss)} at update step {self.state.global_step + 1}; stopping before "
-                    f"the optimizer applies it ({kept}). Lower learning_rate or check the data.")
+                    f"training loss is {float(loss)} at update step {step}; stopping before "
+                    f"the optimizer applies it ({kept}). Lower learning_rate or check the data.",
+                    step=step, loss_curve=rec.meter.losses if rec is not None else None)
             if rec is not None:
                 rec.add_loss(float(loss))
             return loss
@@ -396,13 +410,14 @@ def _training_arguments(prep: PreparedRun):
     )
 
 
-def _save_adapter_atomically(prep: PreparedRun, model) -> Path:
-    """Save the adapter into a temp folder, then swap it into ``DIR/adapter``."""
+def _publish_adapter_dir(prep: PreparedRun, write) -> Path:
+    """Fill a temp folder with ``write(folder)``, then swap it into ``DIR/adapter`` (a reader sees the old
+    folder or the complete new one)."""
     final = prep.output_dir / ADAPTER_DIR
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=prep.output_dir))
     os.chmod(tmp, 0o755)  # mkdtemp creates 0700
     try:
-        prep.spec.save(model, tmp, tokenizer=prep.tokenizer)
+        write(tmp)
         old = None
         if final.exists():
             old = prep.output_dir / f".adapter.old.{os.getpid()}"
@@ -414,6 +429,11 @@ def _save_adapter_atomically(prep: PreparedRun, model) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _save_adapter_atomically(prep: PreparedRun, model) -> Path:
+    """Save the adapter (the method's format) into ``DIR/adapter`` through :func:`_publish_adapter_dir`."""
+    return _publish_adapter_dir(prep, lambda tmp: prep.spec.save(model, tmp, tokenizer=prep.tokenizer))
 
 
 #: Fields of each SpIEL reselection record copied into the metrics (the per-matrix counts are left out).
@@ -428,19 +448,23 @@ def _selector_history(trainer) -> list[dict[str, Any]] | None:
     return [{k: rec.get(k) for k in SELECTOR_HISTORY_FIELDS} for rec in selector.history]
 
 
-def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | tuple = ()) -> dict[str, Any]:
+def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | tuple = (),
+                 record_divergence: bool = False) -> dict[str, Any]:
     """Train a prepared run to the end (resuming if a checkpoint exists) and write adapter and metrics.
 
     Args:
         prep: from :func:`prepare_run`.
         progress: show the tqdm progress bar (step, loss, tokens/s) on stderr.
         callbacks: extra ``transformers.TrainerCallback`` objects (e.g. to stop a run early in tests).
+        record_divergence: on a non-finite loss, write a diverged run's records instead of raising
+            (:func:`_record_divergence`: ``metrics.json`` with ``status: "diverged"``, ``adapter/diverged.json``).
 
     Returns:
         The metrics dict written to ``DIR/metrics.json``.
 
     Raises:
-        NonFiniteLossError: the loss became NaN/inf (checkpoints kept, no adapter or metrics written).
+        NonFiniteLossError: the loss became NaN/inf and ``record_divergence`` is False (checkpoints kept, no
+            adapter or metrics written).
     """
     import torch
     from transformers import PrinterCallback, set_seed
@@ -498,8 +522,15 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
     for cb in callbacks:
         trainer.add_callback(cb)
 
+    facts = _run_facts(prep, trainable)
     resume = str(prep.resume_from) if prep.resume_from is not None else None
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteLossError as exc:
+        if not record_divergence:
+            raise
+        before = heldout_before if heldout_before is not None else _previous_heldout_before(prep.output_dir)
+        return _record_divergence(prep, exc, facts, before, time.perf_counter() - t_start)
     state_bytes = measure.trainable_state_bytes(model, trainer.optimizer)
     state_bytes["index_bytes"] = measure.index_bytes(model)
     state_bytes["fused_cache_bytes"] = measure.fused_cache_bytes(model)
@@ -514,24 +545,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
     adapter_dir = _save_adapter_atomically(prep, model)
     summary = recorder.meter.summary()
     metrics = {
-        "run_id": cfg.run_id or prep.output_dir.name,
-        "method": spec.name,
-        "family": spec.family,
-        "quantized": spec.quantized,
-        "model": cfg.model,
-        "budget": {**prep.budget, "trainable_params": trainable,
-                   "density": trainable / prep.budget["total_params"] if prep.budget["total_params"] else None,
-                   "expected_trainable_params": prep.budget["trainable_params"]},
-        "training": {"max_steps": cfg.max_steps, "per_device_train_batch_size": cfg.per_device_train_batch_size,
-                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                     "effective_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
-                     "learning_rate": prep.learning_rate, "weight_decay": cfg.weight_decay,
-                     "warmup_ratio": cfg.warmup_ratio, "seed": cfg.seed,
-                     "gradient_checkpointing": cfg.gradient_checkpointing, "max_seq_length": cfg.max_seq_length,
-                     "resumed_from_step": int(prep.resume_from.name.split("-")[1]) if prep.resume_from else None},
-        "data": {"train": prep.train_dataset.stats.as_dict(),
-                 "heldout": prep.heldout_dataset.stats.as_dict() if prep.heldout_dataset else None},
-        "dropped_examples": prep.dropped_examples,
+        **facts,
         **summary,
         "wall_time_s": time.perf_counter() - t_start,
         "model_load_s": load_s,
@@ -551,6 +565,71 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
     del trainer
     if prep.device.startswith("cuda"):
         torch.cuda.empty_cache()
+    return metrics
+
+
+def _run_facts(prep: PreparedRun, trainable: int) -> dict[str, Any]:
+    """The first keys of metrics.json: what was run (identity, budget with the counted ``trainable`` parameters,
+    training settings, data statistics and drops), the same for a finished and a diverged run."""
+    cfg, spec = prep.cfg, prep.spec
+    return {
+        "run_id": cfg.run_id or prep.output_dir.name,
+        "method": spec.name,
+        "family": spec.family,
+        "quantized": spec.quantized,
+        "model": cfg.model,
+        "budget": {**prep.budget, "trainable_params": trainable,
+                   "density": trainable / prep.budget["total_params"] if prep.budget["total_params"] else None,
+                   "expected_trainable_params": prep.budget["trainable_params"]},
+        "training": {"max_steps": cfg.max_steps, "per_device_train_batch_size": cfg.per_device_train_batch_size,
+                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                     "effective_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
+                     "learning_rate": prep.learning_rate, "weight_decay": cfg.weight_decay,
+                     "warmup_ratio": cfg.warmup_ratio, "seed": cfg.seed,
+                     "gradient_checkpointing": cfg.gradient_checkpointing, "max_seq_length": cfg.max_seq_length,
+                     "resumed_from_step": int(prep.resume_from.name.split("-")[1]) if prep.resume_from else None},
+        "data": {"train": prep.train_dataset.stats.as_dict(),
+                 "heldout": prep.heldout_dataset.stats.as_dict() if prep.heldout_dataset else None},
+        "dropped_examples": prep.dropped_examples,
+    }
+
+
+def _record_divergence(prep: PreparedRun, exc: NonFiniteLossError, facts: dict, heldout_before: dict | None,
+                       wall_time_s: float) -> dict[str, Any]:
+    """Write a diverged run's records: ``adapter/diverged.json`` (a :class:`spielbench.records.Divergence`; no
+    tensor is written) and ``metrics.json`` with ``status: "diverged"``, the step, the losses of the steps
+    completed before it, the held-out loss before training when measured, and null measurements.
+
+    Returns:
+        The metrics dict written.
+    """
+    from spielbench import measure
+    from spielbench.fsio import write_json_atomic
+    from spielbench.records import DIVERGED, Divergence
+
+    marker = Divergence(step=exc.step, detail=str(exc)).to_json()
+    _publish_adapter_dir(prep, lambda tmp: write_json_atomic(tmp / Divergence.FILE, marker))
+    metrics = {
+        **facts,
+        "status": DIVERGED,
+        "diverged_at_step": exc.step,
+        "detail": str(exc),
+        "steps": len(exc.loss_curve),
+        "tokens_seen": None, "label_tokens_seen": None, "train_time_s": None, "step_time_mean_s": None,
+        "step_time_p50_s": None, "tokens_per_s": None,
+        "wall_time_s": wall_time_s,
+        "memory": None,
+        "adapter_bytes": None,
+        "loss_curve": [{"step": s, "loss": loss} for s, loss in exc.loss_curve],
+        "heldout_loss_before": heldout_before["loss"] if heldout_before else None,
+        "heldout_loss": None,
+        "heldout_tokens": None,
+        "selector_history": None,
+        "packages": measure.package_versions(),
+        "git": measure.git_commit(),
+        "device": measure.device_description(prep.device),
+    }
+    measure.write_json_atomic(prep.output_dir / METRICS_FILE, metrics)
     return metrics
 
 
@@ -581,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field (repeatable), e.g. --set learning_rate=1e-4 "
                         "--set spiel.reselection_steps=10")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--record-divergence", action="store_true",
+                   help="on a non-finite training loss, write metrics.json with status 'diverged' and an adapter/ "
+                        "folder holding only diverged.json, and exit 0 (default: exit 1 with nothing written)")
     p.add_argument("--restart-if-changed", action="store_true",
                    help="when DIR holds checkpoints of a run with another config, move them aside and start over "
                         "(default: refuse with an error)")
@@ -589,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Returns 0 on success, 2 on bad input (``error: <message>`` on stderr, nothing written),
-    1 when training stops on a non-finite loss."""
+    1 when training stops on a non-finite loss (0 with ``--record-divergence``, which records the run as diverged)."""
     args = build_parser().parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.overrides)
@@ -598,10 +680,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        metrics = run_training(prep, progress=not args.no_progress)
+        metrics = run_training(prep, progress=not args.no_progress, record_divergence=args.record_divergence)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if metrics.get("status") == "diverged":
+        print(f"{metrics['method']}: diverged ({metrics['detail']}); recorded in "
+              f"{Path(args.output_dir) / METRICS_FILE}", file=sys.stderr)
+        return 0
     hl = metrics.get("heldout_loss")
     print(f"{metrics['method']}: {metrics['steps']} steps, {metrics['tokens_seen']} tokens, "
           f"{metrics['wall_time_s']:.1f} s, held-out loss "

@@ -3,6 +3,7 @@ run config, bad input (exit 2, nothing written), non-finite loss, and the real m
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -232,6 +233,47 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_
     assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
     with pytest.raises(NonFiniteLossError):
         train(cfg, tmp_path / "again", progress=False)
+
+
+def test_diverged_run_is_recorded_evaluated_and_tabulated_as_a_row(tiny_run_files, tmp_path, capfd,
+                                                                    eval_fixture_dir):
+    from spielbench.aggregate.loading import make_record
+    from spielbench.aggregate.tables import main_table
+    from spielbench.evaluate import main as evaluate_main
+    from spielbench.records import Divergence, EvalResult, RunMetrics
+
+    cfg = tiny_run_config(tiny_run_files, "lora", learning_rate=1e30, save_steps=1, heldout_examples=2,
+                          run_id="lora-diverged")
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "lora-diverged"
+    assert main([str(cfg_file), "--output-dir", str(out), "--no-progress", "--record-divergence"]) == 0
+    assert "diverged" in capfd.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "diverged" and m["diverged_at_step"] == 2 and m["steps"] == 1
+    assert [p["step"] for p in m["loss_curve"]] == [1] and math.isfinite(m["loss_curve"][0]["loss"])
+    assert m["heldout_loss"] is None and m["memory"] is None and m["tokens_per_s"] is None
+    assert isinstance(m["heldout_loss_before"], float) and m["budget"]["trainable_params"] > 0
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == [Divergence.FILE]  # no tensors
+    marker = Divergence.read(out / "adapter" / Divergence.FILE)
+    assert marker.step == 2 and "training loss is" in marker.detail
+
+    ev = tmp_path / "eval.json"
+    assert evaluate_main(["--run", str(out), "--tasks", "boolq,arc_easy", "--eval-dir", str(eval_fixture_dir),
+                          "--output", str(ev)]) == 0
+    result = json.loads(ev.read_text())
+    assert result["status"] == "diverged" and result["heldout"] is None and result["run_id"] == "lora-diverged"
+    assert all(t["skipped"] and "step 2" in t["note"] for t in result["tasks"].values())
+    assert list(result["tasks"]) == ["boolq", "arc_easy"]
+
+    rec = make_record("lora-diverged", cfg.to_dict(), "Tiny", "mix", RunMetrics.read(out / "metrics.json"),
+                      EvalResult.read(ev))
+    assert rec.status == "diverged" and rec.heldout is None
+    table = main_table([rec], tasks=["boolq", "arc_easy"])
+    assert list(table.display["Run"]) == ["lora-diverged (diverged)"]
+    assert table.data["heldout_loss"].isna().all() and table.data["boolq"].isna().all()
+    assert any("Diverged in training" in n and "lora-diverged" in n for n in table.notes)
+    assert not any("shows —" in n for n in table.notes)  # named once as diverged, not as a skipped task
 
 
 def _write_cfg(path: Path, files: dict, **fields) -> Path:

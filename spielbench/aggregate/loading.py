@@ -124,6 +124,15 @@ class RunRecord:
                       doc="The device the run trained on (``cpu``, ``cuda:0``).")
 
     @property
+    def status(self) -> str | None:
+        """``"diverged"`` for a run that stopped on a non-finite training loss (metrics.json or eval.json says
+        so), else None."""
+        for rec in (self.metrics, self.evaluation):
+            if rec is not None and rec.status is not None:
+                return rec.status
+        return None
+
+    @property
     def quantized(self) -> bool:
         """True for the 4-bit (NF4 base) methods."""
         return is_quantized(self.method)

@@ -68,9 +68,12 @@ def _skip_notes(records: list[RunRecord], tasks: list[str]) -> list[str]:
     notes = []
     for t in tasks:
         reasons = sorted({r.scores[t].note for r in records if t in r.scores and r.scores[t].value is None
-                          and r.scores[t].note})
+                          and r.scores[t].note and r.status is None})
         for why in reasons:
             notes.append(f"{task_label(t)} shows — (not evaluated): {why}")
+    diverged = [r.target for r in records if r.status == "diverged"]
+    if diverged:
+        notes.append("Diverged in training (non-finite loss; no values, shown —): " + ", ".join(diverged) + ".")
     return notes
 
 
@@ -101,7 +104,7 @@ def score_table(records: list[RunRecord], tasks: list[str] | None = None, title:
              "method": r.method, "run": r.target, "rank": r.rank, "density": r.density, "seed": r.seed,
              "learning_rate": r.learning_rate, "trainable_params": r.trainable_params, "steps": r.steps}
         s = {"Model": r.model_name, "Data": r.data_name,
-             "Method": method_label(r.method), "Run": r.target,
+             "Method": method_label(r.method), "Run": r.target + (f" ({r.status})" if r.status else ""),
              "Rank": "—" if r.rank is None else str(r.rank),
              "Trainable params": fmt_count(r.trainable_params),
              "Steps": "—" if r.steps is None else str(r.steps)}

@@ -16,11 +16,13 @@ from spielbench.records.base import Record, read_json
 from spielbench.records.benchmark import BenchmarkPoint
 from spielbench.records.evaluation import EvalResult, HeldoutResult, TaskResult
 from spielbench.records.index import IndexEntry, ResultsIndex
-from spielbench.records.run import Budget, LossPoint, Memory, ReselectionEvent, RunMetrics, TrainingSettings
+from spielbench.records.run import (DIVERGED, Budget, Divergence, LossPoint, Memory, ReselectionEvent, RunMetrics,
+                                    TrainingSettings)
 
 #: The record types by the file they describe (for schema export and tests).
 RECORDS: dict[str, type[Record]] = {"metrics.json": RunMetrics, "eval.json": EvalResult,
-                                    "benchmark": BenchmarkPoint, "runs/index.json": ResultsIndex}
+                                    "benchmark": BenchmarkPoint, "runs/index.json": ResultsIndex,
+                                    "adapter/diverged.json": Divergence}
 
-__all__ = ["RECORDS", "BenchmarkPoint", "Budget", "EvalResult", "HeldoutResult", "IndexEntry", "LossPoint", "Memory",
+__all__ = ["DIVERGED", "RECORDS", "BenchmarkPoint", "Budget", "Divergence", "EvalResult", "HeldoutResult", "IndexEntry", "LossPoint", "Memory",
            "Record", "ReselectionEvent", "ResultsIndex", "RunMetrics", "TaskResult", "TrainingSettings", "read_json"]

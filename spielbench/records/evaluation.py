@@ -51,7 +51,11 @@ class HeldoutResult(Record):
 
 @dataclass(kw_only=True)
 class EvalResult(Record):
-    """One evaluated model's ``eval.json`` (written by ``spielbench.evaluate``): task results and held-out loss."""
+    """One evaluated model's ``eval.json`` (written by ``spielbench.evaluate``): task results and held-out loss.
+
+    ``status`` is absent (None) for an evaluated model and ``"diverged"`` for a run that stopped on a
+    non-finite training loss: no model was evaluated, every task is skipped with a note, ``heldout`` is None.
+    """
 
     VERSION: ClassVar[str] = "spielbench-eval/1"
     FORMATS: ClassVar[tuple[str, ...]] = (VERSION,)
@@ -59,6 +63,7 @@ class EvalResult(Record):
     format: str = VERSION
     run_id: str | None = None
     method: str | None = None
+    status: str | None = None
     tasks: dict[str, TaskResult | None] = field(default_factory=dict)
     heldout: HeldoutResult | None = None
 

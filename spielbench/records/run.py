@@ -59,13 +59,37 @@ class ReselectionEvent(Record):
     overlap_initial: float | None = None
 
 
+#: ``status`` of a run that stopped on a non-finite training loss (metrics.json, eval.json, the adapter marker).
+DIVERGED = "diverged"
+
+
+@dataclass(kw_only=True)
+class Divergence(Record):
+    """``adapter/diverged.json``: the marker a diverged run leaves in place of its adapter (written by
+    ``spielbench.train --record-divergence``; read by ``spielbench.evaluate``).
+
+    ``step`` is the update step whose training loss was non-finite; ``detail`` the trainer's message.
+    """
+
+    VERSION: ClassVar[str] = "spielbench-divergence/1"
+    FORMATS: ClassVar[tuple[str, ...]] = (VERSION,)
+    FILE: ClassVar[str] = "diverged.json"
+
+    format: str = VERSION
+    status: str = DIVERGED
+    step: int | None = None
+    detail: str | None = None
+
+
 @dataclass(kw_only=True)
 class RunMetrics(Record):
     """One training run's ``metrics.json`` (written by ``spielbench.train``; its timings from ``spielbench.measure``).
 
     ``device`` is ``measure.device_description``'s object (``{"device", "name", ...}``) or a bare string;
     ``heldout_loss`` is the trainer's own held-out loss after training (nats/token);
-    ``selector_history`` is None for methods without reselection.
+    ``selector_history`` is None for methods without reselection. ``status`` is absent (None) for a run that
+    trained to the end and :data:`DIVERGED` for one that stopped on a non-finite loss at ``diverged_at_step``
+    (its losses, timings and held-out loss after training are then None; ``loss_curve`` ends before it).
     """
 
     VERSION: ClassVar[str] = "spielbench-metrics/1"
@@ -74,6 +98,8 @@ class RunMetrics(Record):
     format: str = VERSION
     run_id: str | None = None
     method: str | None = None
+    status: str | None = None
+    diverged_at_step: int | None = None
     budget: Budget | None = None
     training: TrainingSettings | None = None
     steps: int | None = None
