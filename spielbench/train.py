@@ -499,7 +499,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
                             max_seq_length=cfg.max_seq_length)
 
     heldout_before = None
-    if prep.heldout_dataset is not None and prep.resume_from is None:
+    if prep.heldout_dataset is not None and prep.resume_from is None and cfg.heldout_before:
         heldout_before = measure_heldout()
         measure.write_json_atomic(prep.output_dir / CHECKPOINTS_DIR / HELDOUT_BEFORE_FILE, heldout_before)
 

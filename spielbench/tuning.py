@@ -46,7 +46,8 @@ from spielbench.errors import InputError
 POINT_FORMAT = "spielbench-tune-point/1"
 CHOSEN_FORMAT = "spielbench-chosen-lr/1"
 #: Keys of a run entry that tuning replaces in a grid point's run config.
-_POINT_OVERRIDES = ("learning_rate", "max_steps", "heldout_data", "heldout_examples", "save_steps", "run_id")
+_POINT_OVERRIDES = ("learning_rate", "max_steps", "heldout_data", "heldout_examples", "heldout_before", "save_steps",
+                    "run_id")
 
 
 class TuningError(ValueError):
@@ -127,7 +128,8 @@ def grid_points(targets: dict[str, dict], grids: dict[str, list[float]], *, max_
             pid = f"{target}-lr{_lr_tag(lr)}"
             cfg = copy.deepcopy(run)
             cfg.update(learning_rate=float(lr), max_steps=int(max_steps), heldout_data=validation_file,
-                       heldout_examples=validation_examples, save_steps=max(int(max_steps), 1), run_id=pid)
+                       heldout_examples=validation_examples, heldout_before=False,
+                       save_steps=max(int(max_steps), 1), run_id=pid)
             cfg["_tune"] = {"target": target, "learning_rate": float(lr)}
             points[pid] = cfg
     return points

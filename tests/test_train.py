@@ -276,6 +276,25 @@ def test_diverged_run_is_recorded_evaluated_and_tabulated_as_a_row(tiny_run_file
     assert not any("shows —" in n for n in table.notes)  # named once as diverged, not as a skipped task
 
 
+def test_heldout_before_false_skips_the_measurement_before_training(tiny_run_files, tmp_path, monkeypatch):
+    from spielbench import heldout, train as train_module
+    from spielbench.tuning import grid_points
+
+    calls = []
+    real = heldout.heldout_loss
+    monkeypatch.setattr(heldout, "heldout_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = tiny_run_config(tiny_run_files, "lora", heldout_before=False, heldout_examples=2, max_steps=2)
+    m = train_module.train(cfg, tmp_path / "out", progress=False)
+    assert calls == [1]  # after training only
+    assert m["heldout_loss_before"] is None and isinstance(m["heldout_loss"], float) and m["heldout_tokens"] > 0
+    assert not (tmp_path / "out" / "checkpoints" / train_module.HELDOUT_BEFORE_FILE).exists()
+    # the tune stage's grid points all train from the same base model: none measures it before training
+    points = grid_points({"lora-r2": cfg.to_dict()}, {"lora": [1e-4, 1e-3]}, max_steps=2,
+                         validation_file=tiny_run_files["heldout"], validation_examples=2)
+    assert [p["heldout_before"] for p in points.values()] == [False, False]
+    assert RunConfig(**{k: v for k, v in cfg.to_dict().items()}).heldout_before is False
+
+
 def _write_cfg(path: Path, files: dict, **fields) -> Path:
     data = {"method": "lora", "model": files["model"], "train_data": files["train"], "rank": 2, "max_steps": 2,
             "max_seq_length": 48}
