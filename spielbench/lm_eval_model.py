@@ -17,7 +17,7 @@ Every other argument is lm-eval's. ``model_args``: ``pretrained`` (base model fo
 NF4 base for ``qspiel-*``/``qlora``; a SpIEL adapter's own record of its base decides when there is no
 method, and a method that contradicts it is refused), ``device`` (default ``cpu``), plus any ``HFLM`` argument
 (``batch_size``, ``max_length``, ...). The adapter is applied by
-:func:`spielbench.evaluate.load_for_eval` (merged in float32; unmerged on an NF4 base).
+:func:`spielbench.trained.load_trained` (merged in float32; unmerged on an NF4 base).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class SpielLM(HFLM):
             ``dtype`` are ignored (the base folder's tokenizer is used; weights are float32 or NF4).
 
     Attributes:
-        spiel_info: how the adapter was applied (``spielbench.evaluate.load_for_eval``'s info dict).
+        spiel_info: how the adapter was applied (``spielbench.trained.load_trained``'s info dict).
 
     Raises:
         spielbench.errors.InputError: bad base or adapter folder, unknown method, a method whose base
@@ -57,7 +57,7 @@ class SpielLM(HFLM):
 
     def __init__(self, pretrained: str, adapter: str | None = None, method: str | None = None,
                  device: str | None = "cpu", **kwargs: Any) -> None:
-        from spielbench.evaluate import load_for_eval
+        from spielbench.trained import load_trained
 
         kwargs.pop("tokenizer", None)
         kwargs.pop("dtype", None)
@@ -68,7 +68,7 @@ class SpielLM(HFLM):
             device = "cpu"  # lm-eval's command line asks for "cuda" by default; HFLM falls back the same way
         elif device == "cuda":
             device = "cuda:0"
-        model, tokenizer, info = load_for_eval(pretrained, adapter or None, method=method, device=device)
+        model, tokenizer, info = load_trained(pretrained, adapter or None, method=method, device=device)
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
         self.spiel_info = info
 

@@ -308,41 +308,6 @@ class MethodSpec:
             groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
-    def load_trained(self, model_path: str | Path, adapter_dir: str | Path, device: str = "cpu") -> torch.nn.Module:
-        """Load a trained run for inference: the base model (NF4 for 4-bit methods) plus the saved adapter.
-
-        Args:
-            model_path: the base model folder the run trained on (ignored for full FT, whose adapter
-                folder is the whole model).
-            adapter_dir: the run's ``adapter/`` folder written by :meth:`save`.
-            device: "cpu" or "cuda[:i]".
-
-        Returns:
-            The model in eval mode, adapter applied and frozen: ``spiel.SpielModel`` (deltas not merged),
-            ``peft.PeftModel``, or the fine-tuned ``PreTrainedModel``.
-
-        Raises:
-            FileNotFoundError/ValueError: the folder is not this method's adapter or does not fit the base.
-        """
-        if self.family == "full":
-            from transformers import AutoModelForCausalLM
-
-            on_cuda = str(device).startswith("cuda")
-            model = AutoModelForCausalLM.from_pretrained(
-                str(adapter_dir), dtype=torch.bfloat16 if on_cuda else torch.float32).to(device)
-        else:
-            base = self.load_base(model_path, device)
-            if self.family == "spiel":
-                from spiel.model import SpielModel
-
-                model = SpielModel.from_pretrained(base, adapter_dir)
-            else:
-                from peft import PeftModel
-
-                model = PeftModel.from_pretrained(base, str(adapter_dir))
-        model.eval()
-        return model
-
     def save(self, model: torch.nn.Module, directory: str | Path, tokenizer=None) -> None:
         """Save the trained adapter in the method's own format (the whole model folder for full FT).
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from spielbench.errors import InputError
-from spielbench.evaluate import (TASKS, adapter_kind, check_tasks, evaluate_model, evaluate_run, load_for_eval, main,
-                                 render_tasks)
+from spielbench.evaluate import TASKS, check_tasks, evaluate_model, evaluate_run, main, render_tasks
 from spielbench.heldout import heldout_loss_of_file as heldout_loss
+from spielbench.trained import adapter_kind, load_trained
 from spielbench.lm_eval_tasks import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +240,7 @@ def test_spiel_and_peft_adapters_merge_to_the_unmerged_logits(tmp_path, scripted
     ids = torch.tensor([[3, 10, 8, 19, 25, 30, 7]])
     spiel_dir = tmp_path / "spiel"
     unmerged = _spiel_adapter(scripted_llama, spiel_dir)
-    merged, _, info = load_for_eval(scripted_model_dir, spiel_dir, method="spiel-ag")
+    merged, _, info = load_trained(scripted_model_dir, spiel_dir, method="spiel-ag")
     assert adapter_kind(spiel_dir) == "spiel"
     assert info["adapter_application"] == "merged" and not info["quantized"]
     with torch.no_grad():
@@ -252,14 +252,14 @@ def test_spiel_and_peft_adapters_merge_to_the_unmerged_logits(tmp_path, scripted
     lora = get_peft_model(copy.deepcopy(scripted_llama), LoraConfig(r=2, target_modules=["q_proj", "up_proj"],
                                                                     init_lora_weights=False))
     lora.save_pretrained(peft_dir)
-    merged, _, info = load_for_eval(scripted_model_dir, peft_dir, method="lora")
+    merged, _, info = load_trained(scripted_model_dir, peft_dir, method="lora")
     assert adapter_kind(peft_dir) == "peft" and info["adapter_application"] == "merged"
     assert type(merged).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, lora(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
     # a full fine-tuning run saves a whole model folder: it is loaded as the model itself
-    full, _, info = load_for_eval(scripted_model_dir, scripted_model_dir, method="full")
+    full, _, info = load_trained(scripted_model_dir, scripted_model_dir, method="full")
     assert adapter_kind(scripted_model_dir) == "full" and info["adapter_application"] == "full-model"
     with torch.no_grad():
         torch.testing.assert_close(full(input_ids=ids).logits, scripted_llama(input_ids=ids).logits)
@@ -273,7 +273,7 @@ def test_4bit_runs_are_evaluated_unmerged_on_an_nf4_base(tmp_path, scripted_llam
 
     adapter = tmp_path / "spiel"
     _spiel_adapter(load_nf4_model(scripted_model_dir, "cpu"), adapter, seed=4, copy_model=False)  # a qSpIEL adapter
-    model, tok, info = load_for_eval(scripted_model_dir, adapter, method="qspiel-ag")
+    model, tok, info = load_trained(scripted_model_dir, adapter, method="qspiel-ag")
     assert info["quantized"] and info["adapter_application"] == "unmerged" and info["dtype"] == "nf4/float32"
     layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
     assert len(layers) == 7 and all(layer.is_4bit and not layer.merged for layer in layers)
@@ -289,13 +289,13 @@ def test_4bit_runs_are_evaluated_unmerged_on_an_nf4_base(tmp_path, scripted_llam
     report = evaluate_model(model, tok, ["boolq"], eval_dir=eval_fixture_dir, limit=2)
     assert report["tasks"]["boolq"]["n"] == 2
     # the adapter records its NF4 base: without a method it is applied, against a dense method refused
-    assert load_for_eval(scripted_model_dir, adapter)[2]["quantized"]
+    assert load_trained(scripted_model_dir, adapter)[2]["quantized"]
     with pytest.raises(InputError, match="base_model_quantization='nf4'.*method 'spiel-ag'"):
-        load_for_eval(scripted_model_dir, adapter, method="spiel-ag")
+        load_trained(scripted_model_dir, adapter, method="spiel-ag")
     dense = tmp_path / "dense"
     _spiel_adapter(scripted_llama, dense, seed=4)
     with pytest.raises(InputError, match="base_model_quantization='none'.*quantized=True"):
-        load_for_eval(scripted_model_dir, dense, quantized=True)
+        load_trained(scripted_model_dir, dense, quantized=True)
 
 
 def test_item_limit_takes_a_seeded_random_subset_not_the_first_items(scripted_llama, eval_tokenizer,
@@ -444,7 +444,7 @@ def test_lm_eval_command_line_with_spiel_model(tmp_path, monkeypatch, scripted_l
     written = json.loads(next(out.rglob("results*.json")).read_text())
     acc = written["results"]["spiel_boolq"]["acc,none"]
     # the same adapter, applied through the library, gives the same score on the same items
-    model, tok, _ = load_for_eval(scripted_model_dir, adapter)
+    model, tok, _ = load_trained(scripted_model_dir, adapter)
     direct = evaluate_model(model, tok, ["boolq"], eval_dir=eval_fixture_dir)
     scores = dict(zip(direct["tasks"]["boolq"]["doc_ids"], direct["tasks"]["boolq"]["item_scores"]))
     assert acc == pytest.approx((scores[0] + scores[2] + scores[3]) / 3)
@@ -477,7 +477,7 @@ def test_real_model_merged_spiel_adapter_scores_like_unmerged(tmp_path, real_mod
     unmerged = _spiel_adapter(fresh, adapter, seed=3, density=0.002, scale=0.02, copy_model=False)
     a = evaluate_model(unmerged.get_base_model(), real_tokenizer, ["arc_easy"], eval_dir=eval_dir, limit=5,
                        batch_size=8, return_samples=True)
-    merged, tok, info = load_for_eval(real_model_dir, adapter, method="spiel-ag")
+    merged, tok, info = load_trained(real_model_dir, adapter, method="spiel-ag")
     assert info["adapter_application"] == "merged"
     ids = real_tokenizer(["Question: Which gas do plants take in?\nAnswer: carbon dioxide"], return_tensors="pt")
     with torch.no_grad():

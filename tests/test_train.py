@@ -84,9 +84,10 @@ def test_every_method_trains_writes_adapter_and_metrics_and_lowers_heldout_loss(
     # the saved adapter is the trained one: reloading it reproduces the held-out loss
     from spielbench.data import PaddingCollator
     from spielbench.heldout import heldout_loss
+    from spielbench.trained import load_trained
 
     prep = prepare_run(cfg, tmp_path / "unused")
-    reloaded = spec.load_trained(cfg.model, out / "adapter")
+    reloaded, _, _ = load_trained(cfg.model, out / "adapter", method=method)
     again = heldout_loss(reloaded, prep.heldout_dataset, PaddingCollator(0), batch_size=4)
     assert again["loss"] == pytest.approx(m["heldout_loss"], rel=1e-5, abs=1e-6)
 
@@ -257,6 +258,10 @@ def test_diverged_run_is_recorded_evaluated_and_tabulated_as_a_row(tiny_run_file
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [Divergence.FILE]  # no tensors
     marker = Divergence.read(out / "adapter" / Divergence.FILE)
     assert marker.step == 2 and "training loss is" in marker.detail
+    from spielbench.trained import load_trained
+
+    with pytest.raises(InputError, match="diverged in training"):
+        load_trained(cfg.model, out / "adapter", method="lora")
 
     ev = tmp_path / "eval.json"
     assert evaluate_main(["--run", str(out), "--tasks", "boolq,arc_easy", "--eval-dir", str(eval_fixture_dir),
