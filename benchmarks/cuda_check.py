@@ -78,8 +78,7 @@ from spielbench.benchmark.runner import summary_line  # noqa: E402
 from spielbench.benchmark.worker import base_record, display_path  # noqa: E402
 from spiel import delta_grad as dg  # noqa: E402
 from spiel.layer import random_indices  # noqa: E402
-from spielbench.fsio import write_text_atomic  # noqa: E402
-from spielbench.measure import write_json_atomic  # noqa: E402
+from spielbench.fsio import write_json_atomic, write_text_atomic  # noqa: E402
 
 METHODS = ("floor", "lora", "lora-dropout0", "spiel-ag", "spiel-ma", "spiel-reference", "qlora", "qspiel-ag", "full")
 WHEEL_PACKAGES = ("bitsandbytes", "safetensors", "pytest")

@@ -83,7 +83,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 from spielbench.errors import InputError  # noqa: E402
-from spielbench.fsio import write_text_atomic  # noqa: E402
+from spielbench.records import EvalResult  # noqa: E402
 from spielbench.trained import adapter_kind, load_trained  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -594,7 +594,7 @@ def _write_diverged(run_dir, run_cfg: dict[str, Any], divergence, tasks, output,
         "notes": [note],
         "heldout": None,
     }
-    write_text_atomic(Path(output), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    EvalResult.write_checked(result, output, ensure_ascii=False)
     return result
 
 
@@ -719,7 +719,7 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         "heldout": held,
         "seconds": {"load": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "heldout": round(t3 - t2, 3)},
     }
-    write_text_atomic(Path(output), json.dumps(result, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+    EvalResult.write_checked(result, output, ensure_ascii=False)
     return result
 
 

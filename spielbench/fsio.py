@@ -54,9 +54,30 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def json_default(obj: Any) -> Any:
+    """JSON form of the values measurements hold besides JSON's own: a tensor or array (a number when it
+    has one element, else a nested list), a numpy/torch scalar (its number), a path, a torch dtype or device
+    (its string).
+
+    Raises:
+        TypeError: any other object (as :func:`json.dumps` does).
+    """
+    if hasattr(obj, "tolist") and hasattr(obj, "numel"):  # torch.Tensor
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if type(obj).__module__ == "torch" and type(obj).__name__ in ("dtype", "device"):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy scalars and arrays of one element
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> None:
     """Write ``obj`` as indented JSON (plus a final newline) to ``path`` atomically.
 
-    ``dumps_kwargs`` go to :func:`json.dumps` (e.g. ``default=``, ``ensure_ascii=False``).
+    ``dumps_kwargs`` go to :func:`json.dumps` (e.g. ``ensure_ascii=False``); ``default`` is
+    :func:`json_default` unless given. Raises TypeError (nothing written) for a value JSON cannot hold.
     """
+    dumps_kwargs.setdefault("default", json_default)
     write_text_atomic(path, json.dumps(obj, indent=2, **dumps_kwargs) + "\n")

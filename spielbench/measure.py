@@ -1,7 +1,7 @@
 """Measurement of one training run: time, tokens, memory, adapter size, losses, provenance.
 
-Everything a run reports goes into one JSON next to its adapter (``metrics.json``), written
-atomically. Units are in the key names: ``*_s`` seconds, ``*_bytes`` bytes, ``tokens*`` tokens.
+Everything a run reports goes into one JSON next to its adapter (``metrics.json``, the record
+:class:`spielbench.records.RunMetrics`), written atomically. Units are in the key names: ``*_s`` seconds, ``*_bytes`` bytes, ``tokens*`` tokens.
 
 Memory:
 * CUDA: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` since training started.
@@ -31,25 +31,9 @@ from typing import Any
 
 import torch
 
-from spielbench import fsio
 
 #: Packages whose versions every metrics file records.
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers")
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (:func:`spielbench.fsio.write_json_atomic`)."""
-    fsio.write_json_atomic(path, obj, sort_keys=False, default=_json_default)
-
-
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, (torch.dtype, torch.device, Path)):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- memory

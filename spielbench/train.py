@@ -318,7 +318,7 @@ def _callbacks(recorder: _StepRecorder, total_steps: int, progress: bool):
     """The harness callbacks: step timing/records with checkpointed state, and the progress bar."""
     from transformers import TrainerCallback
 
-    from spielbench.measure import write_json_atomic
+    from spielbench.fsio import write_json_atomic
 
     class StepMeterCallback(TrainerCallback):
         """Times each update step and saves the step records into every checkpoint."""
@@ -471,12 +471,14 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
 
     from spielbench import measure
     from spielbench.data import make_collator
+    from spielbench.fsio import write_json_atomic
     from spielbench.heldout import heldout_loss
+    from spielbench.records import RunMetrics
 
     cfg, spec = prep.cfg, prep.spec
     t_start = time.perf_counter()
     prep.output_dir.mkdir(parents=True, exist_ok=True)
-    measure.write_json_atomic(prep.output_dir / RUN_CONFIG_FILE, {
+    write_json_atomic(prep.output_dir / RUN_CONFIG_FILE, {
         "config": cfg.to_dict(),
         "resolved": {"device": prep.device, "learning_rate": prep.learning_rate, "budget": prep.budget,
                      "train_examples": prep.train_dataset.stats.as_dict(),
@@ -501,7 +503,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
     heldout_before = None
     if prep.heldout_dataset is not None and prep.resume_from is None and cfg.heldout_before:
         heldout_before = measure_heldout()
-        measure.write_json_atomic(prep.output_dir / CHECKPOINTS_DIR / HELDOUT_BEFORE_FILE, heldout_before)
+        write_json_atomic(prep.output_dir / CHECKPOINTS_DIR / HELDOUT_BEFORE_FILE, heldout_before)
 
     rss_scope = measure.reset_peak_memory(prep.device)
     recorder = _StepRecorder(measure.StepMeter())
@@ -561,7 +563,7 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
         "git": measure.git_commit(),
         "device": measure.device_description(prep.device),
     }
-    measure.write_json_atomic(prep.output_dir / METRICS_FILE, metrics)
+    RunMetrics.write_checked(metrics, prep.output_dir / METRICS_FILE)
     del trainer
     if prep.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -571,8 +573,11 @@ def run_training(prep: PreparedRun, *, progress: bool = True, callbacks: list | 
 def _run_facts(prep: PreparedRun, trainable: int) -> dict[str, Any]:
     """The first keys of metrics.json: what was run (identity, budget with the counted ``trainable`` parameters,
     training settings, data statistics and drops), the same for a finished and a diverged run."""
+    from spielbench.records import RunMetrics
+
     cfg, spec = prep.cfg, prep.spec
     return {
+        "format": RunMetrics.VERSION,
         "run_id": cfg.run_id or prep.output_dir.name,
         "method": spec.name,
         "family": spec.family,
@@ -605,7 +610,7 @@ def _record_divergence(prep: PreparedRun, exc: NonFiniteLossError, facts: dict, 
     """
     from spielbench import measure
     from spielbench.fsio import write_json_atomic
-    from spielbench.records import DIVERGED, Divergence
+    from spielbench.records import DIVERGED, Divergence, RunMetrics
 
     marker = Divergence(step=exc.step, detail=str(exc)).to_json()
     _publish_adapter_dir(prep, lambda tmp: write_json_atomic(tmp / Divergence.FILE, marker))
@@ -629,7 +634,7 @@ def _record_divergence(prep: PreparedRun, exc: NonFiniteLossError, facts: dict, 
         "git": measure.git_commit(),
         "device": measure.device_description(prep.device),
     }
-    measure.write_json_atomic(prep.output_dir / METRICS_FILE, metrics)
+    RunMetrics.write_checked(metrics, prep.output_dir / METRICS_FILE)
     return metrics
 
 

@@ -7,15 +7,15 @@ import re
 import pytest
 import torch
 
-from spielbench import measure
+from spielbench import fsio, measure
 
 
 def test_write_json_atomic_replaces_whole_file_and_keeps_old_on_failure(tmp_path):
     path = tmp_path / "sub" / "m.json"
-    measure.write_json_atomic(path, {"a": 1, "t": torch.tensor(2.5)})
+    fsio.write_json_atomic(path, {"a": 1, "t": torch.tensor(2.5)})
     assert json.loads(path.read_text()) == {"a": 1, "t": 2.5}
     with pytest.raises(TypeError):
-        measure.write_json_atomic(path, {"bad": object()})
+        fsio.write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"a": 1, "t": 2.5}
     assert [p.name for p in path.parent.iterdir()] == ["m.json"]  # no temp file left behind
 

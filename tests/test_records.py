@@ -64,6 +64,28 @@ def test_record_built_in_code_writes_every_field_and_reads_back():
     assert back == b and back.peak_memory_kind == "CPU peak RSS"
 
 
+@pytest.mark.parametrize("cls, pattern", [
+    (BenchmarkPoint, "tests/data/aggregate/smoke/benchmark/*.json"),
+    (RunMetrics, "tests/data/aggregate/smoke/runs/*/metrics.json"),
+    (EvalResult, "tests/data/aggregate/smoke/runs/*/eval.json"),
+])
+def test_writers_through_the_records_give_the_files_bytes(cls, pattern, tmp_path):
+    """What train/evaluate/benchmark write (``Record.write_checked`` of their JSON object) is byte for byte
+    the file the aggregation reads (the smoke case's files were written by those programs; the synthetic
+    case's are hand-made, one line each)."""
+    files = _files(pattern)
+    assert files, pattern
+    for p in files:
+        text = p.read_text(encoding="utf-8")
+        out = tmp_path / p.name
+        cls.write_checked(json.loads(text), out, ensure_ascii=False)
+        assert out.read_text(encoding="utf-8") == text, p
+    bad = {"format": cls.VERSION, "size": "s", "method": 3, "status": "ok", "tasks": {}}
+    with pytest.raises(InputError, match="x.json"):
+        cls.write_checked(bad, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.parametrize("name", sorted(RECORDS))
 def test_schemas_are_valid_and_describe_the_files(name):
     schema = RECORDS[name].json_schema()

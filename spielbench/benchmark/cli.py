@@ -13,6 +13,7 @@ from spielbench.benchmark.options import BenchmarkOptions
 from spielbench.benchmark.runner import run_one, run_sweep, summary_line
 from spielbench.benchmark.sizes import SIZES
 from spielbench.benchmark.table import load_records, write_tables
+from spielbench.records import BenchmarkPoint
 from spielbench.benchmark.worker import run_worker
 from spielbench.errors import exit_status
 
@@ -98,9 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "worker":
         options = BenchmarkOptions.from_dict(json.loads(args.options))
         record = run_worker(args.size, args.method, options)
-        from spielbench.measure import write_json_atomic
-
-        write_json_atomic(args.result, record)
+        BenchmarkPoint.write_checked(record, args.result)
         return 0
     if args.command == "sizes":
         for s in SIZES.values():

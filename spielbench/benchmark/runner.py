@@ -102,10 +102,7 @@ def run_one(size: str, method: str, options: BenchmarkOptions, output: str | Pat
             record.update(status="error", detail=f"worker exited with {rc} and no result; output tail:\n{tail[-2000:]}")
     record["worker_exit_code"] = rc
     record["worker_wall_time_s"] = time.perf_counter() - started
-    from spielbench.measure import write_json_atomic
-
-    BenchmarkPoint.from_json(record, str(output))  # the record format the aggregation reads, checked on writing
-    write_json_atomic(output, record)
+    BenchmarkPoint.write_checked(record, output)  # the record format the aggregation reads, checked on writing
     return record
 
 

@@ -208,6 +208,26 @@ class Record:
         out.update({k: v for k, v in self.extra.items() if k not in out})
         return out
 
+    def write(self, path: str | Path, **dumps_kwargs: Any) -> None:
+        """Write :meth:`to_json` to ``path`` atomically (:func:`spielbench.fsio.write_json_atomic`; indented,
+        a final newline; ``dumps_kwargs`` go to :func:`json.dumps`)."""
+        from spielbench.fsio import write_json_atomic
+
+        write_json_atomic(path, self.to_json(), **dumps_kwargs)
+
+    @classmethod
+    def write_checked(cls, obj: dict, path: str | Path, **dumps_kwargs: Any) -> R:
+        """Validate the JSON object ``obj`` as this record (:meth:`from_json`, ``where`` = ``path``) and write
+        it through the record (:meth:`write`): a writer's file is one its readers accept, with ``obj``'s keys
+        in ``obj``'s order.
+
+        Raises:
+            InputError: ``obj`` does not match the schema (nothing is written).
+        """
+        rec = cls.from_json(obj, str(path))
+        rec.write(path, **dumps_kwargs)
+        return rec
+
     def check(self, where: str) -> None:
         """Consistency checks across fields (none by default). Raises InputError naming ``where``."""
 
