@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import re
@@ -82,7 +81,7 @@ from typing import Any, Iterator
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-from spielbench.errors import InputError  # noqa: E402
+from spielbench.errors import InputError, exit_status  # noqa: E402
 from spielbench.records import EvalResult  # noqa: E402
 from spielbench.trained import adapter_kind, load_trained  # noqa: E402
 
@@ -775,31 +774,30 @@ def _build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; ``InputError`` -> ``error: <message>`` on stderr, exit status 2."""
-    import sys
-
     args = _build_parser().parse_args(argv)
-    try:
-        if args.render_tasks:
-            info = render_tasks(args.render_tasks, args.eval_dir, args.bbh_path, args.tydiqa_path)
-            print(json.dumps(info, indent=2))
-            return 0
-        if not args.run and not args.base:
-            raise InputError("--run / --base: give a training output folder or a base model folder")
-        if not args.output:
-            raise InputError("--output: the result JSON path is required")
-        if args.run and (args.adapter or args.method):
-            raise InputError("--adapter/--method: with --run they come from the run (<run>/adapter, run_config.json)")
-        result = evaluate_run(
-            args.run, base=args.base, adapter=args.adapter, method=args.method, tasks=args.tasks,
-            output=args.output, eval_dir=args.eval_dir, limit=args.limit, heldout=args.heldout,
-            heldout_examples=args.heldout_examples, max_seq_length=args.max_seq_length,
-            prompt_format=args.prompt_format, seed=args.seed, batch_size=args.batch_size,
-            allow_code_execution=args.allow_code_execution, bbh_path=args.bbh_path,
-            tydiqa_path=args.tydiqa_path, device=args.device, dtype=args.dtype,
-        )
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: _run(args))
+
+
+def _run(args) -> int:
+    """The body of :func:`main` for parsed ``args`` (an InputError propagates to :func:`exit_status`)."""
+    if args.render_tasks:
+        info = render_tasks(args.render_tasks, args.eval_dir, args.bbh_path, args.tydiqa_path)
+        print(json.dumps(info, indent=2))
+        return 0
+    if not args.run and not args.base:
+        raise InputError("--run / --base: give a training output folder or a base model folder")
+    if not args.output:
+        raise InputError("--output: the result JSON path is required")
+    if args.run and (args.adapter or args.method):
+        raise InputError("--adapter/--method: with --run they come from the run (<run>/adapter, run_config.json)")
+    result = evaluate_run(
+        args.run, base=args.base, adapter=args.adapter, method=args.method, tasks=args.tasks,
+        output=args.output, eval_dir=args.eval_dir, limit=args.limit, heldout=args.heldout,
+        heldout_examples=args.heldout_examples, max_seq_length=args.max_seq_length,
+        prompt_format=args.prompt_format, seed=args.seed, batch_size=args.batch_size,
+        allow_code_execution=args.allow_code_execution, bbh_path=args.bbh_path,
+        tydiqa_path=args.tydiqa_path, device=args.device, dtype=args.dtype,
+    )
     if result.get("status") == "diverged":
         print(f"{result['run_id']}: {result['notes'][0]}")
         return 0

@@ -17,7 +17,6 @@ Memory:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spielbench.errors import InputError
+from spielbench.errors import InputError, exit_status
 from spielbench.preflight import meta_model_from_config as _meta_model  # noqa: F401 (used by tests)
 from spielbench.preflight import resolve_device
 from spielbench.runconfig import RunConfig, load_run_config
@@ -678,12 +678,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point. Returns 0 on success, 2 on bad input (``error: <message>`` on stderr, nothing written),
     1 when training stops on a non-finite loss (0 with ``--record-divergence``, which records the run as diverged)."""
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        prep = prepare_run(cfg, args.output_dir, restart_if_changed=args.restart_if_changed)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The body of :func:`main` for parsed ``args`` (an InputError propagates to :func:`exit_status`)."""
+    cfg = load_run_config(args.config, args.overrides)
+    prep = prepare_run(cfg, args.output_dir, restart_if_changed=args.restart_if_changed)
     try:
         metrics = run_training(prep, progress=not args.no_progress, record_divergence=args.record_divergence)
     except NonFiniteLossError as exc:

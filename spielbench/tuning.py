@@ -35,13 +35,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from spielbench.errors import InputError
+from spielbench.errors import InputError, exit_status
 
 POINT_FORMAT = "spielbench-tune-point/1"
 CHOSEN_FORMAT = "spielbench-chosen-lr/1"
@@ -267,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("scores", nargs="+")
     s.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
+    return exit_status(lambda: _run(args))
+
+
+def _run(args) -> int:
+    """The body of :func:`main` for parsed ``args``; a TuningError becomes an InputError (exit status 2)."""
     try:
         if args.cmd == "point":
             score = train_point(args.run_yaml, args.output_dir, args.score)
@@ -276,9 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in write_tuning_results(read_scores(args.scores), args.out_dir):
                 print(path)
-    except (InputError, TuningError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except TuningError as exc:
+        raise InputError(str(exc)) from None
     return 0
 
 

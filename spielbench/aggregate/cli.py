@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -18,7 +17,7 @@ from spielbench.aggregate.claims import claims_markdown, evaluate_claims
 from spielbench.aggregate.loading import RunRecord, load_benchmarks, load_records
 from spielbench.aggregate.publish import copy_raw, load_results_dir, relativize
 from spielbench.aggregate.tables import efficiency_table, main_table, quantized_table, write_table
-from spielbench.errors import InputError
+from spielbench.errors import InputError, exit_status
 from spielbench.fsio import write_json_atomic, write_text_atomic
 from spielbench.records import BenchmarkPoint
 
@@ -116,36 +115,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output folder (required with --from-results)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.config:
-            from spielbench.pipeline import PipelineConfigError, resolve_pipeline
+    return exit_status(lambda: _run(args))
 
-            cfg = _config_from_file(args.config)
-            try:
-                pipe = resolve_pipeline(cfg)
-            except PipelineConfigError as err:
-                raise InputError(f"{args.config}: {err}") from None
-            aggregate(pipe.runs_dir, pipe.runs, args.out or pipe.results_dir,
-                      cfg.get("model", {}).get("name", "model"), cfg.get("data", {}).get("name", "data"),
-                      cfg.get("evaluation", {}).get("tasks"),
-                      margins=(cfg.get("claims") or {}).get("margins"))
-        else:
-            if not args.out:
-                raise InputError("--out: required with --from-results")
-            records, benchmarks, seen = [], [], {}
-            for d in args.from_results:
-                r, b = load_results_dir(d)
-                for rec in r:
-                    key = (rec.model_name, rec.data_name, rec.target)
-                    if key in seen:
-                        raise InputError(f"{d}: run {rec.target!r} of {rec.model_name} / {rec.data_name} is also in "
-                                         f"{seen[key]}; combine results of different model/data pairs")
-                    seen[key] = d
-                records += r
-                benchmarks += b
-            write_results(records, benchmarks, args.out,
-                          context=f"Combined from {len(args.from_results)} results folders.")
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    """The body of :func:`main` for parsed ``args`` (an InputError propagates to :func:`exit_status`)."""
+    if args.config:
+        from spielbench.pipeline import PipelineConfigError, resolve_pipeline
+
+        cfg = _config_from_file(args.config)
+        try:
+            pipe = resolve_pipeline(cfg)
+        except PipelineConfigError as err:
+            raise InputError(f"{args.config}: {err}") from None
+        aggregate(pipe.runs_dir, pipe.runs, args.out or pipe.results_dir,
+                  cfg.get("model", {}).get("name", "model"), cfg.get("data", {}).get("name", "data"),
+                  cfg.get("evaluation", {}).get("tasks"),
+                  margins=(cfg.get("claims") or {}).get("margins"))
+    else:
+        if not args.out:
+            raise InputError("--out: required with --from-results")
+        records, benchmarks, seen = [], [], {}
+        for d in args.from_results:
+            r, b = load_results_dir(d)
+            for rec in r:
+                key = (rec.model_name, rec.data_name, rec.target)
+                if key in seen:
+                    raise InputError(f"{d}: run {rec.target!r} of {rec.model_name} / {rec.data_name} is also in "
+                                     f"{seen[key]}; combine results of different model/data pairs")
+                seen[key] = d
+            records += r
+            benchmarks += b
+        write_results(records, benchmarks, args.out,
+                      context=f"Combined from {len(args.from_results)} results folders.")
     return 0

@@ -188,7 +188,7 @@ def run_worker(size: str, method: str, options: BenchmarkOptions) -> dict[str, A
             setup.model.train()
         record["gradient_checkpointing"] = options.gradient_checkpointing
         record["build_time_s"] = time.perf_counter() - t0
-        record["trainable_params"] = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
+        record["trainable_params"] = measure.count_parameters(setup.model, trainable_only=True)
         gen = torch.Generator(device="cpu").manual_seed(options.seed + 1)
         batches = [torch.randint(3, vocab, (options.batch_size, options.seq_len), generator=gen).to(device)
                    for _ in range(2)]
