@@ -12,7 +12,8 @@ with the model's own chat template in place of the Tülu format:
 * sequences are truncated to ``max_seq_length`` tokens; examples with an empty response or left with no
   label token are dropped (the workflow's split of a user's file also drops over-long examples, before
   the split), and every drop is counted and reported with the user's file and line;
-* batches are padded on the right with the pad id, ``attention_mask`` 0 and label ``-100`` on pads.
+* batches are padded on the right with the pad id, ``attention_mask`` 0 and label ``-100`` on pads
+  (:func:`make_collator`, transformers' ``DataCollatorForSeq2Seq``).
 """
 from __future__ import annotations
 
@@ -256,45 +257,30 @@ class InstructionDataset(torch.utils.data.Dataset):
         return self.features[i]
 
 
-@dataclass
-class PaddingCollator:
-    """Pad a list of features to the longest one, on the right.
+def make_collator(tokenizer, pad_to_multiple_of: int | None = None):
+    """The batch collator of training and the held-out loss: transformers' ``DataCollatorForSeq2Seq``
+    padding on the right to the longest feature (rounded up to ``pad_to_multiple_of``).
 
-    Output tensors (int64, shape ``[batch, max_len]``): ``input_ids`` padded with ``pad_token_id``,
-    ``attention_mask`` (1 on tokens, 0 on pads), ``labels`` padded with :data:`IGNORE_INDEX`.
-    ``pad_to_multiple_of`` rounds ``max_len`` up (useful for tensor cores on CUDA).
-    """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-    label_pad_token_id: int = field(default=IGNORE_INDEX)
-
-    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """Collate ``features`` (dicts with ``input_ids`` and ``labels`` lists) into padded tensors."""
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            longest = (longest + m - 1) // m * m
-        n = len(features)
-        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, longest), dtype=torch.long)
-        labels = torch.full((n, longest), self.label_pad_token_id, dtype=torch.long)
-        for i, f in enumerate(features):
-            length = len(f["input_ids"])
-            input_ids[i, :length] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            attention_mask[i, :length] = 1
-            labels[i, :length] = torch.as_tensor(f["labels"], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def make_collator(tokenizer) -> PaddingCollator:
-    """The batch collator of training and held-out loss for ``tokenizer``: right padding with
-    :func:`pad_token_id_of` (labels padded with :data:`IGNORE_INDEX`).
+    Output tensors (int64, ``[batch, max_len]``): ``input_ids`` padded with :func:`pad_token_id_of`,
+    ``attention_mask`` (1 on tokens, 0 on pads), ``labels`` padded with :data:`IGNORE_INDEX`. When the
+    tokenizer pads on the left or has no pad token, the collator pads with a copy of it set to the right
+    side and its eos token (the caller's tokenizer is not changed).
 
     Raises:
         InputError: the tokenizer has neither a pad nor an eos token.
     """
-    return PaddingCollator(pad_token_id_of(tokenizer))
+    import copy
+
+    from transformers import DataCollatorForSeq2Seq
+
+    pad_id = pad_token_id_of(tokenizer)
+    if tokenizer.pad_token_id != pad_id or getattr(tokenizer, "padding_side", "right") != "right":
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token_id != pad_id:
+            tokenizer.pad_token = tokenizer.eos_token
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", pad_to_multiple_of=pad_to_multiple_of,
+                                  label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
 def pad_token_id_of(tokenizer) -> int:

@@ -8,11 +8,11 @@ import torch
 
 from spielbench.data import (
     IGNORE_INDEX,
-    PaddingCollator,
     describe_drops,
     encode_examples,
     encode_messages,
     load_instruction_dataset,
+    make_collator,
     pad_token_id_of,
     split_user_data,
 )
@@ -73,15 +73,22 @@ def test_truncation_keeps_the_prefix_and_drops_examples_without_response_tokens(
     assert encode_messages(chat_tokenizer, [{"role": "user", "content": "alone"}], 100) is None
 
 
-def test_collator_pads_right_with_pad_id_mask_and_ignored_labels():
-    coll = PaddingCollator(pad_token_id=7)
-    batch = coll([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+def test_collator_pads_right_with_pad_id_mask_and_ignored_labels(chat_tokenizer):
+    feats = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    batch = make_collator(chat_tokenizer)(feats)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert all(t.dtype == torch.long for t in batch.values())
-    rounded = PaddingCollator(0, pad_to_multiple_of=4)([{"input_ids": [1] * 5, "labels": [1] * 5}])
+    assert feats[1] == {"input_ids": [4], "labels": [4]}  # the features are not changed
+    rounded = make_collator(chat_tokenizer, pad_to_multiple_of=4)([{"input_ids": [1] * 5, "labels": [1] * 5}])
     assert rounded["input_ids"].shape == (1, 8)
+    # a left-padding tokenizer without a pad token: still right padding, with its eos id; it is not changed
+    tok = chat_tokenizer.__class__(tokenizer_object=chat_tokenizer.backend_tokenizer, eos_token="<|im_end|>")
+    tok.padding_side = "left"
+    batch = make_collator(tok)(feats)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 2, 2]] and batch["labels"][1].tolist() == [4, -100, -100]
+    assert tok.pad_token_id is None and tok.padding_side == "left"
 
 
 def test_pad_id_falls_back_to_eos(chat_tokenizer):

@@ -358,10 +358,10 @@ def test_heldout_loss_is_the_token_mean_over_responses(tmp_path, scripted_llama,
     assert sum(got["example_tokens"]) == count and len(got["example_nll"]) == 2
     assert sum(got["example_nll"]) / count == pytest.approx(got["loss"])
     # the same number as the training harness's own held-out loss
-    from spielbench.data import PaddingCollator
+    from spielbench.data import make_collator
     from spielbench.heldout import heldout_loss as dataset_heldout_loss
 
-    assert dataset_heldout_loss(scripted_llama, data, PaddingCollator(pad_token_id=0))["loss"] == pytest.approx(
+    assert dataset_heldout_loss(scripted_llama, data, make_collator(eval_tokenizer))["loss"] == pytest.approx(
         got["loss"], rel=1e-6)
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from spielbench.data import PaddingCollator
+from spielbench.data import make_collator
 from spielbench.errors import InputError
 from spielbench.heldout import HEAD_FULL, HEAD_LABEL_ROWS, heldout_loss, heldout_loss_of_file
 
@@ -28,8 +28,8 @@ def _per_token_reference(model, feats):
     return out
 
 
-def test_token_mean_per_example_values_in_dataset_order_and_the_label_rows_head(tiny_llama):
-    got = heldout_loss(tiny_llama, FEATS, PaddingCollator(pad_token_id=0), batch_size=2)
+def test_token_mean_per_example_values_in_dataset_order_and_the_label_rows_head(tiny_llama, chat_tokenizer):
+    got = heldout_loss(tiny_llama, FEATS, make_collator(chat_tokenizer), batch_size=2)
     ref = _per_token_reference(tiny_llama, FEATS)
     assert got["head"] == HEAD_LABEL_ROWS  # a plain LLaMA: decoder + lm_head is the model's own logits
     assert got["n_examples"] == 3 and got["n_tokens"] == 7 and got["example_tokens"] == [4, 1, 2]
@@ -39,16 +39,16 @@ def test_token_mean_per_example_values_in_dataset_order_and_the_label_rows_head(
     mean_of_means = sum(sum(r) / len(r) for r in ref) / len(ref)
     assert abs(got["loss"] - mean_of_means) > 1e-4  # the token mean, not a mean of example means
     # batching does not change the numbers (pads are masked and ignored); the result is in dataset order
-    one = heldout_loss(tiny_llama, FEATS, PaddingCollator(pad_token_id=0), batch_size=1)
+    one = heldout_loss(tiny_llama, FEATS, make_collator(chat_tokenizer), batch_size=1)
     assert one["example_nll"] == pytest.approx(got["example_nll"], rel=1e-5)
     assert tiny_llama.training  # the model's mode is restored (a fresh model is in train mode)
 
 
-def test_label_rows_head_equals_the_full_logits_path(tiny_llama):
+def test_label_rows_head_equals_the_full_logits_path(tiny_llama, chat_tokenizer):
     from spielbench import heldout
 
-    fast = heldout_loss(tiny_llama, FEATS, PaddingCollator(pad_token_id=0), batch_size=3)
-    batch = PaddingCollator(pad_token_id=0)(FEATS)
+    fast = heldout_loss(tiny_llama, FEATS, make_collator(chat_tokenizer), batch_size=3)
+    batch = make_collator(chat_tokenizer)(FEATS)
     with torch.no_grad():
         full = heldout._nll_full(tiny_llama, batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert fast["head"] == HEAD_LABEL_ROWS
@@ -75,18 +75,18 @@ class _PostProcessed(torch.nn.Module):
         return self.inner.get_output_embeddings()
 
 
-def test_falls_back_to_the_models_logits_when_the_head_is_post_processed(tiny_llama):
+def test_falls_back_to_the_models_logits_when_the_head_is_post_processed(tiny_llama, chat_tokenizer):
     capped = _PostProcessed(tiny_llama)
-    got = heldout_loss(capped, FEATS, PaddingCollator(pad_token_id=0), batch_size=2)
+    got = heldout_loss(capped, FEATS, make_collator(chat_tokenizer), batch_size=2)
     assert got["head"] == HEAD_FULL
     ref = _per_token_reference(capped, FEATS)
     assert got["example_nll"] == pytest.approx([sum(r) for r in ref], rel=1e-5)
     # and the plain model's numbers differ: the check did catch a real difference
-    plain = heldout_loss(tiny_llama, FEATS, PaddingCollator(pad_token_id=0), batch_size=2)
+    plain = heldout_loss(tiny_llama, FEATS, make_collator(chat_tokenizer), batch_size=2)
     assert abs(plain["loss"] - got["loss"]) > 1e-2
 
 
-def test_model_without_decoder_uses_full_logits(tiny_llama):
+def test_model_without_decoder_uses_full_logits(tiny_llama, chat_tokenizer):
     class Bare(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
@@ -95,18 +95,18 @@ def test_model_without_decoder_uses_full_logits(tiny_llama):
         def forward(self, **kwargs):
             return self.inner(**kwargs)
 
-    got = heldout_loss(Bare(tiny_llama), FEATS, PaddingCollator(pad_token_id=0))
+    got = heldout_loss(Bare(tiny_llama), FEATS, make_collator(chat_tokenizer))
     assert got["head"] == HEAD_FULL
-    fast = heldout_loss(tiny_llama, FEATS, PaddingCollator(pad_token_id=0))
+    fast = heldout_loss(tiny_llama, FEATS, make_collator(chat_tokenizer))
     assert got["example_nll"] == pytest.approx(fast["example_nll"], rel=1e-5)
 
 
-def test_through_peft_and_spiel_wrappers_the_label_rows_head_is_used(tiny_llama):
+def test_through_peft_and_spiel_wrappers_the_label_rows_head_is_used(tiny_llama, chat_tokenizer):
     import spiel
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    got = heldout_loss(lora, FEATS, PaddingCollator(pad_token_id=0))
+    got = heldout_loss(lora, FEATS, make_collator(chat_tokenizer))
     assert got["head"] == HEAD_LABEL_ROWS
     assert got["example_nll"] == pytest.approx([sum(r) for r in _per_token_reference(lora, FEATS)], rel=1e-5)
 
@@ -116,7 +116,7 @@ def test_through_peft_and_spiel_wrappers_the_label_rows_head_is_used(tiny_llama)
     with torch.no_grad():
         for _, layer in sp.sparse_layers():
             layer.values.normal_(0, 0.5)
-    got = heldout_loss(sp, FEATS, PaddingCollator(pad_token_id=0))
+    got = heldout_loss(sp, FEATS, make_collator(chat_tokenizer))
     assert got["head"] == HEAD_LABEL_ROWS
     assert got["example_nll"] == pytest.approx([sum(r) for r in _per_token_reference(sp, FEATS)], rel=1e-5)
 

@@ -82,13 +82,13 @@ def test_every_method_trains_writes_adapter_and_metrics_and_lowers_heldout_loss(
         assert m["selector_history"] is None
 
     # the saved adapter is the trained one: reloading it reproduces the held-out loss
-    from spielbench.data import PaddingCollator
+    from spielbench.data import make_collator
     from spielbench.heldout import heldout_loss
     from spielbench.trained import load_trained
 
     prep = prepare_run(cfg, tmp_path / "unused")
     reloaded, _, _ = load_trained(cfg.model, out / "adapter", method=method)
-    again = heldout_loss(reloaded, prep.heldout_dataset, PaddingCollator(0), batch_size=4)
+    again = heldout_loss(reloaded, prep.heldout_dataset, make_collator(prep.tokenizer), batch_size=4)
     assert again["loss"] == pytest.approx(m["heldout_loss"], rel=1e-5, abs=1e-6)
 
 
@@ -161,7 +161,7 @@ class CaptureGrads(TrainerCallback):
 def test_gradient_accumulation_equals_one_large_batch(tiny_run_files, tmp_path):
     """k micro-batches of b examples give the gradient of one batch of k*b: the loss is normalised by
     the label tokens of the whole accumulated batch (not averaged per micro-batch)."""
-    from spielbench.data import PaddingCollator
+    from spielbench.data import make_collator
     from spielbench.methods import get_method
     from spielbench.train import token_mean_loss
 
@@ -178,7 +178,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_run_files, tmp_path):
     feats = [prep.train_dataset[i] for i in range(4)]
     assert len({sum(x != -100 for x in f["labels"]) for f in feats}) > 1  # examples differ in label tokens
     model = get_method("full").build(get_method("full").load_base(cfg.model, "cpu"), cfg)
-    coll = PaddingCollator(0)
+    coll = make_collator(prep.tokenizer)
 
     def grad_of(loss_fn):
         model.zero_grad()

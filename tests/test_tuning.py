@@ -162,7 +162,7 @@ def test_the_run_seed_changes_initial_indices_adapter_initialisation_and_data_or
     from transformers import Trainer
 
     from fixtures_train import tiny_run_config
-    from spielbench.data import PaddingCollator, pad_token_id_of
+    from spielbench.data import make_collator
     from spielbench.train import _training_arguments, prepare_run, run_training
 
     def trained(method, seed, key):
@@ -188,7 +188,7 @@ def test_the_run_seed_changes_initial_indices_adapter_initialisation_and_data_or
 
         trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_run_files["model"]),
                           args=_training_arguments(prep), train_dataset=prep.train_dataset,
-                          data_collator=PaddingCollator(pad_token_id_of(prep.tokenizer)))
+                          data_collator=make_collator(prep.tokenizer))
         loader = iter(trainer.get_train_dataloader())
         return [next(loader)["input_ids"].tolist() for _ in range(3)]
 
