@@ -70,7 +70,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import tempfile
 import time
@@ -82,6 +81,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 from spielbench.errors import InputError, exit_status  # noqa: E402
+from spielbench.lm_eval_results import subset_indices, summarise_results, task_limits  # noqa: E402
 from spielbench.records import EvalResult  # noqa: E402
 from spielbench.trained import adapter_kind, load_trained  # noqa: E402
 
@@ -315,120 +315,6 @@ def check_tasks(tasks: list[str] | tuple[str, ...] | str, eval_dir: str | os.Pat
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
-def _metric_entries(row: dict) -> dict[str, dict[str, float | None]]:
-    """lm-eval's ``{"acc,none": v, "acc_stderr,none": s, ...}`` -> ``{"acc": {"value", "stderr"}}``."""
-    out: dict[str, dict[str, float | None]] = {}
-    for key, value in row.items():
-        if "," not in key or "_stderr," in key:
-            continue
-        metric, _filter = key.split(",", 1)
-        stderr = row.get(f"{metric}_stderr,{_filter}")
-        out[metric] = {
-            "value": float(value) if isinstance(value, (int, float)) else None,
-            "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-        }
-    return out
-
-
-def _n_items(results: dict, task: str) -> tuple[int, int]:
-    n = results.get("n-samples", {}).get(task, {})
-    return int(n.get("effective", 0)), int(n.get("original", 0))
-
-
-def _item_scores(records: list[dict], metric: str) -> tuple[list[int], list[float]] | None:
-    """``(doc_ids, per-item values of metric)`` from lm-eval's per-item records, in doc-id order."""
-    pairs = sorted((int(r["doc_id"]), float(r[metric])) for r in records if isinstance(r.get(metric), (int, float)))
-    if not pairs or len(pairs) != len(records):
-        return None
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def summarise_results(results: dict, runnable: list[str]) -> dict[str, dict]:
-    """Per suite task: headline metric, value, stderr, n, and all metrics, from lm-eval's results dict.
-
-    With per-item records in ``results["samples"]`` (``log_samples=True``), single tasks also get
-    ``doc_ids`` and ``item_scores`` (the headline metric per item; their mean is ``value``), for
-    paired comparisons between runs evaluated on the same items. Groups (macro averages) get them
-    per subtask.
-    """
-    out = {}
-    samples = results.get("samples") or {}
-    subtasks_of = results.get("group_subtasks", {})
-    for name in runnable:
-        spec = TASKS[name]
-        row = results["results"][spec.lm_eval_task]
-        metrics = _metric_entries(row)
-        entry: dict[str, Any] = {"lm_eval_task": spec.lm_eval_task, "metric": spec.metric,
-                                 "shots": spec.shots}
-        head = metrics.get(spec.metric, {"value": None, "stderr": None})
-        entry.update(value=head["value"], stderr=head["stderr"])
-        subtasks = subtasks_of.get(spec.lm_eval_task)
-        if subtasks:
-            subs = {}
-            for sub in subtasks:
-                n, n_all = _n_items(results, sub)
-                sub_metrics = _metric_entries(results["results"][sub])
-                sub_head = sub_metrics.get(spec.metric, {"value": None, "stderr": None})
-                subs[sub] = {"value": sub_head["value"], "stderr": sub_head["stderr"], "n": n,
-                             "n_available": n_all, "metrics": sub_metrics}
-                items = _item_scores(samples.get(sub, []), spec.metric)
-                if items:
-                    subs[sub]["doc_ids"], subs[sub]["item_scores"] = items
-            entry["n"] = sum(s["n"] for s in subs.values())
-            entry["n_available"] = sum(s["n_available"] for s in subs.values())
-            entry["subtasks"] = subs
-        else:
-            entry["n"], entry["n_available"] = _n_items(results, spec.lm_eval_task)
-            items = _item_scores(samples.get(spec.lm_eval_task, []), spec.metric)
-            if items:
-                entry["doc_ids"], entry["item_scores"] = items
-        entry["metrics"] = metrics
-        out[name] = entry
-    return out
-
-
-def task_limits(limit: int | dict[str, int | None] | None, tasks: list[str]) -> dict[str, int | None]:
-    """The item limit of each task from an int (every task), a ``{task: int | None}`` mapping, or None.
-
-    Raises:
-        InputError: a limit that is not a positive integer or null, or a mapping naming a task that is
-            not among ``tasks``.
-    """
-    def checked(value: Any, where: str) -> int | None:
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise InputError(f"{where}: expected a positive integer or null, got {value!r}")
-        return value
-
-    if isinstance(limit, dict):
-        unknown = sorted(set(limit) - set(tasks))
-        if unknown:
-            raise InputError(f"limit: {unknown} are not among the evaluated tasks {tasks}")
-        return {t: checked(limit.get(t), f"limit.{t}") for t in tasks}
-    value = checked(limit, "limit")
-    return {t: value for t in tasks}
-
-
-def subset_indices(n_items: int, limit: int | None, seed: int, task: str) -> list[int] | None:
-    """The items of a task to score under an item limit: a seeded random subset, never the first N.
-
-    The subset depends only on ``(seed, task, n_items, limit)``, so every model evaluated with the
-    same settings is scored on the same items (paired comparisons), and a larger limit does not
-    simply extend a smaller one from the top of the file.
-
-    Args:
-        n_items: number of items (documents) the task has.
-        limit: items to score, or None for all.
-        seed: the evaluation seed; task: the suite task name (keys the generator).
-
-    Returns:
-        Sorted 0-based item indices (lm-eval doc ids), or None when every item is scored
-        (``limit`` is None or at least ``n_items``).
-    """
-    if limit is None or limit >= n_items:
-        return None
-    return sorted(random.Random(f"{seed}/{task}").sample(range(n_items), limit))
-
-
 def _doc_count(spec: TaskSpec, eval_dir: str | os.PathLike) -> int:
     """Number of documents of a single (non-group) task: the rows of its first data file."""
     from spielbench.lm_eval_tasks import utils
@@ -502,7 +388,7 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
                 chosen = {TASKS[t].lm_eval_task: ids for t, ids in subsets.items() if ids is not None}
                 results = simple_evaluate(model=lm, tasks=[TASKS[t].lm_eval_task for t in single],
                                           samples=chosen or None, **common)
-                summary = summarise_results(results, single)
+                summary = summarise_results(results, [TASKS[t] for t in single])
                 for t in single:
                     summary[t]["limit"] = limits[t]
                     summary[t]["subset"] = ({"kind": "seeded-random", "seed": seed, "of": summary[t]["n_available"]}
@@ -517,7 +403,7 @@ def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | 
                 group = [t for t in groups if limits[t] == value]
                 results = simple_evaluate(model=lm, tasks=[TASKS[t].lm_eval_task for t in group], limit=value,
                                           **common)
-                summary = summarise_results(results, group)
+                summary = summarise_results(results, [TASKS[t] for t in group])
                 for t in group:
                     summary[t]["limit"] = value
                     summary[t]["subset"] = {"kind": "first-of-shuffled" if value is not None else "all", "seed": None}

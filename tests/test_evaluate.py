@@ -300,7 +300,7 @@ def test_4bit_runs_are_evaluated_unmerged_on_an_nf4_base(tmp_path, scripted_llam
 
 def test_item_limit_takes_a_seeded_random_subset_not_the_first_items(scripted_llama, eval_tokenizer,
                                                                      eval_fixture_dir):
-    from spielbench.evaluate import subset_indices
+    from spielbench.lm_eval_results import subset_indices
 
     assert subset_indices(10, None, 1, "arc_easy") is None and subset_indices(10, 10, 1, "arc_easy") is None
     picks = {tuple(subset_indices(1000, 20, seed, "arc_easy")) for seed in range(5)}
