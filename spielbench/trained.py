@@ -142,28 +142,20 @@ def load_trained(base: str | os.PathLike, adapter: str | os.PathLike | None = No
             info["dtype"] = "float32"
         if kind is None:
             info["adapter_application"] = "none"
-        elif kind == "spiel":
-            from spiel.model import SpielModel
-
-            try:
-                wrapped = SpielModel.from_pretrained(model, adapter)
-            except (FileNotFoundError, ValueError) as exc:
-                raise InputError(f"adapter: {exc}") from None
-            if quantized:
-                model = wrapped.get_base_model()
-                info["adapter_application"] = "unmerged"
-            else:
-                model = wrapped.merge_and_unload()
-                info["adapter_application"] = "merged"
         else:
-            from peft import PeftModel
+            if kind == "spiel":
+                from spiel.model import SpielModel
 
-            wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-            if quantized:
-                model = wrapped.get_base_model()
-                info["adapter_application"] = "unmerged"
+                try:
+                    wrapped = SpielModel.from_pretrained(model, adapter)
+                except (FileNotFoundError, ValueError) as exc:
+                    raise InputError(f"adapter: {exc}") from None
             else:
-                model = wrapped.merge_and_unload()
-                info["adapter_application"] = "merged"
+                from peft import PeftModel
+
+                wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+            # merging into 4-bit weights is lossy: the adapter stays unmerged on an NF4 base
+            model = wrapped.get_base_model() if quantized else wrapped.merge_and_unload()
+            info["adapter_application"] = "unmerged" if quantized else "merged"
     model.eval()
     return model, tokenizer, info
