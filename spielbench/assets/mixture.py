@@ -7,11 +7,11 @@ the correct choice's text, ``yes``/``no`` for BoolQ), ``task`` (str), ``template
 ``"<task>/<k>"``) and ``source_id`` (str, the document's id in the source split). Built from the
 train splits of ARC-Challenge, ARC-Easy, BoolQ, CommonsenseQA, HellaSwag, OpenBookQA, PIQA,
 Social IQa and WinoGrande with 4 instruction templates per task (``MIXTURE_TEMPLATES``, read from
-``mixture_templates.yaml`` next to this module). Per task,
-documents are shuffled with a seed derived from ``seed`` and the task name; the first
-``heldout_per_task`` go to the held-out split (the final verdicts), the last ``validation_per_task``
-to the validation split (learning-rate selection), and the next ``examples_per_task`` after the
-held-out ones to the train split: the three splits share no document, and the validation split,
+``mixture_templates.yaml`` next to this module). Per task, documents are shuffled with a seed
+derived from ``seed`` and the task name; the first ``heldout_per_task`` go to the held-out split
+(the final verdicts), the last ``validation_per_task`` to the validation split (learning-rate
+selection), and the next ``examples_per_task`` after the held-out ones to the train split: the
+three splits share no document, and the validation split,
 taken from the far end of the shuffle, leaves the train and held-out splits exactly as they are
 without it. Train examples are then shuffled together. The output is a pure function of the wheel
 and the arguments. Defaults (config ``data.mixture``): seed 42, 400 train, 30 held-out and 30
