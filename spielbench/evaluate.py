@@ -205,41 +205,45 @@ def render_tasks(out_dir: str | os.PathLike, eval_dir: str | os.PathLike,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_abs = _yaml_quoted(str(Path(eval_dir).expanduser().resolve()))
-    for src in sorted(TASKS_DIR.iterdir()):
-        if src.suffix == ".yaml" or src.name.endswith("_yaml"):
-            text = src.read_text(encoding="utf-8").replace(utils.EVAL_DIR_MARKER, eval_abs)
-            (out / src.name).write_text(text, encoding="utf-8")
+    for src in sorted(TASKS_DIR.rglob("*")):
+        if src.is_file() and (src.suffix == ".yaml" or src.name.endswith("_yaml")):
+            dest = out / src.relative_to(TASKS_DIR)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(src.read_text(encoding="utf-8").replace(utils.EVAL_DIR_MARKER, eval_abs),
+                            encoding="utf-8")
     info: dict[str, Any] = {"include_path": str(out.resolve()), "bbh_tasks": [], "tydiqa_languages": []}
 
-    def write_group(group: str, subtasks: list[str], metrics: list[str]) -> None:
-        cfg = {"group": group, "task": subtasks,
-               "aggregate_metric_list": [{"metric": m, "aggregation": "mean", "weight_by_size": False}
-                                         for m in metrics],
-               "metadata": {"version": 1.0}}
-        (out / f"{group}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    def write_yaml(folder: str, name: str, cfg: dict) -> None:
+        (out / folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+
+    def write_group(folder: str, group: str, subtasks: list[str], metrics: list[str]) -> None:
+        write_yaml(folder, group, {
+            "group": group, "task": subtasks,
+            "aggregate_metric_list": [{"metric": m, "aggregation": "mean", "weight_by_size": False}
+                                      for m in metrics],
+            "metadata": {"version": 1.0}})
 
     if bbh_path:
         names = []
         for task, files in utils.discover_bbh(bbh_path).items():
             name = f"spiel_bbh_{_safe_task_suffix(task)}"
-            cfg = {"include": "_spiel_bbh_template_yaml", "task": name,
-                   "dataset_kwargs": {"data_file": files["data_file"], "task": task,
-                                      "prompt_file": files["prompt_file"], "shuffle_seed": 42}}
-            (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+            write_yaml("bbh", name, {"include": "_spiel_bbh_template_yaml", "task": name,
+                                     "dataset_kwargs": {"data_file": files["data_file"], "task": task,
+                                                        "prompt_file": files["prompt_file"], "shuffle_seed": 42}})
             names.append(name)
-        write_group("spiel_bbh", names, ["exact_match"])
+        write_group("bbh", "spiel_bbh", names, ["exact_match"])
         info["bbh_tasks"] = names
     if tydiqa_path:
         found = utils.discover_tydiqa(tydiqa_path)
         names = []
         for lang in found["languages"]:
             name = f"spiel_tydiqa_{_safe_task_suffix(lang)}"
-            cfg = {"include": "_spiel_tydiqa_template_yaml", "task": name,
-                   "dataset_kwargs": {"dev_file": found["dev_file"], "train_file": found["train_file"],
-                                      "language": lang, "max_passage_words": 1024, "shuffle_seed": 42}}
-            (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+            write_yaml("tydiqa", name, {"include": "_spiel_tydiqa_template_yaml", "task": name,
+                                        "dataset_kwargs": {"dev_file": found["dev_file"],
+                                                           "train_file": found["train_file"], "language": lang,
+                                                           "max_passage_words": 1024, "shuffle_seed": 42}})
             names.append(name)
-        write_group("spiel_tydiqa", names, ["exact_match", "f1"])
+        write_group("tydiqa", "spiel_tydiqa", names, ["exact_match", "f1"])
         info["tydiqa_languages"] = found["languages"]
     return info
 
