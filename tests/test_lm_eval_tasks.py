@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from spielbench.errors import InputError
-from spielbench.evaluate import TASKS, TASKS_DIR, render_tasks
+from spielbench.lm_eval_tasks.registry import TASKS, TASKS_DIR, render_tasks
 from spielbench.lm_eval_tasks import common, rows
 from spielbench.lm_eval_tasks.bbh import utils as bbh_utils
 from spielbench.lm_eval_tasks.gsm8k import utils as gsm8k_utils
