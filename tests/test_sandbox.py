@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spielbench.lm_eval_tasks import utils
+from spielbench.lm_eval_tasks.humaneval import utils
 from spielbench.sandbox import SandboxLimits, missing_protections, run_program
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox reads /proc (Linux)")

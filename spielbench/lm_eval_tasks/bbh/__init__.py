@@ -1,0 +1,1 @@
+"""The BIG-Bench Hard (user files) task folder: its lm-eval YAML and its ``utils`` module."""

@@ -1,0 +1,1 @@
+"""The HellaSwag task folder: its lm-eval YAML and its ``utils`` module."""

@@ -1,0 +1,1 @@
+"""The HumanEval task folder: its lm-eval YAML and its ``utils`` module."""

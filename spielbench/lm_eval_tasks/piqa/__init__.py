@@ -1,0 +1,1 @@
+"""The PIQA task folder: its lm-eval YAML and its ``utils`` module."""

@@ -1,0 +1,1 @@
+"""The TyDiQA GoldP (user files) task folder: its lm-eval YAML and its ``utils`` module."""

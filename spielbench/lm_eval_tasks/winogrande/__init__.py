@@ -1,0 +1,1 @@
+"""The WinoGrande task folder: its lm-eval YAML and its ``utils`` module."""
