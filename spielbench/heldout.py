@@ -9,9 +9,9 @@ Examples are batched by length (longest first) so that little compute goes to pa
 values come back in the dataset's order. The language-model head is applied only at the positions
 that carry a label (``model.get_decoder()``'s ``last_hidden_state`` at those positions, then
 ``model.get_output_embeddings()``), since a response is a small part of each sequence. A model may
-change its logits after the head (final logit softcapping, a scaled head, ...), so the first batch of
-every call is also run through the whole model: when the two disagree (per-example NLL beyond
-:data:`RTOL`), or the model has no decoder/head to call, the whole call uses the model's own logits.
+change its logits after the head (final logit softcapping, a scaled head, ...), so the first batch with
+a label token of every call is also run through the whole model: when the two disagree (per-example NLL
+beyond :data:`RTOL`), or the model has no decoder/head to call, the call goes on with the model's own logits.
 The result's ``head`` says which path ran.
 """
 from __future__ import annotations
@@ -109,6 +109,7 @@ def heldout_loss(model: torch.nn.Module, dataset: Sequence[dict], collator: Call
     example_tokens: list[int] = [0] * n
     parts = _label_rows_parts(model)
     head = HEAD_LABEL_ROWS if parts is not None else HEAD_FULL
+    checked = False
     was_training = model.training
     model.eval()
     try:
@@ -119,8 +120,9 @@ def heldout_loss(model: torch.nn.Module, dataset: Sequence[dict], collator: Call
             labels = batch["labels"].to(device)
             if head == HEAD_LABEL_ROWS:
                 nll = _nll_label_rows(*parts, ids, mask, labels)
-                if start == 0:  # the first batch decides whether the label-rows head is the model's own
+                if not checked:  # the first batch with a label decides whether this head is the model's own
                     full = _nll_full(model, ids, mask, labels)
+                    checked = bool((labels[:, 1:] != IGNORE_INDEX).any())
                     if nll is None or not _agrees(nll, full):
                         head, nll = HEAD_FULL, full
             else:

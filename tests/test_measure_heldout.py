@@ -86,6 +86,16 @@ def test_falls_back_to_the_models_logits_when_the_head_is_post_processed(tiny_ll
     assert abs(plain["loss"] - got["loss"]) > 1e-2
 
 
+def test_the_check_waits_for_a_batch_with_labels(tiny_llama, chat_tokenizer):
+    """A first batch without label tokens agrees on zeros whatever the head does; the next one is checked."""
+    no_labels = {"input_ids": [30, 31, 32, 33, 34, 35, 36, 37, 38], "labels": [-100] * 9}  # longest: batch 1
+    capped = _PostProcessed(tiny_llama)
+    got = heldout_loss(capped, [no_labels] + FEATS, make_collator(chat_tokenizer), batch_size=1)
+    assert got["head"] == HEAD_FULL and got["example_tokens"][0] == 0 and got["example_nll"][0] == 0.0
+    ref = _per_token_reference(capped, FEATS)
+    assert got["example_nll"][1:] == pytest.approx([sum(r) for r in ref], rel=1e-5)
+
+
 def test_model_without_decoder_uses_full_logits(tiny_llama, chat_tokenizer):
     class Bare(torch.nn.Module):
         def __init__(self, inner):
