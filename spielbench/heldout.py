@@ -31,12 +31,18 @@ HEAD_FULL = "full"
 
 
 def _nll_full(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Summed NLL [nats] per example ``[B]`` (float32) from the model's own logits ``[B, L, V]``."""
+    """Summed NLL [nats] per example ``[B]`` (float32) from the model's own logits ``[B, L, V]``.
+
+    The cross-entropy runs over rows of ``V`` logits (vocabulary last and contiguous), as in the label-rows
+    path: with the vocabulary along dim 1 of a transposed ``[B, V, L]`` view, float32 log-sum-exp over
+    a 49k vocabulary drifts by about 1e-4 relative (checked against float64).
+    """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     target = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
-                                            ignore_index=IGNORE_INDEX, reduction="none")  # [B, L-1]
-    return nll.sum(dim=1)
+    shifted = logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(target.shape).sum(dim=1)
 
 
 def _nll_label_rows(decoder, head, input_ids, attention_mask, labels) -> torch.Tensor | None:

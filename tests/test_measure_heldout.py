@@ -150,3 +150,30 @@ def test_file_result_records_file_and_length(tmp_path, chat_tokenizer):
     got = heldout_loss_of_file(model, chat_tokenizer, path, max_seq_length=64, batch_size=2)
     assert got["file"] == str(path) and got["max_seq_length"] == 64 and got["n_examples"] == 3
     assert got["example_tokens"][0] < got["example_tokens"][1] < got["example_tokens"][2]  # file order
+
+
+@pytest.mark.slow
+def test_real_model_label_rows_equal_the_full_logits_and_float64(real_model, real_tokenizer):
+    """SmolLM2-135M on 16 examples of the real held-out split: the label-rows head is taken, and its numbers
+    are the full-logits path's and (within float32 rounding) the float64 cross-entropy of the same logits."""
+    from conftest import RESOURCES
+
+    from spielbench import heldout
+    from spielbench.data import load_instruction_dataset
+
+    path = RESOURCES / "data" / "mixture" / "heldout.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not built; run `.venv/bin/snakemake --cores all assets`")
+    data = load_instruction_dataset(path, real_tokenizer, 256, max_examples=16)
+    got = heldout_loss(real_model, data, make_collator(real_tokenizer))
+    assert got["head"] == HEAD_LABEL_ROWS
+    batch = make_collator(real_tokenizer)([data[i] for i in range(8)])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    with torch.no_grad():
+        full = heldout._nll_full(real_model, ids, mask, labels)
+        fast = heldout._nll_label_rows(real_model.get_decoder(), real_model.get_output_embeddings(), ids, mask, labels)
+        logits = real_model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+        f64 = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                ignore_index=-100, reduction="none").view(labels[:, 1:].shape).sum(1)
+    assert fast.tolist() == pytest.approx(full.tolist(), rel=1e-6)
+    assert fast.double().tolist() == pytest.approx(f64.tolist(), rel=2e-5)
