@@ -59,7 +59,8 @@ summed NLL (nats) and label-token count (``loss = Σ example_nll / Σ example_to
 Command line::
 
     python -m spielbench.evaluate (--run DIR | --base MODEL [--adapter DIR]) --tasks a,b \\
-        [--limit N | --limit task=N,task=N] --output FILE [--heldout FILE] [--eval-dir DIR] [--prompt-format plain|chat] ...
+        [--limit N | --limit task=N,task=N] --output FILE [--heldout FILE] [--eval-dir DIR] \\
+        [--prompt-format plain|chat] [--dtype float32|bfloat16] ...
     python -m spielbench.evaluate --render-tasks DIR [--eval-dir DIR] [--bbh-path P] [--tydiqa-path P]
 
 The second form writes an lm-eval include folder for ``lm_eval --include_path DIR`` (see

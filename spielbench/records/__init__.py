@@ -24,5 +24,6 @@ RECORDS: dict[str, type[Record]] = {"metrics.json": RunMetrics, "eval.json": Eva
                                     "benchmark": BenchmarkPoint, "runs/index.json": ResultsIndex,
                                     "adapter/diverged.json": Divergence}
 
-__all__ = ["DIVERGED", "RECORDS", "BenchmarkPoint", "Budget", "Divergence", "EvalResult", "HeldoutResult", "IndexEntry", "LossPoint", "Memory",
-           "Record", "ReselectionEvent", "ResultsIndex", "RunMetrics", "TaskResult", "TrainingSettings", "read_json"]
+__all__ = ["DIVERGED", "RECORDS", "BenchmarkPoint", "Budget", "Divergence", "EvalResult", "HeldoutResult",
+           "IndexEntry", "LossPoint", "Memory", "Record", "ReselectionEvent", "ResultsIndex", "RunMetrics",
+           "TaskResult", "TrainingSettings", "read_json"]

@@ -1,7 +1,7 @@
 """``python -m spielbench.records [FILE ...]``: print the JSON schema of each record (all when none named).
 
 FILE is a key of :data:`spielbench.records.RECORDS` (``metrics.json``, ``eval.json``, ``benchmark``,
-``runs/index.json``). Exit status 2 for an unknown name.
+``runs/index.json``, ``adapter/diverged.json``). Exit status 2 for an unknown name.
 """
 import json
 import sys
