@@ -75,6 +75,7 @@ def _schema_and_registry(path: Path):
     from referencing import Registry, Resource
     from referencing.jsonschema import DRAFT202012
 
+    @functools.lru_cache(maxsize=None)  # a Registry is immutable: what it retrieves is not kept in it
     def retrieve(uri: str):
         return Resource(contents=_load_yaml(Path(url2pathname(urlparse(uri).path))), specification=DRAFT202012)
 
