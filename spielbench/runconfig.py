@@ -52,6 +52,8 @@ class RunConfig:
         save_steps: write a checkpoint every this many update steps.
         max_train_examples: use only the first this many examples of ``train_data`` (None: all).
         heldout_examples: use only the first this many examples of ``heldout_data`` (None: all).
+        heldout_before: also measure the held-out loss before training (``metrics.json``: ``heldout_loss_before``,
+            null when False).
         lora_alpha, lora_dropout: LoRA/qLoRA scaling numerator and dropout (reference: 16, 0.1).
         device: "auto" (CUDA when available), "cpu" or "cuda"/"cuda:N".
         on_malformed: a malformed record in ``train_data``/``heldout_data``: "error" rejects the file
@@ -84,6 +86,7 @@ class RunConfig:
     save_steps: int = 50
     max_train_examples: int | None = None
     heldout_examples: int | None = 200
+    heldout_before: bool = True
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
     device: str = "auto"
