@@ -64,6 +64,9 @@ class RunConfig:
         spiel: SpIEL hyper-parameters passed to ``spiel.SpielConfig`` (e.g. reselection_steps,
             selection_accumulation_steps, initial_reselection_rate, reselection_rate_policy, delta_dtype);
             the budget and the selection algorithm come from ``rank``/``density`` and ``method``.
+
+    Raises:
+        InputError: at construction, a value the run config schema refuses (``<field>: expected ..., got ...``).
     """
 
     method: str
@@ -119,10 +122,14 @@ class RunConfig:
         return cls(**data)
 
 
-#: Fields the schema types as numbers (``float`` or ``float | None`` here).
-_NUMBER_FIELDS = tuple(name for name, prop in {**schema_at(RUN_SCHEMA, "/$defs/settings")["properties"],
-                                                **schema_at(RUN_SCHEMA)["properties"]}.items()
-                       if "number" in (prop.get("type") or []))
+def _number_fields() -> tuple[str, ...]:
+    """The fields the schema types as numbers (``float`` or ``float | None`` here)."""
+    props = {**schema_at(RUN_SCHEMA, "/$defs/settings")["properties"], **schema_at(RUN_SCHEMA)["properties"]}
+    kinds = {name: prop.get("type", []) for name, prop in props.items()}
+    return tuple(name for name, kind in kinds.items() if "number" in ([kind] if isinstance(kind, str) else kind))
+
+
+_NUMBER_FIELDS = _number_fields()
 
 
 @functools.lru_cache(maxsize=None)
