@@ -237,3 +237,14 @@ def test_spiel_options_agree_with_spiel_config(path):
     assert probes, path
     for value in probes:
         assert _accepts(path, value) == _spiel_accepts(field, value), (path, value)
+
+
+def test_a_runs_own_spiel_options_override_only_the_keys_it_sets():
+    """SpIEL's defaults are SpielConfig's alone: the schema fills none into a run's ``spiel`` (it used to, and
+    those filled-in defaults overrode the ``training.spiel`` values the run did not set)."""
+    cfg = {"training": {"spiel": {"initial_reselection_rate": 0.3, "reselection_steps": 8}},
+           "runs": [{"method": "spiel-ag", "rank": 2, "learning_rate": 1.0e-3, "spiel": {"reselection_steps": 10}},
+                    {"method": "spiel-ma", "rank": 2, "learning_rate": 1.0e-3}]}
+    runs = pipeline.resolve_pipeline(cfg, check_device=False, check_model=False).runs
+    assert runs["spiel-ag-r2"]["spiel"] == {"initial_reselection_rate": 0.3, "reselection_steps": 10}
+    assert runs["spiel-ma-r2"]["spiel"] == {"initial_reselection_rate": 0.3, "reselection_steps": 8}
