@@ -2,16 +2,14 @@
 # Data flows one way: config -> assets -> tune (learning-rate selection) -> train -> evaluate -> aggregate
 # (tables, claims, figures),
 # with the efficiency benchmark beside it feeding the efficiency table and figures.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
 
-
-validate(config, "workflow/schemas/config.schema.yaml")
-
+# validated against workflow/schemas/config.schema.yaml in common.smk (spielbench.pipeline: one-line errors)
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/gpus.smk"

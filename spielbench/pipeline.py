@@ -2,9 +2,11 @@
 
 The workflow calls :func:`resolve_pipeline` at parse time (``workflow/rules/common.smk``), so a bad
 config key, a missing local file or an unrecognised data format stops ``snakemake`` before any job
-starts, with the offending key named. The JSON schema (``workflow/schemas/config.schema.yaml``) has
-already checked types, ranges and unknown keys by then; this module checks what a schema cannot:
-files on disk, formats, duplicate run ids, and per-method requirements.
+starts, with the offending key named. It first validates the config against its JSON schema
+(``workflow/schemas/config.schema.yaml``, through :func:`spielbench.schema.validate`: types, ranges,
+unknown keys, defaults filled in); this module then checks what a schema cannot: files on disk, formats,
+duplicate run ids, and, through the run config and the method registry, each resolved run as its
+training job will (``spielbench.preflight`` for the checks against the model).
 """
 from __future__ import annotations
 
@@ -15,17 +17,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Methods whose budget is a LoRA rank (SpIEL and SHiRA are matched to LoRA's count at that rank).
-RANKED_METHODS = {"spiel-ag", "spiel-ma", "spiel-static", "shira", "lora", "qspiel-ag", "qspiel-ma", "qlora"}
+from spielbench.schema import PIPELINE_SCHEMA, RUN_SCHEMA, schema_at
 
 #: Registry-built model sources and the folder (under resources/models) each is built into.
 BUILT_MODELS = {"smollm2": "smollm2-135m-instruct", "tiny-random": "tiny-random"}
 
-TRAINING_KEYS = (
-    "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
-    "warmup_ratio", "weight_decay", "learning_rate", "seed", "gradient_checkpointing", "save_steps",
-    "heldout_examples", "max_train_examples", "max_grad_norm", "lora_alpha", "lora_dropout", "device",
-)
+#: Run-config fields a pipeline config sets for every run in ``training`` (the run config schema's settings).
+TRAINING_KEYS = tuple(k for k in schema_at(RUN_SCHEMA, "/$defs/settings")["properties"] if k != "spiel")
 
 
 class PipelineConfigError(ValueError):
@@ -105,8 +103,9 @@ def _check_data_file(key: str, path: str, on_malformed: str) -> None:
 
 
 def _config_key(i: int, entry: dict, field_path: str) -> str:
-    """The config key a run field came from: ``runs[i].<field>`` when the run entry sets it, else
-    ``training.<field> (runs[i])`` for a value inherited from the training defaults."""
+    """The config key a run field came from: ``runs[i].<field>`` when the run entry sets it (or only a run
+    entry can, like ``rank``), else ``training.<field> (runs[i])`` for a value inherited from the training
+    defaults, or the data/model key the pipeline filled it from."""
     top, _, sub = field_path.partition(".")
     own = entry.get(top)
     if top in entry and (not sub or (isinstance(own, dict) and sub.split(".")[0] in own)):
@@ -116,7 +115,9 @@ def _config_key(i: int, entry: dict, field_path: str) -> str:
             f" (runs[{i}])"
     if top in ("run_id",):
         return f"runs[{i}].id"
-    return f"training.{field_path} (runs[{i}])"
+    if top in TRAINING_KEYS or top == "spiel":
+        return f"training.{field_path} (runs[{i}])"
+    return f"runs[{i}].{field_path}"  # a field only a run entry sets (rank, method)
 
 
 def _run_error(i: int, entry: dict, err: Exception) -> PipelineConfigError:
@@ -203,21 +204,30 @@ def check_evaluation(ev: dict) -> None:
 
 
 def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool = True) -> Pipeline:
-    """Turn a schema-validated config into a :class:`Pipeline`.
+    """Validate the workflow config against its schema (filling in its defaults, in place) and turn it into
+    a :class:`Pipeline`.
 
     Args:
-        config: the workflow config after schema validation.
+        config: the workflow config as read (Snakemake's ``config``).
         check_device: check that a requested CUDA device exists here (off on a cluster submit host).
         check_model: check every run against the model's config and tokenizer (``spielbench.preflight``).
 
     Raises:
-        PipelineConfigError: a local model or data path is missing or has the wrong form, a data file
-            is in none of the accepted instruction formats, two runs share an id, a method that needs
-            a rank has none, a non-finite number, CUDA requested without CUDA, a rank/density/target
-            module the model's layers do not allow, a ``max_seq_length`` shorter than the chat
-            template's overhead, or a code-executing task without ``evaluation.allow_code_execution``.
+        PipelineConfigError: a value the schema refuses (unknown key, wrong type, out of range, non-finite
+            number: ``runs[1].rank: expected an integer >= 1, got 0``), a local model or data path is
+            missing or has the wrong form, a data file is in none of the accepted instruction formats, two
+            runs share an id, a method that needs a rank has none, CUDA requested without CUDA, a
+            rank/density/target module the model's layers do not allow, a ``max_seq_length`` shorter than
+            the chat template's overhead, or a code-executing task without ``evaluation.allow_code_execution``.
             The message names the config key (e.g. ``runs[3].rank``).
     """
+    from spielbench.errors import InputError
+    from spielbench.schema import validate
+
+    try:
+        validate(config, PIPELINE_SCHEMA, fill_defaults=True)
+    except InputError as err:
+        raise PipelineConfigError(str(err)) from None
     resources = config.get("resources_dir", "resources")
     runs_dir = config.get("runs_dir", "runs")
     results = config.get("results_dir", "results")
@@ -242,7 +252,6 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
         model_dir = str(p)
 
     # --- data --------------------------------------------------------------------------------
-    from spielbench.errors import InputError
     from spielbench.formats import validate_instruction_file
 
     data = config.get("data", {})
@@ -296,13 +305,9 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
     model_info = _model_info(source, model_dir, gguf) if check_model and config.get("runs") else None
     for i, entry in enumerate(config.get("runs", [])):
         method = entry["method"]
-        if method in RANKED_METHODS and entry.get("rank") is None:
-            raise PipelineConfigError(f"runs[{i}].rank: method {method!r} needs a rank (its parameter budget)")
-        if method not in RANKED_METHODS and entry.get("rank") is not None:
-            raise PipelineConfigError(f"runs[{i}].rank: method {method!r} takes no rank")
         rid = run_id_for(entry)
-        if rid == "base" or not re.fullmatch(r"[A-Za-z0-9_.-]+", rid):
-            raise PipelineConfigError(f"runs[{i}].id: {rid!r} is reserved or not a plain name")
+        if rid == "base":
+            raise PipelineConfigError(f"runs[{i}].id: 'base' is reserved (the evaluation of the base model)")
         if rid in runs:
             raise PipelineConfigError(f"runs[{i}]: a second run with id {rid!r}; give one an `id`")
         run = {k: defaults[k] for k in TRAINING_KEYS if k in defaults}
@@ -313,8 +318,8 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
             if method == "spiel-static":
                 # the static ablation has no reselection: the method fixes the policy ("none")
                 run["spiel"].pop("reselection_rate_policy", None)
-        elif entry.get("spiel"):
-            raise PipelineConfigError(f"runs[{i}].spiel: SpIEL options given to method {method!r}")
+        elif entry.get("spiel"):  # refused by the method's check below, naming runs[i].spiel
+            run["spiel"] = entry["spiel"]
         if "learning_rate" not in run and method not in grids:
             raise PipelineConfigError(f"runs[{i}].learning_rate: not set here nor in training.learning_rate, "
                                       f"and tuning.grids has no grid for method {method!r} to choose it")

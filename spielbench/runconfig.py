@@ -1,24 +1,29 @@
-"""The configuration of one training run: a validated dataclass read from YAML plus ``--set`` overrides.
+"""The configuration of one training run: a typed dataclass read from YAML plus ``--set`` overrides.
 
 A run config is a flat mapping (docs/DESIGN.md, "One training run"); the pipeline writes one per run
 from config/*.yaml, and people write them by hand. Every field has a default except ``method``,
-``model`` and ``train_data``. Unknown keys, wrong types, non-finite numbers and out-of-range values raise
-:class:`spielbench.errors.InputError` naming the field. Defaults follow the reference runs
-(docs/METHOD.md §8.2) where they fit a CPU machine: linear schedule, warm-up ratio 0.03, seed 42,
-no gradient clipping, checkpoints every 50 steps.
+``model`` and ``train_data``. Types, bounds and allowed values are the run config's JSON schema
+(``spielbench/runconfig.schema.yaml``, checked by :func:`spielbench.schema.validate`): unknown keys, wrong
+types, non-finite numbers and out-of-range values raise :class:`spielbench.errors.InputError` naming the
+field. Rules between fields of one method (rank or density) are the method's
+(``spielbench.methods.MethodSpec.check_config``), rules against the model ``spielbench.preflight``'s.
+Defaults follow the reference runs (docs/METHOD.md §8.2) where they fit a CPU machine: linear schedule,
+warm-up ratio 0.03, seed 42, no gradient clipping, checkpoints every 50 steps.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from spielbench.errors import InputError
+from spielbench.schema import RUN_SCHEMA, schema_at, validate
 
 
 @dataclass
@@ -59,6 +64,9 @@ class RunConfig:
         spiel: SpIEL hyper-parameters passed to ``spiel.SpielConfig`` (e.g. reselection_steps,
             selection_accumulation_steps, initial_reselection_rate, reselection_rate_policy, delta_dtype);
             the budget and the selection algorithm come from ``rank``/``density`` and ``method``.
+
+    Raises:
+        InputError: at construction, a value the run config schema refuses (``<field>: expected ..., got ...``).
     """
 
     method: str
@@ -90,46 +98,11 @@ class RunConfig:
     spiel: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        self._check_ranges()
-
-    def _check_ranges(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_finite(f.name, getattr(self, f.name))
-
-        def positive(name):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise InputError(f"{name}: expected a positive integer, got {v}")
-
-        for name in ("max_seq_length", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "save_steps", "max_train_examples", "heldout_examples", "rank"):
-            positive(name)
-        if self.density is not None and not 0.0 < self.density <= 1.0:
-            raise InputError(f"density: expected a fraction in (0, 1], got {self.density}")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise InputError(f"learning_rate: expected a positive number, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise InputError(f"weight_decay: expected a number >= 0, got {self.weight_decay}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise InputError(f"warmup_ratio: expected a fraction in [0, 1), got {self.warmup_ratio}")
-        if self.max_grad_norm < 0:
-            raise InputError(f"max_grad_norm: expected a number >= 0 (0 = no clipping), got {self.max_grad_norm}")
-        if self.lora_alpha <= 0:
-            raise InputError(f"lora_alpha: expected a positive number, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise InputError(f"lora_dropout: expected a probability in [0, 1), got {self.lora_dropout}")
-        if self.device != "auto" and self.device != "cpu" and not (
-            self.device == "cuda" or (self.device.startswith("cuda:") and self.device[5:].isdigit())
-        ):
-            raise InputError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.on_malformed not in ("error", "skip"):
-            raise InputError(f"on_malformed: expected 'error' or 'skip', got {self.on_malformed!r}")
-        for name in ("method", "model", "train_data"):
-            if not getattr(self, name):
-                raise InputError(f"{name}: expected a non-empty string")
+        validate(dataclasses.asdict(self), RUN_SCHEMA, source="run config")
+        for name in _NUMBER_FIELDS:  # a JSON schema "number" given as 1 is the float 1.0 here
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict (every field, defaults included)."""
@@ -145,89 +118,33 @@ class RunConfig:
         """
         if not isinstance(data, dict):
             raise InputError(f"{source}: expected a mapping of run-config fields, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise InputError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        for key in required:
-            if key not in data or data[key] is None:
-                raise InputError(f"{source}: missing required key {key!r}")
+        validate(data, RUN_SCHEMA, source=source)  # unknown and missing keys before the constructor sees them
         return cls(**data)
 
 
-def _check_finite(name: str, value: Any) -> None:
-    """Reject NaN and infinities in a number, or in any number nested in a mapping/list (``spiel.*``).
-
-    Raises:
-        InputError: naming ``name`` (``spiel.<key>`` for nested values).
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InputError(f"{name}: expected a finite number, got {value}")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_finite(f"{name}.{key}", item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _check_finite(name, item)
+def _number_fields() -> tuple[str, ...]:
+    """The fields the schema types as numbers (``float`` or ``float | None`` here)."""
+    props = {**schema_at(RUN_SCHEMA, "/$defs/settings")["properties"], **schema_at(RUN_SCHEMA)["properties"]}
+    kinds = {name: prop.get("type", []) for name, prop in props.items()}
+    return tuple(name for name, kind in kinds.items() if "number" in ([kind] if isinstance(kind, str) else kind))
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
+_NUMBER_FIELDS = _number_fields()
 
 
-def _coerce(name: str, value: Any, tp) -> Any:
-    """Check ``value`` against the annotation ``tp`` (int, float, bool, str, dict, or ``X | None``)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(name, value, args[0])
-    if origin is dict or tp is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise InputError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
-    if value is None:
-        raise InputError(f"{name}: expected {_type_name(tp)}, got null")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise InputError(f"{name}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise InputError(f"{name}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise InputError(f"{name}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise InputError(f"{name}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise InputError(f"{name}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise InputError(f"{name}: expected a string, got {value!r}")
-    return value
+@functools.lru_cache(maxsize=None)
+def _yaml_loader():
+    """A ``yaml.SafeLoader`` that reads ``1e-4`` as a number, as YAML 1.2 does (YAML 1.1 needs ``1.0e-4``)."""
+    loader = type("Yaml12FloatLoader", (yaml.SafeLoader,), {})
+    loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return loader
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML text, with numbers in exponent form (``1e-4``) read as floats."""
+    return yaml.load(text, Loader=_yaml_loader())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -241,8 +158,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     Raises:
         InputError: no ``=``, or an empty key.
     """
-    import yaml
-
     if "=" not in text:
         raise InputError(f"--set {text!r}: expected key=value")
     key, raw = text.split("=", 1)
@@ -250,7 +165,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise InputError(f"--set {text!r}: expected key=value with a non-empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise InputError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
     return key.split("."), value
@@ -269,8 +184,6 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, .
     Raises:
         InputError: missing or unparsable file (named, with the line), unknown key, bad value.
     """
-    import yaml
-
     data: dict[str, Any] = {}
     source = "run config"
     if path is not None:
@@ -279,7 +192,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, .
         if not path.is_file():
             raise InputError(f"run config: file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _load_yaml(path.read_text())
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

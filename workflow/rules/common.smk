@@ -1,8 +1,9 @@
 # Shared helpers for the rules: the resolved paths of the model and data, and the table of runs.
-# Input problems (missing local files, unrecognised data formats, duplicate run ids, non-finite numbers,
-# a CUDA device that is not there, budgets or target modules the model's layers do not allow, a
-# max_seq_length shorter than the chat template, code execution without consent) stop the workflow
-# here, at parse time, before any job starts, with the config key named (spielbench.pipeline).
+# Input problems (a value the schema refuses: unknown keys, types, ranges, non-finite numbers; missing
+# local files, unrecognised data formats, duplicate run ids, a CUDA device that is not there, budgets or
+# target modules the model's layers do not allow, a max_seq_length shorter than the chat template, code
+# execution without consent) stop the workflow here, at parse time, before any job starts, with the config
+# key named in one line (spielbench.pipeline validates the config against workflow/schemas/config.schema.yaml).
 import json
 import os
 import re
