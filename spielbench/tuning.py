@@ -27,8 +27,8 @@ Files:
 
 Command line (the tune rules): ``python -m spielbench.tuning point RUN_YAML --output-dir DIR --score
 FILE`` trains one grid point in this process and writes its score; ``python -m spielbench.tuning
-select SCORE... --out-dir DIR`` writes ``chosen_lr.json`` with the table and the figure
-(:mod:`spielbench.aggregate.tuning`).
+select SCORE... --out-dir DIR`` writes ``chosen_lr.json``; ``python -m spielbench.tuning report
+CHOSEN_JSON --out-dir DIR`` the table and the figure from it (:mod:`spielbench.aggregate.tuning`).
 """
 from __future__ import annotations
 
@@ -252,6 +252,17 @@ def read_scores(paths: Iterable[str | Path]) -> list[dict]:
     return out
 
 
+def read_chosen(path: str | Path) -> dict:
+    """Read ``chosen_lr.json``. Raises InputError naming the file when it is missing or not one."""
+    try:
+        chosen = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the chosen learning rates ({exc})") from None
+    if not isinstance(chosen, dict) or not isinstance(chosen.get("targets"), dict):
+        raise InputError(f"{path}: not a chosen_lr.json (no 'targets' mapping)")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line (module docstring). Exit status 0 ok, 2 bad input or no usable grid point."""
     import argparse
@@ -262,9 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_yaml")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--score", required=True)
-    s = sub.add_parser("select", help="choose the learning rates; write chosen_lr.json, the table and the figure")
+    s = sub.add_parser("select", help="choose the learning rates from the grid points' scores; write chosen_lr.json")
     s.add_argument("scores", nargs="+")
     s.add_argument("--out-dir", required=True)
+    r = sub.add_parser("report", help="write the table and the figure of every grid point from chosen_lr.json")
+    r.add_argument("chosen")
+    r.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
     return exit_status(lambda: _run(args))
 
@@ -275,10 +289,14 @@ def _run(args) -> int:
         if args.cmd == "point":
             score = train_point(args.run_yaml, args.output_dir, args.score)
             print(f"{score['point']}: {score['status']}, validation loss {score['validation_loss']}")
-        else:
-            from spielbench.aggregate.tuning import write_tuning_results
+        elif args.cmd == "select":
+            from spielbench.aggregate.tuning import write_chosen
 
-            for path in write_tuning_results(read_scores(args.scores), args.out_dir):
+            print(write_chosen(read_scores(args.scores), args.out_dir))
+        else:
+            from spielbench.aggregate.tuning import write_grid_report
+
+            for path in write_grid_report(read_chosen(args.chosen), args.out_dir):
                 print(path)
     except TuningError as exc:
         raise InputError(str(exc)) from None

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from spielbench.pipeline import resolve_pipeline, user_split_key
+from spielbench.tuning import POINT_FORMAT, grid_points
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
@@ -105,3 +106,43 @@ def test_results_runs_are_not_ignored_by_git():
         res = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
         assert res.returncode == 1, f"{path} is ignored by .gitignore"
     assert subprocess.run(["git", "check-ignore", "-q", "runs/lora-r8/metrics.json"], cwd=REPO).returncode == 0
+
+
+def test_the_tuning_table_reruns_without_retraining_and_a_new_choice_retrains(tmp_path):
+    """chosen_lr.json hangs on the grid points' scores only: redoing the table/figure (as a code change of
+    spielbench/aggregate/tuning.py does) touches no final run; redoing the choice reruns the tuned runs."""
+    root = _workflow_copy(tmp_path)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    cfg = dict(SMOKE, runs_dir=str(runs), results_dir=str(results), logs_dir=str(tmp_path / "logs"))
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    pipe = resolve_pipeline(cfg)
+    tuned = sorted(pipe.tuned)
+    assert tuned, "config/smoke.yaml tunes one target"
+    # stand-in grid points: their configs and scores, instead of training them
+    pids = grid_points(pipe.tune_targets, SMOKE["tuning"]["grids"], max_steps=2, validation_file="v",
+                       validation_examples=None)
+    lrs = sorted(p["_tune"]["learning_rate"] for p in pids.values())
+    for pid, point in pids.items():
+        (runs / "tune" / pid).mkdir(parents=True)
+        (runs / "tune" / pid / "run.yaml").write_text(yaml.safe_dump(point))
+        lr = point["_tune"]["learning_rate"]
+        (runs / "tune" / pid / "score.json").write_text(json.dumps({
+            "format": POINT_FORMAT, "point": pid, "target": point["_tune"]["target"], "method": "lora", "rank": 2,
+            "learning_rate": lr, "status": "ok", "validation_loss": 2.0 + abs(lrs.index(lr) - 1),
+            "validation_examples": 4, "steps": 2, "wall_time_s": 1.0, "detail": ""}))
+    run_yamls = [str(runs / rid / "run.yaml") for rid in tuned]
+    grid_md = str(results / "tuning" / "lr_grid.md")
+    second = _snakemake(root, "--cores", "1", *run_yamls, grid_md, "--configfile", str(cfg_path))
+    assert second.returncode == 0, second.stderr[-3000:]
+    chosen = json.loads((results / "tuning" / "chosen_lr.json").read_text())
+    middle = lrs[1]
+    assert yaml.safe_load(Path(run_yamls[0]).read_text())["learning_rate"] == middle
+    assert [t["learning_rate"] for t in chosen["targets"].values()] == [middle]
+
+    report = _snakemake(root, "-n", *run_yamls, grid_md, "--configfile", str(cfg_path), "--forcerun", "tune_report")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "rule tune_report:" in report.stdout and "rule run_config:" not in report.stdout, report.stdout[-3000:]
+    choice = _snakemake(root, "-n", *run_yamls, "--configfile", str(cfg_path), "--forcerun", "tune_select")
+    assert choice.returncode == 0, choice.stderr[-3000:]
+    assert "rule run_config:" in choice.stdout, choice.stdout[-3000:]

@@ -98,19 +98,40 @@ def plot_grid(chosen: dict, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def write_tuning_results(scores: list[dict], out_dir: str | Path) -> list[Path]:
-    """Choose every target's learning rate from its grid points' scores and write :data:`TUNING_FILES`.
+def write_chosen(scores: list[dict], out_dir: str | Path) -> Path:
+    """Choose every target's learning rate from its grid points' scores; write ``chosen_lr.json`` only.
+
+    The final runs read this file alone, and its rule reads only the scores, so that a change to the
+    table or figure code never rewrites it (a rewrite would retrain every tuned final run).
 
     Raises:
         spielbench.tuning.TuningError: a target whose every grid point diverged (nothing is written).
     """
     from spielbench.tuning import choose_all
 
-    chosen = choose_all(scores)
+    path = Path(out_dir) / TUNING_FILES[0]
+    write_text_atomic(path, json.dumps(choose_all(scores), indent=2) + "\n")
+    return path
+
+
+def write_grid_report(chosen: dict, out_dir: str | Path) -> list[Path]:
+    """Write ``lr_grid.{md,csv,png}`` from a ``chosen_lr.json`` mapping (every grid point is in it)."""
     out = Path(out_dir)
-    paths = [out / name for name in TUNING_FILES]
-    write_text_atomic(paths[1], grid_markdown(chosen))
-    write_text_atomic(paths[2], grid_csv(chosen))
-    plot_grid(chosen, paths[3])
-    write_text_atomic(paths[0], json.dumps(chosen, indent=2) + "\n")  # last: the final runs' input
+    paths = [out / name for name in TUNING_FILES[1:]]
+    write_text_atomic(paths[0], grid_markdown(chosen))
+    write_text_atomic(paths[1], grid_csv(chosen))
+    plot_grid(chosen, paths[2])
     return paths
+
+
+def write_tuning_results(scores: list[dict], out_dir: str | Path) -> list[Path]:
+    """:func:`write_chosen`, then :func:`write_grid_report` from its result: every file of :data:`TUNING_FILES`.
+
+    Raises:
+        spielbench.tuning.TuningError: a target whose every grid point diverged (nothing is written).
+    """
+    from spielbench.tuning import choose_all
+
+    chosen = choose_all(scores)  # raises before anything is written
+    report = write_grid_report(chosen, out_dir)
+    return [write_chosen(scores, out_dir), *report]

@@ -20,6 +20,8 @@ def _eval_args(wc):
              "--max-seq-length", str(config["training"].get("max_seq_length", 512))]
     if EVAL["limit"] is not None:
         args += ["--limit", str(EVAL["limit"])]
+    if EVAL["dtype"] != "float32":  # only when set: the default adds no argument, so existing results stay current
+        args += ["--dtype", EVAL["dtype"]]
     if EVAL["allow_code_execution"]:
         args += ["--allow-code-execution"]
     for key, flag in (("bbh_path", "--bbh-path"), ("tydiqa_path", "--tydiqa-path")):

@@ -7,13 +7,16 @@
 # - Snakemake does not say which device a job gets: GPU_SLOT (scripts/gpu_slot.py) takes that many
 #   free device slots (flock) and sets CUDA_VISIBLE_DEVICES before the job's command starts.
 # - LOCAL_GPUS is the `--resources gpu=N` Snakemake was started with (0 when not given); the training
-#   and evaluation jobs then take cores/N threads each, so N of them run side by side (on a CPU-only
-#   machine every core, one job at a time).
+#   and evaluation jobs then take cores/N threads each, so N of them run side by side. Without GPUs each
+#   takes `launcher.cpu_threads` threads (null: every core, one job at a time; 1: one job per core side by
+#   side, which the study uses; README "The study" has the measurement).
 import shlex
 
 _gpu_resource = workflow.global_resources.get("gpu")
 LOCAL_GPUS = int(_gpu_resource.value) if _gpu_resource is not None and _gpu_resource.value else 0
-GPU_JOB_THREADS = max(1, workflow.cores // LOCAL_GPUS) if LOCAL_GPUS else workflow.cores
+_cpu_threads = (config.get("launcher") or {}).get("cpu_threads")
+GPU_JOB_THREADS = (max(1, workflow.cores // LOCAL_GPUS) if LOCAL_GPUS
+                   else min(workflow.cores, _cpu_threads) if _cpu_threads else workflow.cores)
 
 
 #: Shell prefix of a GPU job: `{GPU_SLOT} {resources.gpu} -- <command>` runs the command on that many

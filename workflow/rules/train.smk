@@ -76,4 +76,4 @@ rule train:
         mem_mb=8000,
     shell:
         "OMP_NUM_THREADS={threads} {GPU_SLOT} {resources.gpu} -- {PYTHON:q} {params.launch} spielbench.train "
-        "{input.run_config:q} --output-dir {params.outdir:q} --restart-if-changed --no-progress > {log:q} 2>&1"
+        "{input.run_config:q} --output-dir {params.outdir:q} --restart-if-changed --record-divergence --no-progress > {log:q} 2>&1"

@@ -67,14 +67,27 @@ rule tune_point:
         "--output-dir {params.outdir:q} --score {output.score:q} > {log:q} 2>&1"
 
 
+# chosen_lr.json depends on the scores only: the final runs read it, so a change of the table or figure code
+# must not rewrite it (that would retrain every tuned final run). After changing the selection rule itself
+# (spielbench.tuning.select_learning_rate), rerun it with --forcerun tune_select.
 rule tune_select:
     input:
         scores=TUNE_SCORES,
-        code=[os.path.relpath(spielbench.tuning.__file__),
-              os.path.relpath(os.path.join(os.path.dirname(spielbench.tuning.__file__), "aggregate", "tuning.py"))],
     output:
-        [f"{TUNING_RESULTS}/{name}" for name in TUNING_FILES] if TUNE_POINTS else [],
+        CHOSEN_LR if TUNE_POINTS else [],
     log:
         f"{LOGS}/tune/select.log",
     shell:
-        "{PYTHON} -m spielbench.tuning select {input.scores:q} --out-dir {TUNING_RESULTS:q} > {log:q} 2>&1"
+        "{PYTHON:q} -m spielbench.tuning select {input.scores:q} --out-dir {TUNING_RESULTS:q} > {log:q} 2>&1"
+
+
+rule tune_report:
+    input:
+        chosen=CHOSEN_LR,
+        code=os.path.relpath(os.path.join(os.path.dirname(spielbench.tuning.__file__), "aggregate", "tuning.py")),
+    output:
+        [f"{TUNING_RESULTS}/{name}" for name in TUNING_FILES[1:]] if TUNE_POINTS else [],
+    log:
+        f"{LOGS}/tune/report.log",
+    shell:
+        "{PYTHON:q} -m spielbench.tuning report {input.chosen:q} --out-dir {TUNING_RESULTS:q} > {log:q} 2>&1"
