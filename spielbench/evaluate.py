@@ -88,7 +88,7 @@ from spielbench.trained import adapter_kind, load_trained  # noqa: E402
 
 FORMAT = "spielbench-eval/1"
 PROMPT_FORMATS = ("plain", "chat")
-#: Dtypes a dense evaluated model may be cast to (``evaluate_run(dtype=...)``, ``--dtype``).
+#: Dtypes of the evaluation's matrix products (``evaluate_run(dtype=...)``, ``--dtype``): bfloat16 under autocast.
 EVAL_DTYPES = ("float32", "bfloat16")
 
 
@@ -292,17 +292,20 @@ def _write_diverged(run_dir, run_cfg: dict[str, Any], divergence, tasks, output,
     return result
 
 
-def _cast(model, info: dict[str, Any], dtype: str) -> str | None:
-    """Cast a dense loaded model to ``dtype`` in place and record it in ``info``; an NF4 base is left as it
-    is (returns the note saying so), as is a model already in ``dtype``."""
+def _precision(model, info: dict[str, Any], dtype: str):
+    """The context the evaluation runs in, and a note: ``dtype`` "bfloat16" runs the matrix products
+    under ``torch.autocast`` (weights, norms, softmax and the loss stay float32, as autocast keeps them);
+    an NF4 base keeps its own compute dtype (the note says so); "float32" changes nothing."""
+    import contextlib
+
     import torch
 
+    if dtype == "float32":
+        return contextlib.nullcontext(), None
     if info["quantized"]:
-        return None if dtype == "float32" else f"dtype: {dtype} not applied, the NF4 base keeps {info['dtype']}"
-    if info["dtype"] != dtype:
-        model.to(getattr(torch, dtype))
-        info["dtype"] = dtype
-    return None
+        return contextlib.nullcontext(), f"dtype: {dtype} autocast not applied, the NF4 base keeps {info['dtype']}"
+    device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type, dtype=getattr(torch, dtype)), None
 
 
 def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.PathLike | None = None,
@@ -333,8 +336,9 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         heldout: optional held-out instruction file (:func:`spielbench.heldout.heldout_loss_of_file`).
         heldout_examples, max_seq_length: held-out loss settings (default: the run's, else all / 512).
         device: "cpu" or "cuda[:i]".
-        dtype: "float32" or "bfloat16": the loaded (merged) model is cast to it before the tasks and the
-            held-out loss (recorded as ``dtype``); an NF4 base keeps its own compute dtype (a note says so).
+        dtype: "float32" or "bfloat16": the tasks and the held-out loss run their matrix products under
+            ``torch.autocast`` in this dtype (recorded as ``autocast``; the weights stay as loaded, recorded
+            as ``dtype``); an NF4 base keeps its own compute dtype (a note says so).
 
     Returns:
         The result dict that was written (module docstring).
@@ -380,13 +384,16 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
     from spielbench.heldout import heldout_loss_of_file
 
     model, tokenizer, info = load_trained(base, adapter, method=run_cfg.get("method") or method, device=device)
-    cast_note = _cast(model, info, dtype)
+    precision, precision_note = _precision(model, info, dtype)
     t1 = time.perf_counter()
-    report = evaluate_model(model, tokenizer, tasks, eval_dir=eval_dir, limit=limit, prompt_format=prompt_format,
-                            seed=seed, batch_size=batch_size, allow_code_execution=allow_code_execution,
-                            bbh_path=bbh_path, tydiqa_path=tydiqa_path)
-    t2 = time.perf_counter()
-    held = heldout_loss_of_file(model, tokenizer, heldout, max_seq_length=msl, max_examples=hx) if heldout else None
+    with precision:
+        report = evaluate_model(model, tokenizer, tasks, eval_dir=eval_dir, limit=limit,
+                                prompt_format=prompt_format, seed=seed, batch_size=batch_size,
+                                allow_code_execution=allow_code_execution, bbh_path=bbh_path,
+                                tydiqa_path=tydiqa_path)
+        t2 = time.perf_counter()
+        held = (heldout_loss_of_file(model, tokenizer, heldout, max_seq_length=msl, max_examples=hx)
+                if heldout else None)
     t3 = time.perf_counter()
 
     import torch
@@ -401,6 +408,7 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         "adapter_application": info["adapter_application"],
         "quantized": info["quantized"],
         "dtype": info["dtype"],
+        "autocast": None if precision_note or dtype == "float32" else dtype,
         "prompt_format": prompt_format,
         "seed": seed,
         "limit": limit,
@@ -409,7 +417,7 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "tasks": report["tasks"],
-        "notes": report["notes"] + ([cast_note] if cast_note else []),
+        "notes": report["notes"] + ([precision_note] if precision_note else []),
         "heldout": held,
         "seconds": {"load": round(t1 - t0, 3), "evaluate": round(t2 - t1, 3), "heldout": round(t3 - t2, 3)},
     }
@@ -463,7 +471,7 @@ def _build_parser():
     ap.add_argument("--tydiqa-path")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=EVAL_DTYPES, default="float32",
-                    help="cast the loaded (merged) model to this dtype for the tasks and the held-out loss")
+                    help="matrix products of the tasks and the held-out loss under autocast in this dtype")
     return ap
 
 

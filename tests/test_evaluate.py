@@ -391,14 +391,16 @@ def test_evaluate_run_writes_one_json(tmp_path, scripted_llama, scripted_model_d
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
 
 
-def test_evaluate_run_casts_to_the_requested_dtype(tmp_path, scripted_model_dir, eval_fixture_dir):
+def test_evaluate_run_autocasts_to_the_requested_dtype(tmp_path, scripted_model_dir, eval_fixture_dir):
     heldout = _write_jsonl(tmp_path / "heldout.jsonl", [{"inputs": " hello", "targets": " yes"},
                                                          {"inputs": " Hi there", "targets": " hello there yes"}])
     kw = dict(base=scripted_model_dir, tasks="boolq", eval_dir=eval_fixture_dir, heldout=heldout, max_seq_length=32)
     fp32 = evaluate_run(output=tmp_path / "fp32.json", **kw)
     bf16 = evaluate_run(output=tmp_path / "bf16.json", dtype="bfloat16", **kw)
-    assert fp32["dtype"] == "float32" and bf16["dtype"] == "bfloat16"
-    assert json.loads((tmp_path / "bf16.json").read_text())["dtype"] == "bfloat16"
+    assert fp32["dtype"] == bf16["dtype"] == "float32"  # the weights stay float32
+    assert fp32["autocast"] is None and bf16["autocast"] == "bfloat16"
+    assert json.loads((tmp_path / "bf16.json").read_text())["autocast"] == "bfloat16"
+    assert bf16["heldout"]["head"] == "label_rows"
     assert fp32["heldout"]["head"] == "label_rows"
     # the same examples, scored in bfloat16: close to, and not bit-equal with, the float32 numbers
     assert bf16["heldout"]["example_tokens"] == fp32["heldout"]["example_tokens"]
