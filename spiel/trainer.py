@@ -67,10 +67,9 @@ selection is identical on all ranks (see :mod:`spiel.selection`).
 """
 from __future__ import annotations
 
-import contextlib
+import io
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -78,6 +77,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .adapter_io import atomic_write_bytes
 from .model import unwrap_spiel_model
 from .optim import build_optimizer
 from .selection import SpielSelector
@@ -113,21 +113,15 @@ def _raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def save_selector_state(selector: SpielSelector, directory: Union[str, os.PathLike]) -> Path:
-    """Write ``selector.state_dict()`` to ``<directory>/spiel_selector.pt`` atomically (temp file +
-    ``os.replace``); returns the path. The directory is created if needed."""
+    """Write ``selector.state_dict()`` to ``<directory>/spiel_selector.pt`` atomically (temp file, fsync,
+    ``os.replace``: :func:`spiel.adapter_io.atomic_write_bytes`); returns the path. The directory is
+    created if needed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(selector.state_dict(), buffer)
     path = directory / SELECTOR_STATE_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{SELECTOR_STATE_NAME}.", suffix=".tmp", dir=directory)
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; outputs are meant to be readable
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(selector.state_dict(), handle)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

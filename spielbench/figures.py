@@ -20,46 +20,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 from spielbench.aggregate import (  # noqa: E402
     FIGURE_FILES, HELDOUT, RunRecord, method_label, pick_setting, pool_scores, settings_of, task_label,
 )
-from spielbench.methods import table_order  # noqa: E402
+from spielbench.methods import is_quantized, method_color, table_order  # noqa: E402
 from spielbench.records import BenchmarkPoint  # noqa: E402
-
-#: One colour per method family; 4-bit variants share their fp32 counterpart's colour (dashed lines).
-METHOD_COLORS = {
-    "lora": "#1f77b4", "qlora": "#1f77b4", "ia3": "#9467bd", "spiel-ag": "#d62728", "qspiel-ag": "#d62728",
-    "spiel-ma": "#ff7f0e", "qspiel-ma": "#ff7f0e", "full": "#2ca02c", "spiel-static": "#8c564b",
-    "shira": "#e377c2", "floor": "#7f7f7f", "spiel-reference": "#bcbd22", "base": "#000000",
-}
-
 
 DPI = 120
 
 
-def _color(method: str) -> str:
-    return METHOD_COLORS.get(method, "#17becf")
-
-
 def _style(method: str) -> str:
-    return "--" if method.startswith("q") else "-"
+    return "--" if is_quantized(method) else "-"
 
 
 def _save(fig, path: str | Path) -> Path:
     """Save ``fig`` to ``path`` (parent folders created) atomically, and close it."""
-    import os
-    import tempfile
-
-    from spielbench.fsio import publish_mode
+    from spielbench.fsio import atomic_write
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
@@ -75,7 +53,7 @@ def note_figure(path: str | Path, title: str, message: str) -> Path:
 
 
 def _method_sort(method: str):
-    return (method.startswith("q"), *table_order(method))
+    return (is_quantized(method), *table_order(method))
 
 
 def sweep_points(records: list[RunRecord], metric: str) -> dict[str, list[tuple[int, float, float | None]]]:
@@ -134,7 +112,7 @@ def plot_budget_sweep(records: list[RunRecord], path: str | Path, tasks: list[st
             xs = [p[0] * shift for p in pts]
             ys = [p[1] * scale for p in pts]
             es = [(p[2] or 0.0) * scale for p in pts]
-            ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, color=_color(method), ls=_style(method),
+            ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, color=method_color(method), ls=_style(method),
                         label=method_label(method))
         bs = base.score(metric) if base else None
         if bs is not None and bs.value is not None:
@@ -166,7 +144,7 @@ def plot_efficiency_runs(records: list[RunRecord], path: str | Path) -> Path:
         return note_figure(path, "Training cost per run", "No training run recorded step times.")
     runs.sort(key=lambda r: (_method_sort(r.method), r.trainable_params or 0, r.target))
     names = [r.target for r in runs]
-    colors = [_color(r.method) for r in runs]
+    colors = [method_color(r.method) for r in runs]
     panels = [("mean step time (s)", [r.step_time_mean_s for r in runs]),
               (f"peak memory (GiB, {runs[0].peak_memory_kind or 'n/a'})",
                [(r.peak_memory_bytes or 0) / 2**30 for r in runs]),
@@ -215,10 +193,10 @@ def plot_benchmark_scaling(benchmarks: list[BenchmarkPoint], path: str | Path) -
                            (axes[1], [(x, b.step_time_mean_s) for x, b in pts
                                       if b.ok and b.step_time_mean_s is not None])):
             if values:
-                ax.plot([v[0] for v in values], [v[1] for v in values], marker="o", color=_color(method),
+                ax.plot([v[0] for v in values], [v[1] for v in values], marker="o", color=method_color(method),
                         ls=_style(method), label=method_label(method))
             if bad:
-                ax.scatter(bad, [0] * len(bad), marker="x", color=_color(method), zorder=3)
+                ax.scatter(bad, [0] * len(bad), marker="x", color=method_color(method), zorder=3)
     for ax, ylabel in zip(axes, (f"peak memory (GiB, {', '.join(kinds) or 'n/a'})", "mean step time (s)")):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -278,7 +256,7 @@ def plot_spiel_dynamics(records: list[RunRecord], path: str | Path) -> Path:
     markers = "osD^v<>p*h"
     for i, r in enumerate(runs):
         ev = r.reselections
-        kw = dict(color=_color(r.method), ls=_style(r.method), marker=markers[i % len(markers)], ms=4,
+        kw = dict(color=method_color(r.method), ls=_style(r.method), marker=markers[i % len(markers)], ms=4,
                   label=r.target)
         share = [(e.step, e.share_replaced) for e in ev if e.share_replaced is not None]
         if share:

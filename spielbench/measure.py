@@ -17,7 +17,6 @@ Memory:
 """
 from __future__ import annotations
 
-import math
 import os
 import platform
 import resource
@@ -138,16 +137,11 @@ def fused_cache_bytes(model: torch.nn.Module) -> int:
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (tied ones once). 4-bit packed parameters count their original shape."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        quant_state = getattr(p, "quant_state", None)
-        total += int(math.prod(quant_state.shape)) if quant_state is not None else p.numel()
-    return total
+    """Number of parameters (tied ones once; 4-bit packed ones at their original shape, as
+    :func:`spiel.budget.parameter_numel` counts them), only those that require grad when ``trainable_only``."""
+    from spiel.budget import parameter_numel
+
+    return sum(parameter_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def dir_size_bytes(path: str | Path) -> int:

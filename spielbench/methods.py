@@ -70,6 +70,7 @@ class MethodSpec:
         benchmark: whether the efficiency benchmark (``spielbench.benchmark``) has an entry for it.
         trainable: whether a run config may name it (False for the untuned ``base`` model and the
             benchmark-only ``floor`` and ``spiel-reference``).
+        color: line colour in figures (a 4-bit method takes its fp32 twin's, drawn dashed).
     """
 
     name: str
@@ -85,6 +86,7 @@ class MethodSpec:
     lora_reference: str = "lora"
     benchmark: bool = True
     trainable: bool = True
+    color: str = "#17becf"
 
     @property
     def takes_rank(self) -> bool:
@@ -335,29 +337,31 @@ REGISTRY: dict[str, MethodSpec] = {
     s.name: s
     for s in (
         _spec("spiel-ag", "spiel", 1e-3, "SpIEL, accumulated-gradient growth", "SpIEL-AG", 30,
-              algorithm="ag", policy="linear"),
+              algorithm="ag", policy="linear", color="#d62728"),
         _spec("spiel-ma", "spiel", 2e-3, "SpIEL, momentum-approximation growth (SM3)", "SpIEL-MA", 40,
-              algorithm="ma", policy="linear"),
+              algorithm="ma", policy="linear", color="#ff7f0e"),
         _spec("spiel-static", "spiel", 1e-3, "SpIEL without reselection (fixed random indices)",
-              "SpIEL static mask (ablation)", 60, algorithm="ag", policy="none"),
+              "SpIEL static mask (ablation)", 60, algorithm="ag", policy="none", color="#8c564b"),
         _spec("qspiel-ag", "spiel", 1e-3, "SpIEL-AG on an NF4 base", "qSpIEL-AG", 90, quantized=True,
               algorithm="ag", policy="linear", fp32_twin="spiel-ag", lora_reference="qlora"),
         _spec("qspiel-ma", "spiel", 2e-3, "SpIEL-MA on an NF4 base", "qSpIEL-MA", 100, quantized=True,
               algorithm="ma", policy="linear", fp32_twin="spiel-ma", lora_reference="qlora"),
-        _spec("lora", "lora", 1e-3, "LoRA (peft), all seven projections", "LoRA", 10),
+        _spec("lora", "lora", 1e-3, "LoRA (peft), all seven projections", "LoRA", 10, color="#1f77b4"),
         _spec("qlora", "lora", 1e-3, "LoRA on an NF4 base (qLoRA)", "qLoRA", 80, quantized=True,
               fp32_twin="lora", lora_reference="qlora"),
-        _spec("ia3", "ia3", 3e-3, "(IA)3 (peft)", "(IA)3", 20),
-        _spec("shira", "shira", 1e-3, "SHiRA (peft): static random sparse at LoRA's budget", "SHiRA (ablation)", 70),
-        _spec("full", "full", 2e-5, "full fine-tuning", "Full FT", 50),
+        _spec("ia3", "ia3", 3e-3, "(IA)3 (peft)", "(IA)3", 20, color="#9467bd"),
+        _spec("shira", "shira", 1e-3, "SHiRA (peft): static random sparse at LoRA's budget", "SHiRA (ablation)", 70,
+              color="#e377c2"),
+        _spec("full", "full", 2e-5, "full fine-tuning", "Full FT", 50, color="#2ca02c"),
         _spec("base", "base", None, "the base model, not fine-tuned (evaluation only)", "Base model", 0,
-              benchmark=False, trainable=False),
+              benchmark=False, trainable=False, color="#000000"),
         _spec("floor", "floor", None, "frozen weights, gradient to the inputs only (benchmark only)",
-              "Floor (frozen weights)", 110, trainable=False),
+              "Floor (frozen weights)", 110, trainable=False, color="#7f7f7f"),
         _spec("lora-dropout0", "lora", None, "LoRA without dropout, the fastest LoRA (benchmark only)",
               "LoRA (dropout 0)", 12, trainable=False),
         _spec("spiel-reference", "spiel", None, "SpIEL-AG with the reference-style layer (benchmark only)",
-              "SpIEL (reference-style layer)", 120, algorithm="ag", policy="linear", trainable=False),
+              "SpIEL (reference-style layer)", 120, algorithm="ag", policy="linear", trainable=False,
+              color="#bcbd22"),
     )
 }
 
@@ -381,6 +385,15 @@ def fp32_twin(name: str) -> str | None:
     """The fp32 method a 4-bit method is compared with at the same rank (None for fp32 or unknown names)."""
     spec = REGISTRY.get(name)
     return spec.fp32_twin if spec is not None else None
+
+
+def method_color(name: str) -> str:
+    """Line colour of a method in figures: its own, or its fp32 twin's for a 4-bit method (a fixed cyan
+    for unregistered names)."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        return MethodSpec.color
+    return REGISTRY[spec.fp32_twin].color if spec.fp32_twin in REGISTRY else spec.color
 
 
 def is_quantized(name: str) -> bool:

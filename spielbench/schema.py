@@ -30,9 +30,15 @@ _UNKNOWN_KEYS = ("additionalProperties", "unevaluatedProperties")
 
 
 def _load_yaml(path: Path) -> dict:
+    """A schema file; the run config schema's ``$defs/method`` gets its enum from the method registry."""
     import yaml
 
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    schema = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if path.resolve() == RUN_SCHEMA.resolve():
+        from spielbench.methods import METHODS
+
+        schema["$defs"]["method"]["enum"] = list(METHODS)
+    return schema
 
 
 def _is_finite_number(checker, value) -> bool:

@@ -15,7 +15,7 @@ from spielbench.aggregate.formatting import fmt_bytes, fmt_count, fmt_float, fmt
 from spielbench.aggregate.loading import HELDOUT, RunRecord
 from spielbench.benchmark.table import point_rows
 from spielbench.fsio import write_text_atomic
-from spielbench.methods import fp32_twin, lora_reference, method_label, table_order
+from spielbench.methods import REGISTRY, fp32_twin, lora_reference, method_label, table_order
 from spielbench.records import BenchmarkPoint
 
 
@@ -162,7 +162,8 @@ def quantized_table(records: list[RunRecord], tasks: list[str] | None = None) ->
     }
     t = score_table(keep, tasks, title="4-bit (NF4) training vs fp32 at the same rank", extra=extra)
     if not quant:
-        t.notes.insert(0, "No 4-bit run (qlora, qspiel-ag, qspiel-ma) is configured.")
+        names = ", ".join(sorted((n for n, s in REGISTRY.items() if s.quantized), key=table_order))
+        t.notes.insert(0, f"No 4-bit run ({names}) is configured.")
     if len({r.steps for r in keep}) > 1:
         t.notes.append("4-bit runs and fp32 runs differ in their number of training steps (Steps column).")
     return t

@@ -6,11 +6,17 @@ FILE is a key of :data:`spielbench.records.RECORDS` (``metrics.json``, ``eval.js
 import json
 import sys
 
+from spielbench.errors import InputError, exit_status
 from spielbench.records import RECORDS
 
-names = sys.argv[1:] or list(RECORDS)
-unknown = [n for n in names if n not in RECORDS]
-if unknown:
-    print(f"error: unknown record {unknown[0]!r}; known: {', '.join(RECORDS)}", file=sys.stderr)
-    sys.exit(2)
-print(json.dumps({n: RECORDS[n].json_schema() for n in names}, indent=2))
+
+def _main() -> int:
+    names = sys.argv[1:] or list(RECORDS)
+    unknown = [n for n in names if n not in RECORDS]
+    if unknown:
+        raise InputError(f"unknown record {unknown[0]!r}; known: {', '.join(RECORDS)}")
+    print(json.dumps({n: RECORDS[n].json_schema() for n in names}, indent=2))
+    return 0
+
+
+sys.exit(exit_status(_main))

@@ -45,7 +45,7 @@ rule run_config:
         f"{LOGS}/run_config/{{run}}.log",
     run:
         if input.chosen:
-            chosen = json.loads(open(input.chosen[0], encoding="utf-8").read())
+            chosen = spielbench.tuning.read_chosen(input.chosen[0])
             write_yaml_atomic(output[0], apply_chosen(params.run, chosen, tuned=True))
         else:
             write_yaml_atomic(output[0], params.run)
