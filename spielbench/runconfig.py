@@ -109,6 +109,18 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field that has a default, with it (the one home of the run defaults: the workflow's rules
+        read them here for settings they need before a run config exists)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+    @classmethod
     def from_mapping(cls, data: Any, source: str = "run config") -> "RunConfig":
         """Build from a mapping, rejecting unknown keys and missing required ones.
 

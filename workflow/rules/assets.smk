@@ -36,8 +36,8 @@ USES_MIXTURE = MIXTURE_DIR in (os.path.dirname(TRAIN_FILE), os.path.dirname(HELD
 # Held-out examples split off a user's data.train when data.heldout is not given: enough for the
 # largest training.heldout_examples of any run (or evaluation.heldout_examples, when larger).
 USER_HELDOUT_EXAMPLES = int(_data_cfg.get(
-    "heldout_examples", max([r.get("heldout_examples", 96) for r in RUNS.values()]
-                            + [(config.get("evaluation") or {}).get("heldout_examples") or 0] or [96])))
+    "heldout_examples", max([r.get("heldout_examples") or RUN_DEFAULTS["heldout_examples"] for r in RUNS.values()]
+                            + [(config.get("evaluation") or {}).get("heldout_examples") or 0])))
 
 
 WHEEL_PATHS = {key: f"{DOWNLOADS}/{pin.filename}" for key, pin in A.WHEELS.items()}

@@ -11,8 +11,8 @@ from spielbench.benchmark import SIZES, BenchmarkOptions, all_methods, check_pai
 from spielbench.errors import InputError
 
 BENCH = dict(config.get("benchmark") or {})
-BENCHMARK_SIZES = list(BENCH.get("sizes", ["smollm2-135m", "smollm2-360m", "smollm2-1.7b"]))
-BENCHMARK_METHODS = list(BENCH.get("methods", ["floor", "lora", "spiel-ag", "spiel-ma", "full"]))
+BENCHMARK_SIZES = list(BENCH["sizes"])      # defaults: the schema's (filled in by spielbench.pipeline)
+BENCHMARK_METHODS = list(BENCH["methods"])
 _bench_option_keys = ("rank", "batch_size", "seq_len", "warmup_steps", "steps", "dtype", "threads")
 BENCHMARK_OPTIONS = {k: BENCH[k] for k in _bench_option_keys if k in BENCH}
 try:

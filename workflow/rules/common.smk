@@ -14,6 +14,7 @@ import yaml
 
 from spielbench.fsio import write_text_atomic
 from spielbench.pipeline import PipelineConfigError, resolve_pipeline
+from spielbench.runconfig import RunConfig
 
 # The device exists only where jobs run: checked here for local execution, by each job on a cluster.
 # Remote job processes re-parse this file; the checks against the model ran on the submit host already.
@@ -23,6 +24,8 @@ try:
 except PipelineConfigError as err:
     raise WorkflowError(f"config error: {err}") from None
 
+#: A run field's default when neither the run nor `training` sets it: RunConfig's, the one home of them.
+RUN_DEFAULTS = RunConfig.defaults()
 PYTHON = sys.executable              # the interpreter snakemake runs in (the project's .venv)
 RESOURCES = PIPE.resources_dir
 RUNS_DIR = PIPE.runs_dir

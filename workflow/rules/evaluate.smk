@@ -16,8 +16,9 @@ def _eval_args(wc):
     args = ["--base", MODEL_DIR] if wc.target == "base" else ["--run", f"{RUNS_DIR}/{wc.target}"]
     args += ["--tasks", ",".join(EVAL["tasks"]), "--eval-dir", f"{RESOURCES}/eval",
              "--heldout", HELDOUT_FILE, "--prompt-format", EVAL["prompt_format"], "--seed", str(EVAL["seed"]),
-             "--heldout-examples", str(EVAL.get("heldout_examples") or config["training"].get("heldout_examples", 96)),
-             "--max-seq-length", str(config["training"].get("max_seq_length", 512))]
+             "--heldout-examples", str(EVAL.get("heldout_examples") or config["training"].get(
+                 "heldout_examples", RUN_DEFAULTS["heldout_examples"])),
+             "--max-seq-length", str(config["training"].get("max_seq_length", RUN_DEFAULTS["max_seq_length"]))]
     if EVAL["limit"] is not None:
         args += ["--limit", str(EVAL["limit"])]
     if EVAL["dtype"] != "float32":  # only when set: the default adds no argument, so existing results stay current
