@@ -2,24 +2,9 @@
 
 The benchmarks are the paper's where they can be had offline (docs/METHOD.md §8.5) plus the
 multiple-choice tasks whose data the asset rules ship; each is an lm-eval task in
-``spielbench/lm_eval_tasks/`` reading ``<eval_dir>/<file>.jsonl``:
-
-=============  =========================  ==========================================  ===========
-name           lm-eval task               prompt / decoding                            metric
-=============  =========================  ==========================================  ===========
-mmlu           spiel_mmlu                 5-shot, the subject's dev exemplars          acc
-mmlu_0shot     spiel_mmlu_0shot           0-shot                                       acc
-gsm8k          spiel_gsm8k                8-shot CoT (lm-eval's exemplars), greedy     exact_match
-arc_challenge  spiel_arc_challenge        0-shot, answer-text log-likelihood           acc
-arc_easy       spiel_arc_easy             0-shot, answer-text log-likelihood           acc
-hellaswag      spiel_hellaswag            0-shot                                       acc_norm
-boolq          spiel_boolq                0-shot, " no" / " yes"                       acc
-piqa           spiel_piqa                 0-shot                                       acc
-winogrande     spiel_winogrande           0-shot, partial scoring                      acc
-humaneval      spiel_humaneval            0-shot, greedy; executes code (opt-in)       pass@1
-bbh            spiel_bbh (group)          3-shot CoT, user files; mean over tasks      exact_match
-tydiqa         spiel_tydiqa (group)       1-shot GoldP, user file; mean over languages f1
-=============  =========================  ==========================================  ===========
+``spielbench/lm_eval_tasks/`` (one folder per task: its YAML holds the prompt and decoding) reading
+``<eval_dir>/<file>.jsonl``. The table of tasks (name, lm-eval task, files, headline metric, shots) is
+:data:`spielbench.lm_eval_tasks.registry.TASKS`.
 
 ``bbh`` and ``tydiqa`` read user-supplied files (``bbh_path``, ``tydiqa_path``); without them they
 are skipped with a note in the result. ``humaneval`` runs only with ``allow_code_execution=True``,
@@ -29,32 +14,11 @@ this module is imported. The task YAMLs are rendered into a temporary include fo
 data paths (:func:`render_tasks`), and every data file is checked line by line before any model is
 loaded: a bad row raises :class:`~spielbench.errors.InputError` naming the file and line.
 
-Result JSON (``format: "spielbench-eval/1"``), written atomically::
-
-    {"format", "run_id", "method", "base_model", "adapter", "adapter_application"
-       ("none" | "merged" | "unmerged" | "full-model"), "quantized", "dtype",
-     "prompt_format" ("plain" | "chat"), "seed", "limit", "batch_size",
-     "lm_eval_version", "transformers_version", "torch_version",
-     "tasks": {name: {"lm_eval_task", "metric", "value", "stderr", "n", "n_available", "shots", "limit",
-                      "subset": {"kind": "all" | "seeded-random" | "first-of-shuffled", "seed", "of"},
-                      "metrics": {metric: {"value", "stderr"}}, "doc_ids": [int], "item_scores": [float],
-                      "subtasks": {...} (groups only)}
-               | {"skipped": true, "note": str}},
-     "notes": [str], "heldout": {"loss", "n_examples", "n_tokens", "file", "max_seq_length",
-                                 "example_nll": [float], "example_tokens": [int],
-                                 "head": "label_rows" | "full"} | null,
-     "seconds": {"load", "evaluate", "heldout"}}
-
-A run that diverged in training (its ``adapter/`` holds only ``diverged.json``, see ``spielbench.train
---record-divergence``) gets ``{"format", "run_id", "method", "status": "diverged", "detail", ..., "tasks":
-{name: {"skipped": true, "note"}}, "notes", "heldout": null}``: no model is loaded, no value is written.
-
-``value`` is a fraction in [0, 1]; ``stderr`` is lm-eval's standard error of the mean (null when
-lm-eval reports none); ``n`` is the number of items scored (after ``limit``; per subtask for groups,
-summed). ``doc_ids``/``item_scores`` give the headline metric per item (lm-eval doc ids; mean =
-``value``) for paired comparisons. ``heldout.loss`` is the token-mean cross-entropy (nats per
-response token) of :func:`spielbench.heldout.heldout_loss`; ``example_nll``/``example_tokens`` are each example's
-summed NLL (nats) and label-token count (``loss = Σ example_nll / Σ example_tokens``).
+The result JSON is an :class:`spielbench.records.EvalResult` (fields and meaning there; its JSON schema:
+``python -m spielbench.records eval.json``), written atomically after it is checked against that schema;
+the held-out loss in it is :func:`spielbench.heldout.heldout_loss`'s. A run that diverged in training
+(its ``adapter/`` holds only ``diverged.json``, see ``spielbench.train --record-divergence``) gets a result
+with ``status: "diverged"``, every task skipped with a note and no held-out loss: no model is loaded.
 
 Command line::
 

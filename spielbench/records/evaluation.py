@@ -55,6 +55,15 @@ class EvalResult(Record):
 
     ``status`` is absent (None) for an evaluated model and ``"diverged"`` for a run that stopped on a
     non-finite training loss: no model was evaluated, every task is skipped with a note, ``heldout`` is None.
+
+    The writer also records (kept as they are, read by nobody but people): ``base_model``, ``adapter``,
+    ``adapter_application`` ("none" | "merged" | "unmerged" | "full-model"), ``quantized``, ``dtype`` (the
+    weights'), ``autocast`` (null or the autocast dtype of the matrix products), ``prompt_format``
+    ("plain" | "chat"), ``seed``, ``limit``, ``batch_size``, the lm-eval/transformers/torch versions,
+    ``notes``, ``seconds`` ({"load", "evaluate", "heldout"}); per task ``lm_eval_task``, ``n_available``,
+    ``shots``, ``limit``, ``subset`` ({"kind": "all" | "seeded-random" | "first-of-shuffled", "seed",
+    "of"}), ``metrics`` ({metric: {"value", "stderr"}}) and ``subtasks`` (groups); in ``heldout`` also
+    ``file``, ``max_seq_length`` and ``head`` ("label_rows" | "full": where the LM head was applied).
     """
 
     VERSION: ClassVar[str] = "spielbench-eval/1"
