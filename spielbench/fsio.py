@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -81,3 +82,29 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) ->
     """
     dumps_kwargs.setdefault("default", json_default)
     write_text_atomic(path, json.dumps(obj, indent=2, **dumps_kwargs) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder next to ``out_dir`` that becomes ``out_dir`` when the block succeeds (files and
+    folders made readable, an existing ``out_dir`` replaced: a reader sees the old folder or the complete
+    new one). On an exception the temporary folder is removed and an existing ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        yield tmp
+        publish_mode(tmp, is_dir=True)
+        for p in tmp.rglob("*"):
+            publish_mode(p, is_dir=p.is_dir())
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

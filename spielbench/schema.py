@@ -35,9 +35,9 @@ def _load_yaml(path: Path) -> dict:
 
     schema = yaml.safe_load(path.read_text(encoding="utf-8"))
     if path.resolve() == RUN_SCHEMA.resolve():
-        from spielbench.methods import METHODS
+        from spielbench.methods import METHODS, table_order
 
-        schema["$defs"]["method"]["enum"] = list(METHODS)
+        schema["$defs"]["method"]["enum"] = sorted(METHODS, key=table_order)
     return schema
 
 

@@ -7,9 +7,9 @@ data rendering and label masking are the real ones) but only 2 layers of width 6
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from spielbench.fsio import atomic_dir
 
 
 def build_tiny_random(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
@@ -46,18 +46,9 @@ def build_tiny_random(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLi
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -30,13 +30,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spielbench.errors import InputError, exit_status
+from spielbench.fsio import atomic_dir
 from spielbench.harness_trainer import (HARNESS_STATE_FILE, NonFiniteLossError, StepRecorder,  # noqa: F401
                                         complete_checkpoints, harness_callbacks, harness_trainer_class,
                                         token_mean_loss)
@@ -222,22 +222,10 @@ def _training_arguments(prep: PreparedRun):
 
 def _publish_adapter_dir(prep: PreparedRun, write) -> Path:
     """Fill a temp folder with ``write(folder)``, then swap it into ``DIR/adapter`` (a reader sees the old
-    folder or the complete new one)."""
+    folder or the complete new one: :func:`spielbench.fsio.atomic_dir`)."""
     final = prep.output_dir / ADAPTER_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=prep.output_dir))
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-    try:
+    with atomic_dir(final) as tmp:
         write(tmp)
-        old = None
-        if final.exists():
-            old = prep.output_dir / f".adapter.old.{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -36,7 +36,7 @@ def _write_config(tmp_path, mutate):
 
 #: Config errors the schema or the pipeline catch at start: (id, change, text of the one-line message after
 #: "config error: "). The schema's are spielbench.schema's own lines (no jsonschema dump).
-METHOD_ENUM = "spiel-ag, spiel-ma, spiel-static, shira, lora, ia3, full, qspiel-ag, qspiel-ma, qlora"
+METHOD_ENUM = "lora, ia3, spiel-ag, spiel-ma, full, spiel-static, shira, qlora, qspiel-ag, qspiel-ma"  # table order
 CONFIG_ERRORS = [
     ("unknown-method", lambda c: c["runs"][0].update(method="lorra"),
      f"runs[0].method: expected one of {METHOD_ENUM}, got 'lorra'"),

@@ -309,7 +309,7 @@ def _write_cfg(path: Path, files: dict, **fields) -> Path:
 
 
 @pytest.mark.parametrize("fields, overrides, message", [
-    ({"method": "dora"}, [], r"method: expected one of spiel-ag, .*qlora, got 'dora'$"),
+    ({"method": "dora"}, [], r"method: expected one of lora, .*, got 'dora'$"),
     ({"rank": 40}, [], r"rank: 40 is larger than the layer allows: .*k_proj \(64 -> 32\) admits at most rank 32"),
     ({}, ["method=shira", "rank=22"],
      r"rank: 22 is larger than the layer allows: .*k_proj \(64 -> 32\) admits at most rank 21 for shira"),
@@ -419,7 +419,7 @@ def test_command_line_entry_point_rejects_bad_input_before_loading(tiny_run_file
     proc = subprocess.run([sys.executable, "-m", "spielbench.train", str(cfg), "--output-dir", str(out),
                            "--set", "method=nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: method: expected one of spiel-ag, ")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: method: expected one of lora, ")
     assert proc.stderr.strip().splitlines()[-1].endswith(", got 'nope'")
     assert not out.exists()
 

