@@ -72,7 +72,8 @@ def grid_csv(chosen: dict) -> str:
 
 def plot_grid(chosen: dict, path: str | Path) -> Path:
     """Validation loss vs learning rate (log scale), one line per target, the choice circled, diverged points as ×."""
-    from spielbench.figures import _color, _save, _style, plt
+    from spielbench.figures import _save, _style, plt
+    from spielbench.methods import method_color
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     finite = [p["validation_loss"] for t in chosen["targets"].values() for p in t["grid"]
@@ -80,7 +81,7 @@ def plot_grid(chosen: dict, path: str | Path) -> Path:
     top = max(finite) if finite else 1.0
     for entry in chosen["targets"].values():
         pts = [(p["learning_rate"], p["validation_loss"]) for p in entry["grid"] if p["validation_loss"] is not None]
-        color = _color(entry["method"])
+        color = method_color(entry["method"])
         if pts:
             ax.plot(*zip(*pts), _style(entry["method"]), marker="o", color=color, label=_target_label(entry))
         bad = [p["learning_rate"] for p in entry["grid"] if p["validation_loss"] is None]
