@@ -272,6 +272,38 @@ def _precision(model, info: dict[str, Any], dtype: str):
     return torch.autocast(device_type, dtype=getattr(torch, dtype)), None
 
 
+def _check_numbers(**values) -> None:
+    """Raise InputError naming the option (``--heldout-examples``) of a count below its minimum (the run
+    config schema's for ``max_seq_length``) or a seed numpy cannot take; None passes."""
+    from spielbench.schema import RUN_SCHEMA, schema_at
+
+    minimum = {"heldout_examples": 1, "batch_size": 1, "seed": 0,
+               "max_seq_length": schema_at(RUN_SCHEMA, "/$defs/settings")["properties"]["max_seq_length"]["minimum"]}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum[name] or value >= 2**32:
+            raise InputError(f"{name} (--{name.replace('_', '-')}): expected an integer >= {minimum[name]}, "
+                             f"got {value!r}")
+
+
+def _checked_device(device: str) -> str:
+    """``device`` checked against the run config schema's pattern and against the machine (``cpu`` when
+    "auto" finds no CUDA); InputError naming ``--device`` otherwise."""
+    import re
+
+    from spielbench.preflight import resolve_device
+    from spielbench.schema import RUN_SCHEMA, schema_at
+
+    pattern = schema_at(RUN_SCHEMA, "/$defs/settings")["properties"]["device"]["pattern"]
+    if not isinstance(device, str) or not re.fullmatch(pattern, device):
+        raise InputError(f"device (--device): expected auto, cpu, cuda or cuda:N, got {device!r}")
+    try:
+        return resolve_device(device)
+    except InputError as exc:
+        raise InputError(f"{exc} (--device)") from None
+
+
 def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.PathLike | None = None,
                  adapter: str | os.PathLike | None = None, method: str | None = None,
                  tasks: list[str] | str, output: str | os.PathLike, eval_dir: str | os.PathLike = "resources/eval",
@@ -335,6 +367,9 @@ def evaluate_run(run_dir: str | os.PathLike | None = None, *, base: str | os.Pat
         raise InputError(f"prompt_format: expected one of {PROMPT_FORMATS}, got {prompt_format!r}")
     if dtype not in EVAL_DTYPES:
         raise InputError(f"dtype: expected one of {EVAL_DTYPES}, got {dtype!r}")
+    _check_numbers(heldout_examples=heldout_examples, max_seq_length=max_seq_length, batch_size=batch_size,
+                   seed=seed)
+    device = _checked_device(device)
     if heldout is not None:
         from spielbench.formats import load_instruction_examples
 

@@ -304,4 +304,8 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run as the imported module, not as __main__: spielbench.aggregate.tuning raises the TuningError of
+    # spielbench.tuning, which a second copy of this module (__main__) would not catch
+    from spielbench import tuning
+
+    raise SystemExit(tuning.main())

@@ -508,3 +508,25 @@ def test_plain_lm_eval_cli_finds_the_spiel_model():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["SpielLM", "HFLM"]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"heldout_examples": 0}, r"heldout_examples \(--heldout-examples\): expected an integer >= 1, got 0"),
+    ({"max_seq_length": 2}, r"max_seq_length \(--max-seq-length\): expected an integer >= 8, got 2"),
+    ({"batch_size": 0}, r"batch_size \(--batch-size\): expected an integer >= 1, got 0"),
+    ({"seed": -1}, r"seed \(--seed\): expected an integer >= 0, got -1"),
+    ({"device": "tpu"}, r"device \(--device\): expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_bad_settings_are_refused_before_the_model_loads(tmp_path, scripted_model_dir, eval_fixture_dir, kw, message,
+                                                          monkeypatch):
+    import spielbench.evaluate as ev
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(ev, "load_trained", no_load)
+    heldout = _write_jsonl(tmp_path / "heldout.jsonl", [{"inputs": " hello", "targets": " yes"}])
+    with pytest.raises(InputError, match=message):
+        evaluate_run(base=scripted_model_dir, tasks="boolq", eval_dir=eval_fixture_dir, heldout=heldout,
+                     output=tmp_path / "r.json", **kw)
+    assert not (tmp_path / "r.json").exists()
