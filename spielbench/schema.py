@@ -30,7 +30,8 @@ _UNKNOWN_KEYS = ("additionalProperties", "unevaluatedProperties")
 
 
 def _load_yaml(path: Path) -> dict:
-    """A schema file; the run config schema's ``$defs/method`` gets its enum from the method registry."""
+    """A schema file; the enums that have a registry are filled from it: the run config schema's
+    ``$defs/method`` from the method registry, the pipeline schema's ``evaluation.tasks`` from the task table."""
     import yaml
 
     schema = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -38,6 +39,10 @@ def _load_yaml(path: Path) -> dict:
         from spielbench.methods import METHODS, table_order
 
         schema["$defs"]["method"]["enum"] = sorted(METHODS, key=table_order)
+    if path.resolve() == PIPELINE_SCHEMA.resolve():
+        from spielbench.lm_eval_tasks.registry import TASKS
+
+        schema["properties"]["evaluation"]["properties"]["tasks"]["items"]["enum"] = list(TASKS)
     return schema
 
 

@@ -126,3 +126,15 @@ def test_literal_method_lists_elsewhere_agree_with_the_registry():
         checked += 1
     if not checked:
         pytest.skip("pipeline.py and benchmark.py read the registry: nothing to keep in agreement")
+
+
+def test_the_evaluation_task_enum_is_the_task_table():
+    """The pipeline schema lists no tasks of its own: spielbench.schema fills the enum from the task table."""
+    from spielbench.lm_eval_tasks.registry import TASKS
+    from spielbench.schema import PIPELINE_SCHEMA, schema_at, validate
+
+    raw = yaml.safe_load(PIPELINE_SCHEMA.read_text())
+    assert "enum" not in raw["properties"]["evaluation"]["properties"]["tasks"]["items"]
+    assert schema_at(PIPELINE_SCHEMA, "/properties/evaluation/properties/tasks/items")["enum"] == list(TASKS)
+    with pytest.raises(InputError, match=r"evaluation.tasks\[0\]"):
+        validate({"runs": [{"method": "lora"}], "evaluation": {"tasks": ["arc_hard"]}}, PIPELINE_SCHEMA)
