@@ -45,7 +45,7 @@ from spielbench.errors import InputError
 FAMILIES_WITH_RANK = ("spiel", "lora", "shira")
 #: ``spiel:`` keys of a run config that the method and budget decide, not the user.
 SPIEL_RESERVED_KEYS = ("density", "num_tunable_weights", "lora_rank_equivalent", "selection_algorithm",
-                       "num_deltas", "base_model_name_or_path", "seed")
+                       "num_deltas", "base_model_name_or_path", "seed", "base_model_dtype", "base_model_quantization")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class MethodSpec:
         for key in cfg.spiel:
             if key in SPIEL_RESERVED_KEYS:
                 where = "rank/density" if key in ("density", "num_tunable_weights", "lora_rank_equivalent") \
-                    else ("seed" if key == "seed" else "method")
+                    else "seed" if key == "seed" else "method and model" if key.startswith("base_model") else "method"
                 raise InputError(f"spiel.{key}: set by the run's {where}, not under spiel")
             if key not in known:
                 allowed = sorted(known - set(SPIEL_RESERVED_KEYS))

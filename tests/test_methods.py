@@ -42,6 +42,8 @@ def test_registry_names_and_properties():
     ("spiel-ag", {"rank": None}, r"rank: method 'spiel-ag' needs a rank .* or a density"),
     ("lora", {"spiel": {"reselection_steps": 4}}, r"spiel: SpIEL options given to method 'lora'"),
     ("spiel-ag", {"spiel": {"seed": 3}}, r"spiel.seed: set by the run's seed"),
+    ("spiel-ag", {"spiel": {"base_model_quantization": "nf4"}},
+     r"spiel.base_model_quantization: set by the run's method and model"),
     ("spiel-ag", {"spiel": {"selection_algorithm": "ma"}}, r"spiel.selection_algorithm: set by the run's method"),
     ("spiel-ag", {"spiel": {"reselection_stepz": 4}},
      r"spiel.reselection_stepz: unknown SpIEL option; known: .*reselection_steps"),
