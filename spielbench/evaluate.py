@@ -63,7 +63,7 @@ EVAL_DTYPES = ("float32", "bfloat16")
 @contextlib.contextmanager
 def _environment(allow_code_execution: bool) -> Iterator[None]:
     """Offline flags always; ``HF_ALLOW_CODE_EVAL=1`` only when code execution is allowed (restored after)."""
-    from spielbench.lm_eval_tasks.utils import CODE_EVAL_ENV
+    from spielbench.lm_eval_tasks.humaneval.utils import CODE_EVAL_ENV
 
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", CODE_EVAL_ENV)}
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -90,10 +90,10 @@ def _environment(allow_code_execution: bool) -> Iterator[None]:
 
 def _doc_count(spec: TaskSpec, eval_dir: str | os.PathLike) -> int:
     """Number of documents of a single (non-group) task: the rows of its first data file."""
-    from spielbench.lm_eval_tasks import utils
+    from spielbench.lm_eval_tasks.rows import load_docs
 
     file_name, row_format = spec.files[0]
-    return len(utils.load_docs(Path(eval_dir) / file_name, row_format))
+    return len(load_docs(Path(eval_dir) / file_name, row_format))
 
 
 def evaluate_model(model, tokenizer, tasks: list[str] | str, *, eval_dir: str | os.PathLike,

@@ -19,7 +19,14 @@ from spielbench.errors import InputError
 from spielbench.evaluate import TASKS, check_tasks, evaluate_model, evaluate_run, main, render_tasks
 from spielbench.heldout import heldout_loss_of_file as heldout_loss
 from spielbench.trained import adapter_kind, load_trained
-from spielbench.lm_eval_tasks import utils
+from spielbench.lm_eval_tasks import common
+from spielbench.lm_eval_tasks.arc import utils as arc_tasks
+from spielbench.lm_eval_tasks.bbh import utils as bbh_tasks
+from spielbench.lm_eval_tasks.gsm8k import utils as gsm8k_tasks
+from spielbench.lm_eval_tasks.hellaswag import utils as hellaswag_tasks
+from spielbench.lm_eval_tasks.humaneval import utils as humaneval_tasks
+from spielbench.lm_eval_tasks.tydiqa import utils as tydiqa_tasks
+from spielbench.lm_eval_tasks.winogrande import utils as winogrande_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +81,7 @@ def test_gsm8k_eight_shot_prompt_and_last_number_extraction(fixture_scores):
     assert entry["value"] == pytest.approx(0.5) and entry["n"] == 4
     records = fixture_scores["samples"]["spiel_gsm8k"]
     prompt, gen_kwargs = records[0]["arguments"][0]
-    exemplars = utils.gsm8k_cot_exemplars()
+    exemplars = gsm8k_tasks.gsm8k_cot_exemplars()
     assert len(exemplars) == 8
     assert prompt.startswith("Answer the following questions.\n\nQuestion: " + exemplars[0]["question"])
     assert prompt.count("Question: ") == 9 and prompt.endswith("Question: How many?\nAnswer:")
@@ -91,7 +98,7 @@ def test_humaneval_pass_at_1_executes_completions(fixture_scores):
     outcome = {r["doc"]["task_id"]: (r["filtered_resps"][0], r["pass@1"])
                for r in fixture_scores["samples"]["spiel_humaneval"]}
     assert outcome == {"Test/0": ("    return a + b\n", 1.0), "Test/1": ("    return a + b\n", 0.0)}
-    assert os.environ.get(utils.CODE_EVAL_ENV) is None  # the opt-in does not outlive the evaluation
+    assert os.environ.get(humaneval_tasks.CODE_EVAL_ENV) is None  # the opt-in does not outlive the evaluation
 
 
 def test_missing_bbh_and_tydiqa_are_skipped_with_a_note(fixture_scores):
@@ -139,7 +146,7 @@ def test_user_bbh_and_tydiqa_files(tmp_path, scripted_llama, eval_tokenizer, eva
     assert ty["value"] == pytest.approx(0.35) and ty["metrics"]["exact_match"]["value"] == pytest.approx(0.25)
     english = [r for r in report["samples"]["spiel_tydiqa_english"] if r["doc"]["id"] == "english-1-1"][0]
     assert english["arguments"][0][0] == (
-        f"{utils.TYDIQA_INSTRUCTION}\n\nPassage: Hello world.\nQuestion: Which?\nAnswer: 18\n\n"
+        f"{tydiqa_tasks.TYDIQA_INSTRUCTION}\n\nPassage: Hello world.\nQuestion: Which?\nAnswer: 18\n\n"
         "Passage: Hello world.\nQuestion: Which?\nAnswer:")
 
 
@@ -168,9 +175,9 @@ def test_task_list_and_code_execution_opt_in(eval_fixture_dir, monkeypatch):
         check_tasks("boolq,boolq", eval_fixture_dir)
     with pytest.raises(InputError, match="allow_code_execution"):
         check_tasks(["humaneval"], eval_fixture_dir)
-    monkeypatch.delenv(utils.CODE_EVAL_ENV, raising=False)
+    monkeypatch.delenv(humaneval_tasks.CODE_EVAL_ENV, raising=False)
     with pytest.raises(RuntimeError, match="allow_code_execution"):
-        utils.humaneval_process_results({"task_id": "T", "prompt": "", "test": "", "entry_point": "f",
+        humaneval_tasks.humaneval_process_results({"task_id": "T", "prompt": "", "test": "", "entry_point": "f",
                                          "timeout_s": 1.0}, ["pass"])
     assert check_tasks("humaneval, bbh", eval_fixture_dir, allow_code_execution=True) == (
         ["humaneval"], {"bbh": check_tasks("bbh", eval_fixture_dir)[1]["bbh"]})
@@ -186,7 +193,7 @@ def test_render_tasks_writes_absolute_paths_lm_eval_can_load(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     info = render_tasks(out, Path('my "eval" data'))  # relative on input, absolute in the YAML
     text = (out / "arc" / "spiel_arc_easy.yaml").read_text()
-    assert utils.EVAL_DIR_MARKER not in text and info["include_path"] == str(out.resolve())
+    assert common.EVAL_DIR_MARKER not in text and info["include_path"] == str(out.resolve())
     line = [ln for ln in text.splitlines() if "data_file" in ln][0]
     assert json.loads(line.split(":", 1)[1].strip()) == str(eval_dir.resolve() / "arc_easy_test.jsonl")
     monkeypatch.chdir(REPO)
@@ -194,27 +201,27 @@ def test_render_tasks_writes_absolute_paths_lm_eval_can_load(tmp_path, monkeypat
     docs = list(next(iter(task.values())).test_docs())
     assert [d["gold"] for d in docs] == [1, 2, 3, 0]
     with pytest.raises(InputError, match="was not rendered"):
-        utils.read_jsonl(Path(utils.EVAL_DIR_MARKER) / "x.jsonl")
+        common.read_jsonl(Path(common.EVAL_DIR_MARKER) / "x.jsonl")
 
 
 def test_row_normalisers():
-    hs = utils.hellaswag_doc({"activity_label": "Roof", "ctx_a": "A man [title] sits.", "ctx_b": "he",
+    hs = hellaswag_tasks.hellaswag_doc({"activity_label": "Roof", "ctx_a": "A man [title] sits.", "ctx_b": "he",
                               "endings": ["is [header] up.", "falls."], "label": "1"})
     assert hs == {"query": "Roof: A man. sits. He", "choices": ["is up.", "falls."], "gold": 1}
-    wg = utils.winogrande_doc({"sentence": "Ann beat Bo so _ won.", "option1": "Ann", "option2": "Bo",
+    wg = winogrande_tasks.winogrande_doc({"sentence": "Ann beat Bo so _ won.", "option1": "Ann", "option2": "Bo",
                                "answer": "1"})
     assert wg == {"contexts": ["Ann beat Bo so Ann", "Ann beat Bo so Bo"], "continuation": "won.", "gold": 0}
-    arc = utils.arc_doc({"question": "Q", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"})
+    arc = arc_tasks.arc_doc({"question": "Q", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"})
     assert arc["choices"] == ["x", "y"] and arc["gold"] == 1
-    assert utils.arc_doc({"query": "Question: Why?\nAnswer:", "choices": ["a", "b"], "gold": 0})["question"] == "Why?"
-    assert utils.gsm8k_doc({"question": "q", "answer": "x\n#### 1,234"})["target"] == "1234"
-    assert utils.last_number("Costs $1,234.50 then 7 and -3.") == "-3"
-    assert utils.last_number("no digits") is None
-    assert utils.gsm8k_process_results({"target": "18"}, ["so 18.0"]) == {"exact_match": 1.0}
-    assert utils.bbh_extract("So the answer is (B). Done") == "(B)"
-    assert utils.bbh_extract(" no marker ") == "no marker"
-    assert utils.squad_scores("The Eiffel tower!", ["eiffel tower"]) == (1.0, 1.0)
-    assert utils.squad_scores("big red tower", ["red tower now"])[1] == pytest.approx(2 / 3)
+    assert arc_tasks.arc_doc({"query": "Question: Why?\nAnswer:", "choices": ["a", "b"], "gold": 0})["question"] == "Why?"
+    assert gsm8k_tasks.gsm8k_doc({"question": "q", "answer": "x\n#### 1,234"})["target"] == "1234"
+    assert gsm8k_tasks.last_number("Costs $1,234.50 then 7 and -3.") == "-3"
+    assert gsm8k_tasks.last_number("no digits") is None
+    assert gsm8k_tasks.gsm8k_process_results({"target": "18"}, ["so 18.0"]) == {"exact_match": 1.0}
+    assert bbh_tasks.bbh_extract("So the answer is (B). Done") == "(B)"
+    assert bbh_tasks.bbh_extract(" no marker ") == "no marker"
+    assert tydiqa_tasks.squad_scores("The Eiffel tower!", ["eiffel tower"]) == (1.0, 1.0)
+    assert tydiqa_tasks.squad_scores("big red tower", ["red tower now"])[1] == pytest.approx(2 / 3)
 
 
 # ------------------------------------------------------------------------------ adapters, runs

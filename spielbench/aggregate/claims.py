@@ -11,7 +11,7 @@ import math
 
 from spielbench.aggregate.evidence import (
     MEMORY_TIE_FRACTION, RUNTIME_COMPARABLE_MAX, RUNTIME_NOT_COMPARABLE_MIN, STATE_PER_PARAM_SPREAD_MAX,
-    VERDICT_RULES, Claim, Comparison, budget_note, decide, eval_metrics, finish_stats, matched_pairs, setting_label,
+    VERDICT_RULES, Claim, Comparison, decide, eval_metrics, finish_stats, matched_pairs, setting_label,
     settings_of, stat_comparisons,
 )
 from spielbench.aggregate.formatting import fmt_float, task_label

@@ -110,8 +110,12 @@ def write_chosen(scores: list[dict], out_dir: str | Path) -> Path:
     """
     from spielbench.tuning import choose_all
 
+    return _write_chosen_json(choose_all(scores), out_dir)
+
+
+def _write_chosen_json(chosen: dict, out_dir: str | Path) -> Path:
     path = Path(out_dir) / TUNING_FILES[0]
-    write_text_atomic(path, json.dumps(choose_all(scores), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(chosen, indent=2) + "\n")
     return path
 
 
@@ -126,7 +130,8 @@ def write_grid_report(chosen: dict, out_dir: str | Path) -> list[Path]:
 
 
 def write_tuning_results(scores: list[dict], out_dir: str | Path) -> list[Path]:
-    """:func:`write_chosen`, then :func:`write_grid_report` from its result: every file of :data:`TUNING_FILES`.
+    """Every file of :data:`TUNING_FILES`: the choice (:func:`write_chosen`) and its table and figure
+    (:func:`write_grid_report`), from one selection.
 
     Raises:
         spielbench.tuning.TuningError: a target whose every grid point diverged (nothing is written).
@@ -135,4 +140,4 @@ def write_tuning_results(scores: list[dict], out_dir: str | Path) -> list[Path]:
 
     chosen = choose_all(scores)  # raises before anything is written
     report = write_grid_report(chosen, out_dir)
-    return [write_chosen(scores, out_dir), *report]
+    return [_write_chosen_json(chosen, out_dir), *report]

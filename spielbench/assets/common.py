@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from spielbench.errors import InputError
-from spielbench.fsio import atomic_write, publish_mode
+from spielbench.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 
