@@ -188,19 +188,29 @@ def _model_info(source: str, model_dir: str, gguf: str | None):
     return None
 
 
-def check_evaluation(ev: dict) -> None:
-    """Evaluation settings that cannot work: tasks that execute model-written code without consent.
+def check_evaluation(ev: dict, check_device: bool = True) -> None:
+    """Evaluation settings that cannot work: tasks that execute model-written code without consent. With
+    ``check_device`` on a machine without CUDA, a warning on stderr when ``evaluation.dtype`` is bfloat16
+    and this CPU has no fast bf16 (:func:`spielbench.evaluate.slow_bf16_note`).
 
     Raises:
         PipelineConfigError: ``evaluation.allow_code_execution: ...`` naming the task.
     """
-    from spielbench.evaluate import TASKS
+    from spielbench.evaluate import TASKS, slow_bf16_note
 
     for name in ev.get("tasks", []):
         if name in TASKS and TASKS[name].executes_code and not ev.get("allow_code_execution", False):
             raise PipelineConfigError(
                 f"evaluation.allow_code_execution: task {name!r} (in evaluation.tasks) runs model-written code "
                 "to score it; set evaluation.allow_code_execution: true to allow that, or remove the task")
+    if check_device and ev.get("dtype") == "bfloat16":
+        import sys
+
+        import torch
+
+        slow = None if torch.cuda.is_available() else slow_bf16_note("bfloat16")
+        if slow:
+            print(f"warning: {slow}", file=sys.stderr)
 
 
 def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool = True) -> Pipeline:
@@ -289,7 +299,7 @@ def resolve_pipeline(config: dict, check_device: bool = True, check_model: bool 
     for key in ("bbh_path", "tydiqa_path"):
         if ev.get(key) is not None:
             _check_file(f"evaluation.{key}", ev[key])
-    check_evaluation(ev)
+    check_evaluation(ev, check_device)
 
     # --- runs --------------------------------------------------------------------------------
     from spielbench.tuning import TuningError, check_grids

@@ -398,12 +398,17 @@ def test_evaluate_run_writes_one_json(tmp_path, scripted_llama, scripted_model_d
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
 
 
-def test_evaluate_run_autocasts_to_the_requested_dtype(tmp_path, scripted_model_dir, eval_fixture_dir):
+def test_evaluate_run_autocasts_to_the_requested_dtype(tmp_path, scripted_model_dir, eval_fixture_dir, monkeypatch,
+                                                       capsys):
     heldout = _write_jsonl(tmp_path / "heldout.jsonl", [{"inputs": " hello", "targets": " yes"},
                                                          {"inputs": " Hi there", "targets": " hello there yes"}])
     kw = dict(base=scripted_model_dir, tasks="boolq", eval_dir=eval_fixture_dir, heldout=heldout, max_seq_length=32)
+    # a CPU without fast bf16 (e.g. AVX2 only): bf16 autocast still runs, with a warning naming the fix
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     fp32 = evaluate_run(output=tmp_path / "fp32.json", **kw)
+    assert "warning:" not in capsys.readouterr().err
     bf16 = evaluate_run(output=tmp_path / "bf16.json", dtype="bfloat16", **kw)
+    assert "warning: evaluation.dtype: bfloat16 on a CPU without fast bf16" in capsys.readouterr().err
     assert fp32["dtype"] == bf16["dtype"] == "float32"  # the weights stay float32
     assert fp32["autocast"] is None and bf16["autocast"] == "bfloat16"
     assert json.loads((tmp_path / "bf16.json").read_text())["autocast"] == "bfloat16"
@@ -416,6 +421,23 @@ def test_evaluate_run_autocasts_to_the_requested_dtype(tmp_path, scripted_model_
     with pytest.raises(InputError, match="dtype: expected one of"):
         evaluate_run(output=tmp_path / "x.json", dtype="float16", **kw)
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("fast, dtype, warned", [(False, "bfloat16", True), (True, "bfloat16", False),
+                                                 (False, "float32", False)])
+def test_pipeline_warns_at_start_of_bf16_evaluation_on_a_cpu_without_fast_bf16(monkeypatch, capsys, fast, dtype,
+                                                                                  warned):
+    from spielbench.evaluate import slow_bf16_note
+    from spielbench.pipeline import check_evaluation
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: fast)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_evaluation({"tasks": ["boolq"], "dtype": dtype})
+    err = capsys.readouterr().err
+    assert (err.startswith("warning: evaluation.dtype: bfloat16") and "set evaluation.dtype: float32" in err) is warned
+    check_evaluation({"tasks": ["boolq"], "dtype": dtype}, check_device=False)  # a cluster submit host: no say
+    assert capsys.readouterr().err == ""
+    assert slow_bf16_note(dtype, "cuda") is None
 
 
 def test_cli_reports_bad_input_before_loading(tmp_path, capsys, scripted_model_dir, eval_fixture_dir):
