@@ -78,11 +78,14 @@ def test_config_error_stops_at_start(tmp_path):
 
 #: Bad values that passed `snakemake -n` before and failed inside a job (some after other jobs wrote files):
 #: (id, change to config/config.yaml, text the error must hold: the config key and what is wrong).
+#: AG: the index of the default config's first SpIEL-AG run.
+AG = next(i for i, r in enumerate(yaml.safe_load((REPO / "config" / "config.yaml").read_text())["runs"])
+          if r["method"] == "spiel-ag")
 PARSE_TIME_REJECTIONS = [
     ("rank-too-large", lambda c: c["runs"][0].update(rank=1000),
      "runs[0].rank: 1000 is larger than the layer allows"),
-    ("spiel-rank-too-large", lambda c: c["runs"][3].update(rank=100000),
-     "runs[3].rank: 100000 is larger than the layers allow for spiel-ag"),
+    ("spiel-rank-too-large", lambda c: c["runs"][AG].update(rank=100000),
+     f"runs[{AG}].rank: 100000 is larger than the layers allow for spiel-ag"),
     ("lr-inf", lambda c: c["runs"][0].update(learning_rate=float("inf")),
      "runs[0].learning_rate: expected a finite number, got inf"),
     ("weight-decay-nan", lambda c: c["training"].update(weight_decay=float("nan")),
@@ -94,7 +97,7 @@ PARSE_TIME_REJECTIONS = [
     ("humaneval-no-consent", lambda c: c["evaluation"].update(tasks=["arc_easy", "humaneval"]),
      "evaluation.allow_code_execution: task 'humaneval'"),
     ("unknown-target-module", lambda c: c["training"]["spiel"].update(target_modules=["nope_proj"]),
-     "training.spiel.target_modules (runs[3]): unknown module name(s) ['nope_proj']; the model's linear layers are "
+     f"training.spiel.target_modules (runs[{AG}]): unknown module name(s) ['nope_proj']; the model's linear layers are "
      "named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
 ] + ([] if torch_cuda_available() else [
     ("cuda-without-cuda", lambda c: c["training"].update(device="cuda"),
