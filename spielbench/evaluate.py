@@ -264,7 +264,7 @@ def slow_bf16_note(dtype: str, device_type: str = "cpu") -> str | None:
     or newer (e.g. AMD Zen 4, Intel Sapphire Rapids); elsewhere autocast emulates them. Measured on an AMD
     EPYC Zen 3 (AVX2), one thread next to two other jobs: a [256, 576] x [576, 1536] float32 product took
     0.55 s under bf16 autocast against 0.021 s without (26x); a study evaluation's held-out pass there ran
-    over 28 minutes instead of the 2 minutes it takes on a Zen 4 core (README, "The study").
+    over 28 minutes instead of the 2 minutes it took on the budget's machine (README, "The study").
 
     Returns:
         The warning text (names ``evaluation.dtype`` and what to set), or None: another dtype or device,
